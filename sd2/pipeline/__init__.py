@@ -1,0 +1,1 @@
+"""Orchestration: recipe schema, stage registry, runner, artifact store, model loading, CLI."""

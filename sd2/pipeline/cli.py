@@ -1,0 +1,125 @@
+"""The `sd2` command line. Thin: each command wraps one typed function.
+
+    sd2 run RECIPE [key.path=value ...] [--out DIR] [--force STAGE] [--until STAGE]
+    sd2 validate RECIPE [key.path=value ...]
+    sd2 stages
+    sd2 show RUN_DIR
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+import yaml
+
+from sd2.pipeline.errors import Sd2Error
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="sd2: build small, sparse, well-aligned drafters for speculative decoding.")
+
+
+def user_errors(fn):
+    """Print an Sd2Error's message and exit 1, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Sd2Error as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+OVERRIDES = typer.Argument(None, help="overrides as key.path=value, e.g. evaluate.gamma=[2,4]")
+
+
+@app.command()
+@user_errors
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML"), overrides: Optional[List[str]] = OVERRIDES):
+    """Check a whole recipe, reporting every problem at once. Loads no model."""
+    from sd2.pipeline.runner import plan
+    from sd2.pipeline.schema import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    steps = plan(r)
+    typer.echo(f"{recipe}: ok ({len(steps)} stages: {', '.join(s.id for s in steps)})")
+
+
+@app.command()
+@user_errors
+def run(recipe: Path = typer.Argument(..., help="recipe YAML"), overrides: Optional[List[str]] = OVERRIDES,
+        out: Path = typer.Option(Path("artifacts"), "--out", help="output root; the run folder is OUT/<name>"),
+        force: Optional[List[str]] = typer.Option(None, "--force", help="rerun this stage even if done (id, folder or stage name; repeatable)"),
+        until: Optional[str] = typer.Option(None, "--until", help="stop after this stage")):
+    """Validate the recipe, then run its stages, skipping those already done with the same fingerprint."""
+    from sd2.pipeline.runner import Runner, print_summary
+    from sd2.pipeline.schema import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    runner = Runner(r, out, force=force, until=until)
+    typer.echo(f"# resolved recipe -> {runner.run_dir / 'recipe.yaml'}", err=True)
+    typer.echo(yaml.safe_dump(r.resolved(), sort_keys=False), err=True)
+    results = runner.run()
+    typer.echo(f"run folder: {runner.run_dir}", err=True)
+    print_summary(results)
+    report = runner.run_dir / next((s.folder for s in runner.steps if s.stage == "evaluate"), "-") / "report.md"
+    if report.is_file():
+        typer.echo(report.read_text())
+
+
+@app.command()
+def stages():
+    """List the stages a recipe can use."""
+    from sd2.pipeline.registry import STAGES
+
+    for name, spec in STAGES.items():
+        where = "branch step" if spec.in_branch else "top level"
+        typer.echo(f"{name:<11} {spec.summary}  [{where}; reads {', '.join(spec.consumes)}; writes a {spec.produces}]")
+
+
+@app.command()
+@user_errors
+def show(run_dir: Path = typer.Argument(..., help="a run folder, e.g. artifacts/quickstart")):
+    """Each stage's status, timings and key metrics."""
+    from sd2.pipeline import artifacts as art
+
+    if not run_dir.is_dir():
+        raise Sd2Error(f"run folder not found: {run_dir}")
+    rows = []
+    for p in sorted(run_dir.iterdir()):
+        if not (p.is_dir() and art.parse_folder(p.name)):
+            continue
+        m = art.read_manifest(p)
+        if m:
+            metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in (m.get("metrics") or {}).items() if not isinstance(v, (list, dict)))
+            rows.append((p.name, "done", f"{m.get('seconds', 0):.1f}s", metrics))
+        else:
+            rows.append((p.name, "partial" if (p / art.PARTIAL).exists() else "incomplete", "-", ""))
+    if not rows:
+        raise Sd2Error(f"{run_dir} holds no stage folders; is it a run folder (OUT/<name>)?")
+    lock = run_dir / art.LOCK
+    if lock.exists():
+        typer.echo(f"(locked by a running sd2: {json.loads(lock.read_text()).get('pid')})")
+    width = max(len(r[0]) for r in rows)
+    for name, status, secs, metrics in rows:
+        typer.echo(f"{name:<{width}}  {status:<10} {secs:>8}  {metrics}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "llmcompressor", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()

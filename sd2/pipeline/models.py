@@ -1,0 +1,183 @@
+"""One resolver from a model reference to a loadable model, and the load/save helpers every stage uses.
+
+- Only safetensors weights are loaded (``use_safetensors=True``), never pickle.
+- ``trust_remote_code`` is off unless the recipe asks for it.
+- A GGUF file is dequantised once per machine into a safetensors folder, cached under
+  ``$SD2_CACHE`` (default ``~/.cache/sd2``) keyed by the file's sha256: the ~20 s conversion of
+  SmolLM2 happens once, and a changed file gets a new entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd2.pipeline.errors import Sd2Error
+from sd2.pipeline.schema import ModelRef, locate_gguf
+
+log = logging.getLogger("sd2")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model a stage can load: ``ref`` is a local folder or a Hub id; ``fingerprint`` identifies its content."""
+
+    ref: str
+    fingerprint: str
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.ref).is_dir()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SD2_CACHE", Path.home() / ".cache" / "sd2")).expanduser()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a large file, memoised on (path, size, mtime) so reruns do not rehash 100 MB."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = cache_root() / "sha256" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = sha256_file(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest)
+    return digest
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Content identity of a model folder: config and tokenizer files by content, weight files by
+    name, size and mtime (hashing GBs of weights on every run would break the fast rerun)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if not p.is_file():
+            continue
+        h.update(p.name.encode())
+        if p.suffix in (".json", ".jinja", ".txt", ".model") and p.stat().st_size < 50_000_000:
+            h.update(p.read_bytes())
+        else:
+            st = p.stat()
+            h.update(f"{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
+    """A target or drafter reference as a ModelSource. ``derive`` refs are stages, not sources."""
+    if ref.derive is not None:
+        raise ValueError("derive refs are produced by the derive stage")
+    if ref.hub is not None:
+        fp = hashlib.sha256(f"hub|{ref.hub}|{ref.revision}".encode()).hexdigest()[:16]
+        return ModelSource(ref.hub, fp, ref.trust_remote_code, ref.revision)
+    if ref.path is not None:
+        folder = Path(ref.path).expanduser().resolve()
+        return ModelSource(str(folder), folder_fingerprint(folder), ref.trust_remote_code)
+    gguf_path = locate_gguf(ref)
+    digest = cached_sha256(gguf_path)
+    folder = cache_root() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
+    if convert and not (folder / "config.json").is_file():
+        convert_gguf(gguf_path, folder, tokenizer=ref.tokenizer)
+    return ModelSource(str(folder), f"gguf-{digest[:16]}", ref.trust_remote_code)
+
+
+def convert_gguf(gguf_path: Path, dest: Path, tokenizer: str | None = None) -> Path:
+    """Dequantise a GGUF file into a safetensors folder (fp32), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once per machine) -> %s", gguf_path.name, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else AutoTokenizer.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name)
+        save_model(model, tok, tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished the same conversion first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained in safetensors. Drops ``quantization_config`` (a GGUF or llm-compressor
+    leftover) so that plain ``AutoModelForCausalLM.from_pretrained`` loads the folder dense."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model.config, "quantization_config"):
+        try:
+            delattr(model.config, "quantization_config")
+        except AttributeError:
+            pass
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _src(source: ModelSource | str | Path) -> ModelSource:
+    if isinstance(source, ModelSource):
+        return source
+    return ModelSource(str(source), "")
+
+
+def load_model(source: ModelSource | str | Path, device: str = "cpu", dtype=None):
+    """Load a causal LM from safetensors only. Errors name the folder or id and the fix."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = _src(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.ref, revision=src.revision, use_safetensors=True, trust_remote_code=src.trust_remote_code,
+            dtype=dtype or torch.float32)
+    except OSError as e:
+        hint = ("; no network here? download it first and use `path:`" if not Path(src.ref).exists()
+                else "; expected a save_pretrained folder with *.safetensors (pickle .bin weights are refused)")
+        raise Sd2Error(f"cannot load model '{src.ref}': {str(e).splitlines()[0]}{hint}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(source: ModelSource | str | Path):
+    from transformers import AutoTokenizer
+
+    src = _src(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.ref, revision=src.revision, trust_remote_code=src.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise Sd2Error(f"cannot load tokenizer of '{src.ref}': {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers map every string to the same ids (same vocabulary and specials)."""
+    if a.get_vocab() != b.get_vocab():
+        return False
+    return a.eos_token_id == b.eos_token_id
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)

