@@ -90,3 +90,68 @@ def write_mtbench(path: str | Path, n: int = 4, turns: int = 2) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def _permute_qk(w, n_head: int, n_kv: int):
+    """llama.cpp's q/k row order (transformers reverses it when loading a GGUF)."""
+    if n_kv != n_head:
+        n_head = n_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model_folder: str | Path, gguf_path: str | Path) -> Path:
+    """Write a tiny Llama folder (from make_model) as an F32 GGUF file, tokenizer included,
+    the way llama.cpp's converter lays it out."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(model_folder)
+    cfg = AutoConfig.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    w = gguf.GGUFWriter(str(gguf_path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None) else 10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list([t for t, _ in vocab])
+    special = set(tok.all_special_tokens)
+    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
+    import json as _json
+    merges = _json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(tok.convert_tokens_to_ids("<|im_start|>"))  # as in SmolLM2's GGUF
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].astype(np.float32))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].astype(np.float32))
+    if "lm_head.weight" in sd:
+        w.add_tensor("output.weight", sd["lm_head.weight"].astype(np.float32))
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"].astype(np.float32)
+            if gg == "attn_q":
+                t = _permute_qk(t, cfg.num_attention_heads, cfg.num_attention_heads)
+            elif gg == "attn_k":
+                t = _permute_qk(t, cfg.num_attention_heads, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{gg}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(gguf_path)

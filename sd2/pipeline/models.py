@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -108,6 +109,8 @@ def convert_gguf(gguf_path: Path, dest: Path, tokenizer: str | None = None) -> P
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else AutoTokenizer.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name)
+        if not tokenizer:
+            _fix_gguf_specials(tok, model.config)
         save_model(model, tok, tmp)
         try:
             os.rename(tmp, dest)
@@ -117,6 +120,16 @@ def convert_gguf(gguf_path: Path, dest: Path, tokenizer: str | None = None) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _fix_gguf_specials(tok, config) -> None:
+    """transformers 5.17's GGUF tokenizer converter (GGUFLlamaConverter) sets eos_token from the
+    *bos* id: SmolLM2 came out with eos '<|im_start|>' instead of '<|im_end|>', so generation never
+    stopped at the end of a turn. The model config read from the same GGUF has the right ids."""
+    for attr in ("eos", "pad", "bos"):
+        tid = getattr(config, f"{attr}_token_id", None)
+        if isinstance(tid, int) and 0 <= tid < len(tok):
+            setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(tid))
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
@@ -129,7 +142,19 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
             delattr(model.config, "quantization_config")
         except AttributeError:
             pass
+    # transformers 5.x marks a GGUF-loaded model as quantized (QuantizationMethod.GGUF) and then
+    # refuses save_pretrained, although its weights are already dequantised fp32 tensors.
+    if getattr(model, "hf_quantizer", None) is not None and "gguf" in str(getattr(model.hf_quantizer, "quantization_config", "")).lower():
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:
+                pass
     model.save_pretrained(out, safe_serialization=True)
+    from sd2 import vocab
+
+    vocab.save_map(model, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -146,16 +171,37 @@ def load_model(source: ModelSource | str | Path, device: str = "cpu", dtype=None
     import torch
     from transformers import AutoModelForCausalLM
 
+    from sd2 import vocab
+
     src = _src(source)
+    trimmed = Path(src.ref).is_dir() and (Path(src.ref) / vocab.MAP_FILE).is_file()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src.ref, revision=src.revision, use_safetensors=True, trust_remote_code=src.trust_remote_code,
-            dtype=dtype or torch.float32)
+        # A trimmed-vocabulary drafter's lm_head has K rows where the config says V: load the rest
+        # with the size check relaxed, then install the saved K-row head (sd2/vocab.py).
+        with _quiet_transformers(trimmed):  # the expected lm_head size mismatch is not news
+            model = AutoModelForCausalLM.from_pretrained(
+                src.ref, revision=src.revision, use_safetensors=True, trust_remote_code=src.trust_remote_code,
+                dtype=dtype or torch.float32, **({"ignore_mismatched_sizes": True} if trimmed else {}))
+        if trimmed:
+            vocab.attach_trimmed_head(model, src.ref)
     except OSError as e:
         hint = ("; no network here? download it first and use `path:`" if not Path(src.ref).exists()
                 else "; expected a save_pretrained folder with *.safetensors (pickle .bin weights are refused)")
         raise Sd2Error(f"cannot load model '{src.ref}': {str(e).splitlines()[0]}{hint}") from None
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers(active: bool):
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    if active:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def load_tokenizer(source: ModelSource | str | Path):

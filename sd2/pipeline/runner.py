@@ -131,13 +131,16 @@ class Runner:
         p = self.produced[src]
         return p.path if name == "dataset" else ModelSource(str(p.path), p.output_id)
 
-    @staticmethod
-    def _identity(value):
-        if isinstance(value, dict):
-            return {k: Runner._identity(v) for k, v in value.items()}
-        if isinstance(value, ModelSource):
-            return value.fingerprint
-        return None if value is None else str(value)
+    def _identity(self, src):
+        """What identifies an input in a fingerprint: an external model's content fingerprint, or the
+        output id of the step that produced it (new each time that step reruns)."""
+        if src is None:
+            return None
+        if isinstance(src, dict):
+            return {k: self._identity(v) for k, v in src.items()}
+        if src in ("target", "drafter"):
+            return self._source(src, load=False).fingerprint
+        return self.produced[src].output_id
 
     # -- execution ------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -179,7 +182,7 @@ class Runner:
         consumed = consumed_inputs(spec, step.config)
         config_json = step.config.model_dump(mode="json")
         sources = {k: v for k, v in step.sources.items() if k in consumed}
-        idents = {k: self._identity(self._input(k, v, load=False)) for k, v in sources.items()}
+        idents = {k: self._identity(v) for k, v in sources.items()}
         fp = art.fingerprint(step.stage, config_json, idents, self.recipe.recipe.seed)
         folder = self.run_dir / step.folder
         manifest = art.read_manifest(folder)

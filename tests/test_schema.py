@@ -1,0 +1,115 @@
+"""Recipe validation: every problem at once, each naming the field path, the bad value and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sd2.pipeline.cli import app
+from sd2.pipeline.errors import RecipeError
+from sd2.pipeline.schema import ModelRef, apply_overrides, load_recipe, validate_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def base(target: Path) -> dict:
+    return {"name": "t", "target": {"path": str(target)}, "drafter": {"derive": "target", "keep_layers": 2},
+            "distill": {"prompts": {"source": "mtbench", "limit": 2}, "max_new_tokens": 8},
+            "branches": {"dense": [{"finetune": {"epochs": 1}}]},
+            "evaluate": {"prompts": {"source": "mtbench", "limit": 2}}}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    text = path.read_text()
+    assert text.startswith("#") and "sd2 run" in text.splitlines()[0], "a recipe opens with the command that runs it"
+    load_recipe(path)
+
+
+def test_recipes_folder_is_not_empty():
+    assert RECIPES, "recipes/ must ship runnable recipes"
+
+
+def test_broken_recipe_names_every_error(tmp_path, tiny_target):
+    data = base(tiny_target)
+    data["seeed"] = 1                                   # misspelt top-level field
+    data["target"]["revison"] = "main"                  # unknown key inside a model ref
+    data["branches"]["sparse"] = [{"prune": {"method": "sparsegpt", "sparsity": 1.5}}]  # out of range
+    data["branches"]["dense"].append({"finetun": {}})   # misspelt stage
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    msg = str(err.value)
+    assert "seeed: unknown key (did you mean 'seed'?)" in msg
+    assert "target.revison: unknown key (did you mean 'revision'?)" in msg
+    assert "branches.sparse[0].prune.sparsity" in msg and "1.5" in msg
+    assert "branches.dense[1].finetun: unknown stage (did you mean 'finetune'?)" in msg
+    assert len(err.value.issues) == 4
+
+
+def test_validate_cli_exits_1_without_traceback(tmp_path, tiny_target):
+    data = base(tiny_target)
+    data["seeed"] = 1
+    data["evaluate"]["gama"] = 4
+    data["branches"]["sparse"] = [{"prune": {"method": "sparsegpt", "sparsity": 1.5}}]
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["validate", str(p)])
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output
+    for needle in ("seeed", "evaluate.gama", "did you mean 'gamma'", "branches.sparse[0].prune.sparsity"):
+        assert needle in res.output
+
+
+def test_valid_recipe_and_cli_ok(tmp_path, tiny_target):
+    p = tmp_path / "ok.yaml"
+    p.write_text(yaml.safe_dump(base(tiny_target)))
+    res = CliRunner().invoke(app, ["validate", str(p)])
+    assert res.exit_code == 0, res.output
+    assert "drafter.derive, distill, dense.finetune, evaluate" in res.output
+
+
+def test_missing_paths_are_reported(tmp_path):
+    data = {"name": "t", "target": {"path": str(tmp_path / "nope")}, "drafter": {"gguf": str(tmp_path / "x.gguf")},
+            "evaluate": {}}
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(data)
+    msg = str(err.value)
+    assert "target.path: folder not found" in msg and "drafter.gguf: gguf file not found" in msg
+
+
+def test_model_ref_kinds_and_shorthand(tmp_path):
+    assert ModelRef.model_validate("org/model").kind == "hub"
+    assert ModelRef.model_validate(str(tmp_path)).kind == "path"
+    assert ModelRef.model_validate({"gguf": "a.gguf", "package": "p"}).kind == "gguf"
+    assert ModelRef.model_validate({"derive": "target", "layers": [0, 3]}).kind == "derive"
+    for bad in ({"hub": "a/b", "path": "."}, {"derive": "target"}, {"hub": "a/b", "keep_layers": 2}, {}):
+        with pytest.raises(Exception):
+            ModelRef.model_validate(bad)
+
+
+def test_derived_target_is_refused(tiny_target):
+    data = base(tiny_target)
+    data["target"] = {"derive": "target", "keep_layers": 2}
+    with pytest.raises(RecipeError, match="target cannot be derived"):
+        validate_recipe(data)
+
+
+def test_overrides_apply_and_bad_paths_error():
+    data = {"evaluate": {"gamma": 4}, "branches": {"s": [{"prune": {"sparsity": 0.5}}]}}
+    apply_overrides(data, ["evaluate.gamma=[2,4]", "branches.s.0.prune.sparsity=0.6", "seed=3"])
+    assert data["evaluate"]["gamma"] == [2, 4] and data["branches"]["s"][0]["prune"]["sparsity"] == 0.6
+    assert data["seed"] == 3
+    with pytest.raises(RecipeError, match="must look like key.path=value"):
+        apply_overrides(data, ["novalue"])
+    with pytest.raises(RecipeError, match="path does not exist"):
+        apply_overrides(data, ["branches.s.7.prune.sparsity=1"])
+
+
+def test_stages_command_lists_registry():
+    res = CliRunner().invoke(app, ["stages"])
+    assert res.exit_code == 0
+    for name in ("derive", "distill", "prune", "finetune", "trim_vocab", "evaluate"):
+        assert name in res.output
