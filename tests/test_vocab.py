@@ -89,3 +89,13 @@ def test_k_larger_than_vocab_and_bad_coverage_are_errors(tmp_path, tiny_drafter)
     with pytest.raises(Sd2Error, match="exceeds the drafter's vocabulary of 320"):
         trim_vocab.run(trim_vocab.Config(k=100000), StageInputs(model=ModelSource(str(tiny_drafter), "x"), dataset=data),
                        out, standalone_context(tmp_path))
+
+
+def test_k_larger_than_vocab_is_a_recipe_error(tiny_target):
+    from sd2.pipeline.errors import RecipeError
+    from sd2.pipeline.schema import validate_recipe
+
+    data = {"name": "t", "target": {"path": str(tiny_target)}, "drafter": {"derive": "target", "keep_layers": 2},
+            "branches": {"trim": [{"trim_vocab": {"k": 5000}}]}}
+    with pytest.raises(RecipeError, match=r"branches.trim\[0\].trim_vocab.k: must be at most the drafter's vocabulary size 320 \(got 5000\)"):
+        validate_recipe(data)

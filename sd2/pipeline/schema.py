@@ -309,8 +309,42 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
     return issues
 
 
+def known_vocab_size(ref: ModelRef, target: ModelRef | None = None) -> int | None:
+    """The model's vocabulary size when it is cheap to know (a local config.json, or a GGUF already
+    converted in the cache); None otherwise, and the stage checks at run time."""
+    import json
+
+    if ref.derive is not None:
+        return known_vocab_size(target) if target is not None else None
+    folder = None
+    if ref.path is not None:
+        folder = Path(ref.path).expanduser()
+    elif ref.gguf is not None:
+        try:
+            from sd2.pipeline.models import resolve
+
+            folder = Path(resolve(ref, convert=False).ref)
+        except (OSError, ValueError):
+            return None
+    cfg = folder / "config.json" if folder is not None else None
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        return int(json.loads(cfg.read_text()).get("vocab_size"))
+    except (ValueError, TypeError, OSError):
+        return None
+
+
 def _check_cross(recipe: Recipe, data: dict, branches: dict) -> list[Issue]:
     issues = []
+    for bname, steps in branches.items():
+        for i, (sname, cfg) in enumerate(steps):
+            k = getattr(cfg, "k", None) if sname == "trim_vocab" else None
+            if k is not None:
+                vocab = known_vocab_size(recipe.drafter, recipe.target)
+                if vocab is not None and k > vocab:
+                    issues.append(Issue(f"branches.{bname}[{i}].trim_vocab.k",
+                                        f"must be at most the drafter's vocabulary size {vocab} (got {k})"))
     for bname, steps in branches.items():
         has_data = recipe.distill is not None
         for i, (sname, cfg) in enumerate(steps):
