@@ -1,0 +1,130 @@
+"""The Hub-ready folder: weights, config, tokenizer, sparsity.json and the model card.
+
+Built in a temporary sibling folder and renamed into place only when complete, so an interrupted
+export never leaves a folder that looks finished. A full-vocabulary drafter is copied file by file
+(bit-exact weights); a trimmed-vocabulary drafter is rewritten with a full-vocabulary lm_head
+(sd2/publish/untrim.py), because plain transformers and vLLM cannot load a K-row head.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sd2.pipeline.errors import Sd2Error
+from sd2.publish.select import Selection
+
+# What a published model folder holds; everything else in a stage folder (manifest, checkpoints,
+# draft_to_target.json of a trimmed drafter, logs) stays behind.
+ALLOW = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
+         "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+         "tokenizer.model", "chat_template.jinja", "chat_template.json", "sparsity.json"]
+SPARSITY = "sparsity.json"
+VOCAB_INFO = "sd2_vocab.json"
+_DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
+
+
+@dataclass
+class Exported:
+    folder: Path
+    files: list[str]
+    sparsity: float                                   # measured decoder-linear sparsity of the exported weights
+    untrimmed: dict | None = None                     # what untrim() did, for a trimmed-vocabulary drafter
+    notes: list[str] = field(default_factory=list)
+
+
+def build(sel: Selection, dest: Path, card_fn) -> Exported:
+    """Write the folder for ``sel`` at ``dest`` (which must not exist, or be empty).
+    ``card_fn(exported) -> str`` renders README.md once the weights are in place."""
+    dest = Path(dest).expanduser()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise Sd2Error(f"--out {dest} exists and is not empty; give a new folder or delete it first")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        exp = _fill(sel, tmp)
+        (tmp / "README.md").write_text(card_fn(exp))
+        exp.files = sorted(p.name for p in tmp.iterdir())
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+        exp.folder = dest
+        return exp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fill(sel: Selection, tmp: Path) -> Exported:
+    from sd2 import vocab
+
+    src = sel.model_dir
+    untrimmed = None
+    if (src / vocab.MAP_FILE).is_file():
+        from sd2.pipeline.models import load_model, load_tokenizer, save_model
+        from sd2.publish.untrim import untrim
+
+        model, tok = load_model(src), load_tokenizer(src)
+        untrimmed = untrim(model, tok)
+        _restore_dtype(model, src)
+        save_model(model, tok, tmp)
+        kept = untrimmed.pop("kept_ids")
+        (tmp / VOCAB_INFO).write_text(json.dumps({**untrimmed, "kept_target_ids": kept}, indent=1))
+        if (src / SPARSITY).is_file():
+            shutil.copy2(src / SPARSITY, tmp / SPARSITY)
+    else:
+        for p in sorted(src.iterdir()):
+            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in ALLOW):
+                shutil.copy2(p, tmp / p.name)
+    if not any(tmp.glob("tokenizer*")):
+        raise Sd2Error(f"{src} holds no tokenizer files (tokenizer.json / tokenizer_config.json); a published "
+                       f"drafter must carry the tokenizer it was trained with. Save it there with "
+                       f"tokenizer.save_pretrained")
+    sparsity, per_tensor = measure_sparsity(tmp)
+    notes = []
+    if not (tmp / SPARSITY).is_file():
+        (tmp / SPARSITY).write_text(json.dumps({
+            "measured_by": "sd2 publish", "decoder_linear_sparsity": sparsity, "structure": None,
+            "note": "the source folder had no sparsity.json (a dense drafter); measured from the weights",
+            "per_tensor": per_tensor}, indent=1))
+        notes.append("sparsity.json was measured from the weights (the source folder had none)")
+    return Exported(tmp, [], sparsity, untrimmed, notes)
+
+
+def measure_sparsity(folder: Path) -> tuple[float, dict[str, float]]:
+    """Share of exact zeros over the decoder's linear weights (lm_head and embeddings excluded)."""
+    from safetensors import safe_open
+
+    zeros = total = 0
+    per: dict[str, float] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                if not _DECODER_LINEAR.search(key) or "norm" in key:
+                    continue
+                t = sf.get_tensor(key)
+                if t.dim() != 2:
+                    continue
+                z = int((t == 0).sum())
+                per[key] = round(z / t.numel(), 6)
+                zeros += z
+                total += t.numel()
+    return (zeros / total if total else 0.0), per
+
+
+def _restore_dtype(model, src: Path) -> None:
+    """load_model loads fp32; publish in the dtype the drafter was saved in."""
+    import torch
+
+    cfg = json.loads((src / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    if isinstance(dtype, torch.dtype) and dtype != torch.float32:
+        model.to(dtype)

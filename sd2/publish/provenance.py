@@ -1,0 +1,127 @@
+"""Where the published drafter's weights come from: its base model (a Hub id) and that base's license.
+
+The base is the model the drafter's weights derive from: the target when the recipe derives the
+drafter from it (``drafter: {derive: target}``), else the recipe's drafter. The license is read
+offline, from what is on disk: a local folder's README front matter or config.json, a GGUF file's
+``general.license``, or a Hub model's README in the local Hugging Face cache. Nothing found gives
+``other``, with a note saying why, so that nobody publishes under a guessed license.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class Provenance:
+    base_model: str | None                  # a Hub id, or None when the base is not on the Hub
+    license: str                            # an SPDX-like id as the Hub uses them, or "other"
+    notes: list[str] = field(default_factory=list)
+
+
+def provenance(recipe: dict | None, model_dir: Path, target_ref: str | None) -> Provenance:
+    notes: list[str] = []
+    recipe = recipe or {}
+    if recipe.get("drafter") and not recipe["drafter"].get("derive"):
+        base_ref, role = recipe["drafter"], "drafter"
+    elif recipe.get("target"):
+        base_ref, role = recipe["target"], "target"
+    elif target_ref:  # no recipe: the report's target ref
+        base_ref, role = ({"path": target_ref} if Path(target_ref).exists() else {"hub": target_ref}), "target"
+    else:
+        base_ref, role = {}, "base model"
+
+    base_model = base_ref.get("hub") if base_ref else None
+    if base_model and not _HUB_ID.match(base_model):
+        base_model = None
+    if base_model is None:
+        what = _describe(base_ref) if base_ref else "unknown (no recipe.yaml next to the model)"
+        notes.append(f"base_model is left out: the {role} the drafter derives from is {what}, not a Hub id. "
+                     f"Add `base_model: <hub id>` to the card's front matter by hand if you know it.")
+
+    lic = _license_from_folder(model_dir)
+    source = f"the drafter folder {model_dir}"
+    if lic is None and base_ref:
+        lic, source = _license_from_ref(base_ref), f"the {role} {_describe(base_ref)}"
+    if lic is None:
+        notes.append("license: other. No license was found offline (README front matter, config.json, GGUF "
+                     "general.license or the Hugging Face cache); set the base model's license by hand before "
+                     "publishing widely.")
+        lic = "other"
+    else:
+        notes.append(f"license '{lic}' inherited from {source}.")
+    return Provenance(base_model, lic, notes)
+
+
+def _describe(ref: dict) -> str:
+    for key in ("hub", "path", "gguf"):
+        if ref.get(key):
+            extra = f" (package {ref['package']})" if key == "gguf" and ref.get("package") else ""
+            return f"{key} {ref[key]}{extra}"
+    return json.dumps(ref)
+
+
+def _license_from_ref(ref: dict) -> str | None:
+    if ref.get("path"):
+        return _license_from_folder(Path(ref["path"]).expanduser())
+    if ref.get("gguf"):
+        return _license_from_gguf(ref)
+    if ref.get("hub"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(ref["hub"], "README.md", revision=ref.get("revision"))
+        except Exception:  # a malformed id or cache: no license found, said in the card
+            return None
+        return front_matter(Path(cached).read_text(errors="replace")).get("license") if isinstance(cached, str) else None
+    return None
+
+
+def _license_from_folder(folder: Path) -> str | None:
+    readme = folder / "README.md"
+    if readme.is_file():
+        lic = front_matter(readme.read_text(errors="replace")).get("license")
+        if lic:
+            return str(lic)
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            lic = json.loads(cfg.read_text()).get("license")
+        except (OSError, json.JSONDecodeError):
+            lic = None
+        return str(lic) if lic else None
+    return None
+
+
+def _license_from_gguf(ref: dict) -> str | None:
+    try:
+        import gguf
+
+        from sd2.pipeline.schema import ModelRef, locate_gguf
+
+        path = locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))
+        field_ = gguf.GGUFReader(str(path)).fields.get("general.license")
+        return str(field_.contents()) if field_ is not None else None
+    except Exception:  # gguf missing or unreadable: no license found, said in the card
+        return None
+
+
+def front_matter(text: str) -> dict:
+    """The YAML front matter of a model card, or {}."""
+    import yaml
+
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}

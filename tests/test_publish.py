@@ -1,0 +1,363 @@
+"""sd2 publish: drafter selection, the Hub-ready folder, the model card, trimmed vocabularies, and the
+upload path against a local stand-in for the Hub (tests/hub_stub.py; the real Hub is unreachable here).
+
+The run folder is built by hand: tiny models in stage folders, manifests with lineage, and a
+report.json that follows docs/CONTRACTS.md "Evaluation report".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hub_stub import HubStub
+from tiny import make_model
+
+from sd2.pipeline.errors import Sd2Error
+
+TOKEN = "hf_sd2TestTokenDoNotLeak0123456789"
+REPO = "sd2-org/tiny-drafter"
+
+
+# -- a run folder built by hand ------------------------------------------------------------------
+def _lineage(*steps):
+    return [{"id": sid, "stage": stage, "config": cfg, "fingerprint": f"fp-{sid}"} for sid, stage, cfg in steps]
+
+
+def _manifest(folder: Path, sid: str, stage: str, lineage: list, branch=None):
+    (folder / "manifest.json").write_text(json.dumps({"id": sid, "stage": stage, "branch": branch, "fingerprint": f"fp-{sid}",
+                                                      "output_id": f"out-{sid}", "lineage": lineage}))
+
+
+def _result(drafter, gamma, temp, mal, macs, **extra):
+    base = {"drafter": drafter, "gamma": gamma, "temperature": temp, "mal": mal, "mal_per_request": mal - 0.0625,
+            "acceptance_rate": 0.1875, "acceptance_per_position": [0.375, 0.125, 0.0625, 0.03125][:gamma],
+            "mal_per_category": {"writing": mal + 0.125, "coding": mal - 0.125}, "greedy_mal_teacher_forced": mal,
+            "tokens": 512, "target_forwards": 400, "drafter_forwards": 1600, "wall_s": 3.5, "target_wall_s": 4.25,
+            "speedup": 1.214, "c_measured": 0.3125, "theoretical_speedup": 0.6111, "mac_speedup": 0.8333,
+            "efficiency": 1.987, "macs_per_token": macs, "dense_macs_per_token": 1_000_000, "sparsity": 0.0,
+            "lossless": True}
+    base.update(extra)
+    return base
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("runs")
+    target = make_model(root / "target", "llama", n_layers=4, seed=0, tokenizer=tokenizer)
+    (target / "README.md").write_text("---\nlicense: mit\n---\n# tiny target\n")
+    run = root / "quick"
+    run.mkdir()
+    recipe = {"name": "quick", "target": {"path": str(target)}, "drafter": {"derive": "target", "keep_layers": 2}}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    derive = _lineage(("drafter.derive", "derive", {"keep_layers": 2, "layers": None}))
+    d0 = make_model(run / "00_drafter.derive", "llama", n_layers=2, seed=1, tokenizer=tokenizer)
+    _manifest(d0, "drafter.derive", "derive", derive)
+    dense_lin = derive + _lineage(("dense.finetune", "finetune", {"epochs": 1, "lr": 0.001}))
+    d1 = make_model(run / "02_dense.finetune", "llama", n_layers=2, seed=2, tokenizer=tokenizer)
+    _manifest(d1, "dense.finetune", "finetune", dense_lin, "dense")
+    sparse_lin = derive + _lineage(("sparse.prune", "prune", {"method": "magnitude", "sparsity": 0.5}))
+    d2 = make_model(run / "03_sparse.prune", "llama", n_layers=2, seed=3, tokenizer=tokenizer)
+    _sparsify(d2)
+    _manifest(d2, "sparse.prune", "prune", sparse_lin, "sparse")
+    (run / "01_distill").mkdir()
+    ev = run / "04_evaluate"
+    ev.mkdir()
+    macs = {"decoder_dense": 600_000, "decoder_effective": 300_000, "lm_head": 400_000, "dense": 1_000_000,
+            "effective": 700_000, "decoder_sparsity": 0.5}
+    report = {
+        "sd2_version": "0.1.0",
+        "target": {"name": "target", "ref": str(target), "fingerprint": "tfp0123456789abc", "macs": macs},
+        "settings": {"gammas": [4, 2], "temperatures": [0.0, 1.0], "max_new_tokens": 64, "n_prompts": 20,
+                     "prompts": {"source": "mtbench", "limit": 20}, "repeats": 1, "device": "cpu", "dtype": "float32",
+                     "machine": {"host": "box", "platform": "Linux-test-x86_64", "cpu_count": 2, "torch_threads": 2}},
+        "baseline": {"0.0": {"wall_s": 4.25, "tokens": 512, "tokens_per_s": 120.5}},
+        "drafters": {
+            "raw": {"path": str(d0), "fingerprint": "rawfp", "macs": macs, "mac_ratio": 0.25, "sparsity": 0.0,
+                    "vocab": None, "c_measured": 0.25, "lineage": derive},
+            "dense": {"path": str(d1), "fingerprint": "densefp", "macs": macs, "mac_ratio": 0.5, "sparsity": 0.0,
+                      "vocab": None, "c_measured": 0.3125, "lineage": dense_lin},
+            # a path relative to the run folder: the reader must resolve it
+            "sparse": {"path": "03_sparse.prune", "fingerprint": "sparsefp", "macs": macs, "mac_ratio": 0.35,
+                       "sparsity": 0.5, "vocab": None, "c_measured": 0.2188, "lineage": sparse_lin},
+        },
+        "results": [
+            # raw has the best ratio but is ignored while a branch exists
+            _result("raw", 4, 0.0, 1.25, 250_000),
+            _result("dense", 4, 0.0, 1.5, 1_000_000),
+            # dense wins at gamma 2 and at temperature 1: neither is the main setting
+            _result("dense", 2, 0.0, 1.875, 100_000),
+            _result("dense", 4, 1.0, 1.75, 100_000),
+            _result("sparse", 4, 0.0, 1.375, 500_000, sparsity=0.5, speedup=1.337),
+            _result("sparse", 4, 1.0, 1.3125, 500_000, sparsity=0.5),
+        ],
+        "best": {"drafter": "sparse", "by": "mal_per_mac", "gamma": 4, "temperature": 0.0},
+    }
+    (ev / "report.json").write_text(json.dumps(report))
+    _manifest(ev, "evaluate", "evaluate", [])
+    return run
+
+
+def _sparsify(folder: Path) -> None:
+    """Zero half of every decoder linear weight (by magnitude) and write a sparsity.json, as prune would."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    sd = load_file(str(path))
+    for k, v in sd.items():
+        if ".layers." in k and v.dim() == 2:
+            v[v.abs() < v.abs().median()] = 0.0
+    save_file(sd, str(path), metadata={"format": "pt"})
+    (folder / "sparsity.json").write_text(json.dumps({"overall": 0.5, "structure": "unstructured"}))
+
+
+# -- selection ---------------------------------------------------------------------------------------
+def test_best_by_mal_per_mac_ignores_raw_other_gammas_and_temperatures(run_dir):
+    from sd2.publish.select import best_by_mal_per_mac, select
+
+    report = json.loads((run_dir / "04_evaluate" / "report.json").read_text())
+    assert best_by_mal_per_mac(report)[0] == "sparse"           # 1.375/0.5M beats dense 1.5/1M
+    only_raw = {**report, "results": [r for r in report["results"] if r["drafter"] == "raw"]}
+    assert best_by_mal_per_mac(only_raw)[0] == "raw"
+    assert select(run_dir, "dense").model_dir == (run_dir / "02_dense.finetune").resolve()
+    with pytest.raises(Sd2Error, match=r"'sparce' is not in .*did you mean 'sparse'"):
+        select(run_dir, "sparce")
+    with pytest.raises(Sd2Error, match="neither a model folder"):
+        select(run_dir / "01_distill")
+
+
+# -- the dry-run folder ------------------------------------------------------------------------------
+def test_dry_run_folder_loads_with_plain_transformers_and_generates(run_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sd2.publish import publish
+
+    lines = []
+    out = tmp_path / "export"
+    res = publish(run_dir, REPO, dry_run=True, out=out, say=lines.append)
+    assert res.drafter == "sparse" and "best by MAL per MAC" in lines[0] and "sparse" in lines[0]
+    names = set(p.name for p in out.iterdir())
+    assert {"model.safetensors", "config.json", "tokenizer.json", "sparsity.json", "README.md"} <= names
+    assert "manifest.json" not in names and not list(tmp_path.glob(".export.tmp-*"))
+    src = run_dir / "03_sparse.prune"
+    assert (out / "sparsity.json").read_text() == (src / "sparsity.json").read_text()
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)        # bit-exact, zeros kept
+
+    model = AutoModelForCausalLM.from_pretrained(out)                              # plain transformers
+    tok = AutoTokenizer.from_pretrained(out)
+    zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
+    assert zeros > 0 and zeros == sum(int((v == 0).sum()) for k, v in a.items() if ".layers." in k and v.dim() == 2)
+    ids = tok("the quick brown fox", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 6 or tok.eos_token_id in gen[0].tolist()
+
+    with pytest.raises(Sd2Error, match="exists and is not empty"):
+        publish(run_dir, REPO, dry_run=True, out=out, say=lambda s: None)
+    with pytest.raises(Sd2Error, match="--dry-run needs --out"):
+        publish(run_dir, REPO, dry_run=True, say=lambda s: None)
+
+
+def test_card_holds_the_reports_numbers(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from sd2.pipeline.cli import app
+    from sd2.publish.card import num
+    from sd2.publish.provenance import front_matter
+
+    out = tmp_path / "card"
+    res = CliRunner().invoke(app, ["publish", str(run_dir), "--repo-id", REPO, "--drafter", "dense", "--dry-run",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "branch 'dense' (--drafter)" in res.output
+    card = (out / "README.md").read_text()
+    fm = front_matter(card)
+    assert fm["license"] == "mit"                                 # inherited from the target the drafter derives from
+    assert {"speculative-decoding", "sparse", "sd2"} <= set(fm["tags"]) and "base_model" not in fm
+    assert "base_model is left out" in card                       # a local target is no Hub id: said, not guessed
+    report = json.loads((run_dir / "04_evaluate" / "report.json").read_text())
+    rows = [line for line in card.splitlines() if line.startswith("| 4 | 0 |")]
+    main = next(r for r in report["results"] if r["drafter"] == "dense" and r["gamma"] == 4 and r["temperature"] == 0)
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[2:5] == [num(main["mal"]), num(main["mal_per_request"]), num(main["acceptance_rate"])]
+    assert cells[5] == ", ".join(num(x) for x in main["acceptance_per_position"])
+    assert cells[6] == num(main["speedup"]) and cells[9] == num(main["macs_per_token"]) == "1,000,000"
+    assert rows[1].split("|")[3:5] == [f" {num(main['mal_per_category']['coding'])} ",
+                                       f" {num(main['mal_per_category']['writing'])} "]
+    assert any(line.startswith("| 2 | 0 | 1.875 |") for line in card.splitlines())   # every setting is listed
+    for needle in (report["target"]["fingerprint"], report["target"]["ref"], "Linux-test-x86_64", "cpu_count 2",
+                   "| γ (main) | 4 |", "dense.finetune", "lr: 0.001", "drafter.derive", "assistant_model=drafter",
+                   '"method": "draft_model"', '"num_speculative_tokens": 4', f'"{REPO}"', "num_assistant_tokens = 4"):
+        assert needle in card, needle
+
+
+# -- trimmed vocabulary ------------------------------------------------------------------------------
+def _trimmed_folder(tmp_path, tokenizer) -> Path:
+    """A trimmed drafter (docs/CONTRACTS.md) whose kept logits are mostly negative: zero rows would win there."""
+    from sd2 import vocab
+    from sd2.pipeline.models import load_model, save_model
+
+    src = make_model(tmp_path / "full", "llama", n_layers=2, seed=4, tokenizer=tokenizer)
+    model = load_model(src)
+    keep = list(range(0, len(tokenizer), 5))
+    vocab.trim_lm_head(model, keep)
+    ids = torch.randint(0, len(tokenizer), (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = model.model(ids).last_hidden_state[0]
+        u = torch.nn.functional.normalize(h.mean(0), dim=0)
+        model.lm_head.weight -= 3.0 * u * (h @ u).abs().mean()                # push kept logits below 0
+    out = tmp_path / "trimmed"
+    save_model(model, tokenizer, out)
+    return out
+
+
+def test_trimmed_drafter_exports_an_exact_full_vocabulary_equivalent(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from sd2 import vocab
+    from sd2.pipeline.models import load_model
+    from sd2.publish import publish
+
+    folder = _trimmed_folder(tmp_path, tokenizer)
+    trimmed = load_model(folder)
+    mapping = vocab.draft_to_target(trimmed)
+    out = tmp_path / "export"
+    publish(folder, REPO, dry_run=True, out=out, say=lambda s: None)
+    assert not (out / vocab.MAP_FILE).exists() and (out / "sd2_vocab.json").is_file()
+    assert "sd2_vocab" not in json.loads((out / "config.json").read_text())
+    full = AutoModelForCausalLM.from_pretrained(out).eval()                     # plain transformers, no sd2 loader
+    assert full.lm_head.weight.shape[0] == len(tokenizer)
+    ids = torch.randint(0, len(tokenizer), (4, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        k_logits = trimmed(ids).logits
+        f_logits = full(ids).logits
+    want = mapping[k_logits.argmax(-1)]
+    assert torch.equal(f_logits.argmax(-1), want)                               # greedy proposals are the same
+    assert torch.allclose(f_logits[..., mapping], k_logits, atol=1e-5)         # kept rows untouched
+    # The naive alternative fails on this drafter: zero rows give logit 0 and win where all kept logits are < 0.
+    zero_rows = torch.zeros_like(f_logits)
+    zero_rows[..., mapping] = k_logits
+    assert (zero_rows.argmax(-1) != want).any()
+    card = (out / "README.md").read_text()
+    assert "## Vocabulary" in card and "convex hull" in card and "No sd2 lineage" in card
+
+
+# -- upload against the local Hub stand-in ------------------------------------------------------------
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)      # read at import: patch the constant too
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)         # conftest sets HF_HUB_OFFLINE=1 for loading
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    return monkeypatch
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    from sd2.publish import publish
+
+    out = tmp_path_factory.mktemp("exp") / "folder"
+    publish(run_dir, REPO, dry_run=True, out=out, say=lambda s: None)
+    return out
+
+
+def _no_leak(*texts):
+    for t in texts:
+        assert TOKEN not in t
+
+
+def test_upload_creates_repo_and_commits_every_file(hub_env, run_dir, exported, capsys, caplog):
+    from sd2.publish import publish
+
+    caplog.set_level(logging.DEBUG)
+    with HubStub(TOKEN) as hub:
+        hub_env.setenv("HF_ENDPOINT", hub.url)
+        lines = []
+        res = publish(run_dir, REPO, private=True, say=lines.append)
+        assert res.created and res.url == f"{hub.url}/{REPO}" and res.folder is None
+        repo = hub.repos[REPO]
+        assert repo["private"] and repo["commits"] == 1
+        assert set(repo["files"]) == set(p.name for p in exported.iterdir())
+        for name in ("model.safetensors", "README.md", "sparsity.json", "tokenizer.json"):
+            assert repo["files"][name] == (exported / name).read_bytes(), name
+        kinds = [p.split("/")[-2] if "/api/models/" in p else p for _, p in hub.calls]
+        assert kinds[0] == "/api/repos/create" and "preupload" in kinds and kinds[-1] == "commit"
+        # with --exist-ok a second publish is a new commit on the same repo
+        publish(exported, REPO, exist_ok=True, say=lines.append)
+        assert repo["commits"] == 2
+    out = capsys.readouterr()
+    _no_leak(out.out, out.err, caplog.text, "\n".join(lines))
+    assert not any(TOKEN in p.read_text(errors="ignore") for p in exported.iterdir() if p.is_file())
+
+
+def _fails(fn, match):
+    with pytest.raises(Sd2Error, match=match) as e:
+        fn()
+    _no_leak(str(e.value))
+    return str(e.value)
+
+
+def test_upload_errors_are_clear_and_leave_nothing_half_written(hub_env, exported, tmp_path, capsys, caplog):
+    from sd2.publish import publish
+
+    caplog.set_level(logging.DEBUG)
+    quiet = lambda s: None  # noqa: E731
+    with HubStub(TOKEN) as hub:
+        hub_env.setenv("HF_ENDPOINT", hub.url)
+        # an existing repo, without --exist-ok: refused before any upload, the repo untouched
+        hub.repos[REPO] = {"private": False, "files": {"README.md": b"old"}, "commits": 1}
+        _fails(lambda: publish(exported, REPO, say=quiet), r"already exists.*--exist-ok")
+        assert hub.repos[REPO]["files"] == {"README.md": b"old"} and not any("commit" in p for _, p in hub.calls)
+        # the commit fails after this call created the repo: the repo is deleted again
+        hub.fail_commit = 403
+        msg = _fails(lambda: publish(exported, "sd2-org/other", say=quiet), r"permission denied \(HTTP 403\)")
+        assert "deleted again" in msg and "sd2-org/other" not in hub.repos
+        # ... but an existing repo (--exist-ok) is never deleted; its files stay as they were
+        msg = _fails(lambda: publish(exported, REPO, exist_ok=True, say=quiet), "HTTP 403")
+        assert "unchanged" in msg and hub.repos[REPO]["files"] == {"README.md": b"old"}
+        hub.fail_commit = None
+        # a refused token (401)
+        hub_env.setenv("HF_TOKEN", "hf_wrong")
+        _fails(lambda: publish(exported, "sd2-org/third", say=quiet), r"token was refused \(HTTP 401\)")
+        hub_env.setenv("HF_TOKEN", TOKEN)
+        # no write access to the namespace (403 on create)
+        hub.deny_create = True
+        _fails(lambda: publish(exported, "sd2-org/fourth", say=quiet), r"cannot create .*permission denied")
+        assert set(hub.repos) == {REPO}
+        # no token at all: nothing is sent
+        n_calls = len(hub.calls)
+        hub_env.delenv("HF_TOKEN")
+        _fails(lambda: publish(exported, "sd2-org/fifth", say=quiet), r"no Hugging Face token.*hf auth login")
+        assert len(hub.calls) == n_calls
+        for headers in hub.headers_seen:                      # the token travels only in the Authorization header
+            assert all(TOKEN not in v for k, v in headers.items() if k.lower() != "authorization")
+    # an unreachable network: a closed local port
+    hub_env.setenv("HF_TOKEN", TOKEN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hub_env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    _fails(lambda: publish(exported, "sd2-org/sixth", say=quiet), r"cannot reach http://127\.0\.0\.1")
+    # an invalid repo id is refused before anything else
+    _fails(lambda: publish(exported, "not a repo", say=quiet), "not a valid Hub repo id")
+    out = capsys.readouterr()
+    _no_leak(out.out, out.err, caplog.text)
+    assert {p.name for p in exported.iterdir()} >= {"README.md", "model.safetensors"}   # the local folder is intact
+
+
+def test_offline_mode_is_a_clear_error(hub_env, exported):
+    from huggingface_hub import constants
+
+    from sd2.publish import publish
+
+    hub_env.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fails(lambda: publish(exported, REPO, say=lambda s: None), "offline mode")
