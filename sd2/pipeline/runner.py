@@ -257,7 +257,8 @@ class Runner:
         return self._cross_tokenizer
 
 
-def print_summary(results: list[dict], stream=sys.stderr) -> None:
+def print_summary(results: list[dict], stream=None) -> None:
+    stream = stream or sys.stderr  # looked up per call: the CLI's stderr may be replaced (tests, pipes)
     for r in results:
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list((r.get("metrics") or {}).items())[:4])
         print(f"  {r['status']:<8} {r['id']:<28} {r.get('seconds', 0):>8.1f}s  {metrics}", file=stream)

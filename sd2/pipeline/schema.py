@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sd2.pipeline.errors import Issue, RecipeError, did_you_mean, short
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # branch names: '.' separates branch and stage in step ids
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class Strict(BaseModel):
@@ -106,8 +107,8 @@ class Recipe(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"must match {NAME_RE.pattern} (letters, digits, '_' and '-'), got {v!r}")
+        if not RUN_NAME_RE.match(v):
+            raise ValueError(f"must match {RUN_NAME_RE.pattern} (letters, digits, '_', '.' and '-'), got {v!r}")
         return v
 
     @model_validator(mode="after")

@@ -1,0 +1,202 @@
+"""Stage prune: unstructured sparsity (SparseGPT, Wanda, magnitude; N:M) or layer pruning.
+
+- ``sparsegpt`` and ``wanda`` run through llm-compressor's ``oneshot`` with the sequential
+  pipeline (one decoder layer at a time), calibrated on the distilled data (oneshot.py).
+- ``magnitude`` is plain torch, data-free (magnitude.py says why not llm-compressor).
+- ``layer`` removes the contiguous block of decoder layers whose input and output hidden states
+  are closest in angular distance (Gromov et al. 2024; layers.py).
+- ``recipe`` passes a raw llm-compressor recipe through, for experts.
+
+The output is a save_pretrained folder stored dense with zeros, ``sparsity.json`` (sparsity.py) and,
+when llm-compressor ran, the ``recipe.yaml`` it applied (appended to the input model's own).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METHODS = ("sparsegpt", "wanda", "magnitude", "layer")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(128, ge=1, description="conversations drawn from the distilled dataset")
+    seq_len: int = Field(512, ge=8, description="tokens kept from the start of each conversation")
+    seed: int | None = Field(None, description="which conversations are drawn; default: the run's seed")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["sparsegpt", "wanda", "magnitude", "layer"] | None = Field(
+        None, description="sparsegpt | wanda | magnitude | layer (or give `recipe` instead)")
+    sparsity: float | None = Field(
+        None, description="share of each decoder linear layer's weights set to zero, in (0, 1); "
+                          "N:M structures imply N/M and may omit it")
+    mask_structure: str = Field(
+        "unstructured", description="'unstructured', or 'N:M': N of every M consecutive weights along the "
+                                    "input dimension are zero (llm-compressor's convention; '2:4' is 50%)")
+    n_remove: int | None = Field(None, ge=1, description="layer: remove this many consecutive decoder layers")
+    keep_layers: int | None = Field(None, ge=1, description="layer: keep this many decoder layers (n_remove = L - K)")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig,
+                                           description="calibration samples from the distilled dataset")
+    recipe: str | None = Field(None, description="expert: a raw llm-compressor recipe (YAML text or a .yaml path), "
+                                                 "applied with oneshot; excludes method, sparsity, mask_structure, "
+                                                 "n_remove and keep_layers")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1), e.g. 0.5; got {v}")
+        return v
+
+    @field_validator("mask_structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        v = v.strip()
+        if v == "unstructured":
+            return v
+        m = _NM.match(v)
+        if not m:
+            raise ValueError(f"mask_structure must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'); got {v!r}")
+        n, mm = int(m.group(1)), int(m.group(2))
+        if not 0 < n < mm:
+            raise ValueError(f"mask_structure 'N:M' needs 0 < N < M (e.g. '2:4'); got {v!r}")
+        return v
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        import yaml
+
+        if "\n" not in v and v.strip().endswith((".yaml", ".yml")):
+            if not Path(v).expanduser().is_file():
+                raise ValueError(f"recipe file not found: {v}")
+            return v
+        try:
+            parsed = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe is neither a .yaml path nor valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("recipe must be an llm-compressor recipe (a YAML mapping of stages and modifiers) or a .yaml path")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.recipe is not None:
+            extra = [k for k in ("method", "sparsity", "n_remove", "keep_layers") if getattr(self, k) is not None]
+            if self.mask_structure != "unstructured":
+                extra.append("mask_structure")
+            if extra:
+                raise ValueError(f"recipe excludes {', '.join(extra)}: put those settings inside the recipe")
+            return self
+        if self.method is None:
+            raise ValueError(f"give a method ({' | '.join(METHODS)}) or a raw llm-compressor recipe")
+        if self.method == "layer":
+            if (self.n_remove is None) == (self.keep_layers is None):
+                raise ValueError("method layer needs exactly one of n_remove or keep_layers")
+            if self.sparsity is not None or self.mask_structure != "unstructured":
+                raise ValueError("method layer removes whole layers: sparsity and mask_structure do not apply")
+            return self
+        if self.n_remove is not None or self.keep_layers is not None:
+            raise ValueError(f"n_remove and keep_layers only go with method layer, not {self.method}")
+        nm = self.nm
+        if nm is None and self.sparsity is None:
+            raise ValueError(f"method {self.method} needs a sparsity in (0, 1), e.g. 0.5")
+        if nm is not None:
+            implied = nm[0] / nm[1]
+            if self.sparsity is None:
+                self.sparsity = implied
+            elif abs(self.sparsity - implied) > 1e-6:
+                raise ValueError(f"sparsity {self.sparsity} does not match mask_structure "
+                                 f"{self.mask_structure!r}, which means {implied:g}; omit sparsity or set it to {implied:g}")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M structure, None when unstructured."""
+        m = _NM.match(self.mask_structure)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def consumes(config: Config) -> tuple[str, ...]:
+    """Magnitude pruning is data-free: it does not rerun when the distilled data changes."""
+    return ("model",) if config.method == "magnitude" else ("model", "dataset")
+
+
+def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
+    import shutil
+
+    from sd2.macs import count_macs
+    from sd2.modeling import decoder_layers
+    from sd2.pipeline.context import PeakRSS
+    from sd2.pipeline.errors import Sd2Error
+    from sd2.pipeline.models import load_model, load_tokenizer, save_model
+    from sd2.stages.prune import sparsity as sp
+
+    if inputs.model is None:
+        raise Sd2Error("prune needs a model: the branch has no drafter")
+    if config.method != "magnitude" and inputs.dataset is None:
+        raise Sd2Error("prune needs the distilled dataset for calibration: add a `distill:` section to the recipe")
+    out_dir = Path(out_dir)
+    seed = config.calibration.seed if config.calibration.seed is not None else ctx.seed
+    model = load_model(inputs.model, device="cpu")
+    tok = load_tokenizer(inputs.model)
+    n_before = len(decoder_layers(model)[2])
+    guard = sp.DenseGuard(model)
+    report: dict = {"removed_layers": [], "recipe": None}
+    with PeakRSS() as rss:
+        if config.method == "magnitude":
+            from sd2.stages.prune.magnitude import magnitude_prune
+
+            magnitude_prune(model, config.sparsity, config.nm)
+        elif config.method == "layer":
+            from sd2.stages.prune.calibration import calibration_samples
+            from sd2.stages.prune.layers import prune_layers
+
+            samples = calibration_samples(inputs.dataset, config.calibration.samples, config.calibration.seq_len, seed, ctx)
+            n_remove = config.n_remove if config.n_remove is not None else n_before - config.keep_layers
+            report.update(prune_layers(model, samples, n_remove, ctx))
+        else:
+            from sd2.stages.prune.calibration import calibration_samples
+            from sd2.stages.prune.oneshot import run_oneshot
+
+            samples = calibration_samples(inputs.dataset, config.calibration.samples, config.calibration.seq_len, seed, ctx)
+            model = run_oneshot(model, tok, samples, config, out_dir, existing_recipe=_recipe_of(inputs.model.ref))
+            report["recipe"] = "recipe.yaml"
+    guard.check(model)
+    measured = sp.measure(model)
+    if config.method in ("sparsegpt", "wanda") and config.sparsity and measured["decoder_sparsity"] < config.sparsity / 2:
+        raise Sd2Error(f"llm-compressor pruned only {measured['decoder_sparsity']:.1%} of the decoder weights "
+                       f"(asked {config.sparsity:.0%}); its SparseGPT/Wanda handle nn.Linear only, so for models "
+                       "with other linear layers (GPT-2's Conv1D) use method: magnitude")
+    save_model(model, tok, out_dir)
+    if report["recipe"] is None and _recipe_of(inputs.model.ref):
+        shutil.copy(_recipe_of(inputs.model.ref), out_dir / "recipe.yaml")  # keep the chain of recipes
+    macs = count_macs(model)
+    structure = {"layer": "layer", None: "recipe"}.get(config.method, config.mask_structure)
+    sp.write(out_dir, method=config.method or "recipe", structure=structure,
+             target_sparsity=config.sparsity, measured=measured, removed_layers=report["removed_layers"],
+             peak_rss_mb=rss.peak_mb, extra={k: v for k, v in report.items() if k not in ("removed_layers",)})
+    metrics = {"decoder_sparsity": round(measured["decoder_sparsity"], 6), "macs_per_token": macs.effective,
+               "dense_macs_per_token": macs.dense, "layers": macs.n_layers, "removed_layers": len(report["removed_layers"])}
+    ctx.log.info("pruned (%s): decoder sparsity %.2f%%, %d layers, %.1f M MACs/token (dense %.1f M)",
+                 config.method or "recipe", 100 * measured["decoder_sparsity"], macs.n_layers,
+                 macs.effective / 1e6, macs.dense / 1e6)
+    ctx.log_metrics(**metrics)
+    return metrics
+
+
+def _recipe_of(ref: str) -> Path | None:
+    """The recipe.yaml an earlier llm-compressor run left in the input model's folder, if any."""
+    p = Path(ref) / "recipe.yaml"
+    return p if p.is_file() else None

@@ -1,0 +1,50 @@
+"""Calibration samples for pruning, drawn from the distilled dataset.
+
+Each sample is the first ``seq_len`` tokens of one conversation (its ``input_ids``: the prompt
+with the chat template and the target's own answer), so the statistics SparseGPT, Wanda and the
+layer-distance search gather are those of the text the drafter will have to predict.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+
+def _load(folder: Path):
+    """The distilled dataset, via sd2.data.dataset.load_distilled (which checks the columns)."""
+    try:
+        from sd2.data.dataset import load_distilled
+    except ImportError:  # sd2.data.dataset is being written in parallel; same format (docs/CONTRACTS.md)
+        import datasets
+
+        from sd2.pipeline.errors import Sd2Error
+
+        path = Path(folder) / "dataset"
+        if not path.is_dir():
+            raise Sd2Error(f"no distilled dataset at {path}: expected the distill stage's folder") from None
+        return datasets.load_from_disk(str(path))
+    return load_distilled(folder)
+
+
+def calibration_samples(folder: Path, samples: int, seq_len: int, seed: int, ctx=None) -> list[list[int]]:
+    """``samples`` conversations chosen with ``seed``, each cut to its first ``seq_len`` tokens."""
+    from sd2.pipeline.errors import Sd2Error
+
+    data = _load(folder)
+    if "input_ids" not in data.column_names:
+        raise Sd2Error(f"the distilled dataset in {folder} has no input_ids column (columns: {data.column_names})")
+    idx = list(range(len(data)))
+    random.Random(seed).shuffle(idx)
+    out = []
+    for i in idx:
+        ids = data[i]["input_ids"][:seq_len]
+        if len(ids) >= 2:
+            out.append(list(ids))
+        if len(out) == samples:
+            break
+    if not out:
+        raise Sd2Error(f"the distilled dataset in {folder} has no conversation of 2 tokens or more to calibrate on")
+    if len(out) < samples and ctx is not None:
+        ctx.log.warning("calibration: asked for %d samples, the distilled dataset has %d usable", samples, len(out))
+    return out
