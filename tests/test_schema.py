@@ -113,3 +113,10 @@ def test_stages_command_lists_registry():
     assert res.exit_code == 0
     for name in ("derive", "distill", "prune", "finetune", "trim_vocab", "evaluate"):
         assert name in res.output
+
+
+def test_reserved_branch_names(tiny_target):
+    data = base(tiny_target)
+    data["branches"]["raw"] = [{"finetune": {}}]
+    with pytest.raises(RecipeError, match="branches.raw: 'raw' is reserved"):
+        validate_recipe(data)

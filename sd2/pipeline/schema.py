@@ -264,6 +264,8 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
             bpath = f"branches.{bname}"
             if not NAME_RE.match(str(bname)):
                 issues.append(Issue(bpath, f"branch names must match {NAME_RE.pattern}"))
+            elif bname in ("raw", "target"):
+                issues.append(Issue(bpath, f"'{bname}' is reserved (evaluate names the un-branched drafter 'raw' and the baseline 'target'); pick another name"))
             if not isinstance(steps, list):
                 continue  # reported by the top-level model
             parsed = []
