@@ -1,0 +1,181 @@
+"""Stage finetune: fine-tune a drafter (dense or pruned) on the distilled data, the sparsity mask held exactly.
+
+SD²'s recovery step: sparse fine-tuning on self-distilled data wins back the acceptance lost to
+pruning. The loss is CE on the target's tokens, or a DistillSpec divergence (fkl, rkl, jsd, tvd)
+against the target's distribution, from the cached top-k logits or an online target forward, or a
+weighted mix of CE and one divergence. User documentation: docs/finetune.md.
+
+Modules: ``batches`` (data, checks, order), ``losses``, ``mask``, ``train`` (the loop),
+``evaluation`` (validation loss, top-1, exact greedy MAL), ``checkpoint`` (resume),
+``distributed`` (accelerate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    loss: Literal["ce", "fkl", "rkl", "jsd", "tvd"] = Field(
+        "ce", description="ce: cross-entropy on the target's tokens; fkl/rkl/jsd/tvd: a divergence from the target's distribution")
+    ce_weight: float = Field(0.0, ge=0.0, le=1.0, description="with a divergence: the share of CE mixed in "
+                             "(loss = ce_weight * CE + (1 - ce_weight) * divergence); leave unset with loss: ce")
+    teacher: Literal["topk", "online"] = Field(
+        "topk", description="the target's distribution: the distilled data's cached top-k logits (renormalised) "
+                            "or an online target forward on every batch")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="divides teacher and student logits in the divergence")
+    jsd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="JSD(beta) mixture weight of the target's distribution")
+    lr: float = Field(2e-4, gt=0.0, le=1.0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="share of the steps spent in linear warm-up")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="the cosine decays to lr * min_lr_ratio")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping norm; 0 disables clipping")
+    batch_size: int = Field(8, ge=1, description="conversations per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
+    epochs: float = Field(1, gt=0, description="passes over the training split (a fraction allowed); ignored when max_steps is set")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to run; overrides epochs")
+    max_length: int = Field(1024, ge=8, description="conversations are truncated to this many tokens")
+    bucket: bool = Field(True, description="length bucketing: batch conversations of similar length, to pad less")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of conversations held out for validation")
+    val_rows: int | None = Field(None, ge=0, description="or: exactly this many conversations held out")
+    eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the start and the end)")
+    mal_gamma: int = Field(4, ge=1, le=64, description="draft length gamma for the validation's teacher-forced greedy MAL")
+    log_every: int = Field(10, ge=1, description="write a training row to metrics.jsonl every N steps")
+    checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N steps (0: never)")
+    hold_mask: bool = Field(True, description="keep every zero weight of the decoder's Linear layers at exactly zero "
+                                              "(only acts when the model has zeros)")
+    freeze_embeddings: bool = Field(False, description="do not train the input embeddings (with tied embeddings "
+                                                       "this also freezes lm_head, unless untie_embeddings)")
+    untie_embeddings: bool = Field(False, description="give lm_head its own trainable copy of tied embeddings "
+                                                      "(the saved model is then untied: one more V x d matrix)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.loss == "ce" and self.ce_weight not in (0.0, 1.0):
+            raise ValueError(f"ce_weight mixes CE into a divergence; with loss: ce it must stay unset, got {self.ce_weight}")
+        if self.loss != "ce" and self.ce_weight == 1.0:
+            raise ValueError("ce_weight = 1 leaves no divergence; use loss: ce")
+        return self
+
+
+def consumes(config: Config) -> tuple[str, ...]:
+    """The target is read only for an online teacher, so other changes to it do not rerun this stage."""
+    if config.loss != "ce" and config.teacher == "online":
+        return ("model", "dataset", "target")
+    return ("model", "dataset")
+
+
+def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
+    import json
+    import shutil
+
+    import torch
+
+    from sd2 import vocab
+    from sd2.pipeline.errors import Sd2Error
+    from sd2.pipeline.models import load_model, load_tokenizer, save_model
+
+    from . import checkpoint, train as training
+    from .batches import load_rows, split_rows
+    from .losses import target_to_draft_map
+    from .train import Objective
+
+    out_dir = Path(out_dir)
+    if inputs.model is None or inputs.dataset is None:
+        raise Sd2Error("finetune needs a model and a distilled dataset (a distill stage before it)")
+    model = load_model(inputs.model, device="cpu")
+    tok = load_tokenizer(inputs.model)
+    d2t = vocab.draft_to_target(model)
+    full_vocab = model.get_input_embeddings().weight.shape[0]
+    kd = config.loss if config.loss != "ce" else None
+    rows, meta = load_rows(Path(inputs.dataset), tok, full_vocab, config.max_length, need_topk=bool(kd) and config.teacher == "topk")
+    train_idx, val_idx = split_rows(len(rows), config.val_fraction, config.val_rows, ctx.seed)
+    rows_train, rows_val = rows.subset(train_idx), rows.subset(val_idx)
+
+    teacher_model = None
+    if kd and config.teacher == "online":
+        if inputs.target is None:
+            raise Sd2Error("finetune.teacher = 'online' needs the target model, but none was given")
+        teacher_model = load_model(inputs.target, device="cpu")
+        t_vocab = teacher_model.get_output_embeddings().weight.shape[0]
+        if t_vocab != full_vocab:
+            raise Sd2Error(f"the target '{inputs.target.ref}' has {t_vocab} output tokens but the drafter "
+                           f"'{inputs.model.ref}' reads {full_vocab}: an online teacher needs one vocabulary")
+
+    tied = _tied(model)
+    if config.untie_embeddings and tied:
+        _untie(model)
+        ctx.log.info("untied lm_head from the input embeddings (the saved model is untied)")
+    if config.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        if tied and not config.untie_embeddings:
+            ctx.log.info("freeze_embeddings with tied embeddings: lm_head is the same matrix and is frozen too "
+                         "(set untie_embeddings: true to train lm_head alone)")
+
+    objective = Objective(kd=kd, ce_weight=1.0 if not kd else config.ce_weight,
+                          kd_weight=(1.0 - config.ce_weight) if kd else 0.0, temperature=config.temperature,
+                          beta=config.jsd_beta, teacher=config.teacher, draft_to_target=d2t,
+                          target_to_draft=target_to_draft_map(d2t, full_vocab))
+    world = _world_size()
+    if len(rows_train) < config.batch_size * config.grad_accum * world:
+        raise Sd2Error(f"the training split has {len(rows_train)} conversations, fewer than one global batch "
+                       f"({config.batch_size} x {config.grad_accum} x {world} processes); lower finetune.batch_size "
+                       "or distill more prompts")
+    ctx.log.info("finetune on %d conversations (%d held out), loss %s%s, %s", len(rows_train), len(rows_val),
+                 config.loss, f" (teacher {config.teacher})" if kd else "", "mask held" if config.hold_mask else "mask off")
+    config_json = config.model_dump(mode="json") | {"seed": ctx.seed, "world_size": world}
+    metrics = training.train(config, model, rows_train, rows_val, tok.pad_token_id or 0, out_dir, ctx, objective,
+                             config_json, teacher_model=teacher_model)
+    if not metrics.get("mask_exact", True):
+        raise Sd2Error(f"finetune broke the sparsity mask: {metrics['mask_violations']} pruned entries are nonzero")
+
+    if _is_main():
+        model.eval()
+        save_model(model, tok, out_dir)
+        src = Path(inputs.model.ref) / "sparsity.json"
+        if src.is_file():  # the mask is unchanged, so the input's sparsity report still describes the weights
+            shutil.copy(src, out_dir / "sparsity.json")
+        record = {"config": config.model_dump(mode="json"), "dataset": str(inputs.dataset),
+                  "distill": meta, "train_rows": len(rows_train), "val_rows": len(rows_val), "metrics": metrics}
+        (out_dir / "finetune.json").write_text(json.dumps(record, indent=2, default=float))
+        checkpoint.remove(out_dir)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the other processes return once the model is on disk
+    return {k: v for k, v in metrics.items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _tied(model) -> bool:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is emb.weight
+
+
+def _untie(model) -> None:
+    import torch
+
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    # transformers 5.x re-ties on save/load through this mapping (as in sd2/vocab.py).
+    if getattr(model, "_tied_weights_keys", None):
+        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []

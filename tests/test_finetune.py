@@ -1,0 +1,240 @@
+"""Stage finetune on tiny models: the mask held exactly, KD from cached top-k and an online teacher,
+validation rows in metrics.jsonl, embeddings frozen/untied, resume after kill -9, clear mismatch errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from sd2.pipeline.context import StageInputs, standalone_context
+from sd2.pipeline.errors import Sd2Error
+from sd2.pipeline.models import ModelSource, load_model, save_model
+from sd2.stages import finetune
+
+from tiny import CORPUS, make_model
+
+
+def write_distilled(folder: Path, tokenizer, n: int = 16, teacher=None, k: int = 6, distill_meta: dict | None = None) -> Path:
+    """A distilled dataset per docs/CONTRACTS.md, built by hand: a chat prompt, then a 'response'
+    whose tokens carry loss_mask 1; with a teacher model, its top-k logits at the positions that
+    predict a response token (entry t predicts input_ids[t + 1])."""
+    cols = {c: [] for c in ("id", "category", "messages", "response", "input_ids", "loss_mask")}
+    if teacher is not None:
+        cols["topk_ids"], cols["topk_logits"] = [], []
+    for i in range(n):
+        msgs = [{"role": "user", "content": CORPUS[i % len(CORPUS)]}]
+        prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
+        text = CORPUS[(3 * i + 1) % len(CORPUS)]
+        response = tokenizer(text)["input_ids"][: 4 + i % 9] + [tokenizer.eos_token_id]
+        ids, mask = prompt + response, [0] * len(prompt) + [1] * len(response)
+        for c, v in zip(cols, (f"r{i}", ["writing", "coding"][i % 2], msgs + [{"role": "assistant", "content": text}],
+                               text, ids, mask)):
+            cols[c].append(v)
+        if teacher is not None:
+            with torch.no_grad():
+                vals, idx = teacher(torch.tensor([ids])).logits[0].topk(k, dim=-1)
+            keep = [t + 1 < len(ids) and mask[t + 1] == 1 for t in range(len(ids))]
+            cols["topk_ids"].append([idx[t].tolist() if keep[t] else [] for t in range(len(ids))])
+            cols["topk_logits"].append([vals[t].tolist() if keep[t] else [] for t in range(len(ids))])
+    folder.mkdir(parents=True, exist_ok=True)
+    Dataset.from_dict(cols).save_to_disk(str(folder / "dataset"))
+    meta = {"tokenizer": "tiny", "vocab_size": len(tokenizer), "topk": k if teacher is not None else None, "policy": "target"}
+    (folder / "distill.json").write_text(json.dumps(meta | (distill_meta or {})))
+    return folder
+
+
+def prune_half(src: Path, dst: Path, tokenizer) -> Path:
+    """Zero the smaller half (by magnitude) of every 2-D weight in the decoder layers."""
+    model = load_model(src)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                p[p.abs() <= p.abs().flatten().median()] = 0.0
+    save_model(model, tokenizer, dst)
+    (dst / "sparsity.json").write_text(json.dumps({"sparsity": 0.5}))
+    return dst
+
+
+def run_stage(tmp: Path, name: str, model: Path, data: Path, target: Path | None = None, **cfg) -> tuple[dict, Path]:
+    out = tmp / name
+    out.mkdir()
+    inputs = StageInputs(model=ModelSource(str(model), "m"), dataset=data,
+                         target=ModelSource(str(target), "t") if target else None)
+    return finetune.run(finetune.Config(**cfg), inputs, out, standalone_context(tmp)), out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer, tiny_target):
+    return write_distilled(tmp_path_factory.mktemp("distill"), tokenizer, n=16, teacher=load_model(tiny_target))
+
+
+def test_mask_held_exactly_and_weights_change(tmp_path, tokenizer, tiny_drafter, data):
+    sparse = prune_half(tiny_drafter, tmp_path / "sparse", tokenizer)
+    before = load_file(str(sparse / "model.safetensors"))
+    zeros = sum(int((t == 0).sum()) for k, t in before.items() if ".layers." in k and t.dim() == 2)
+    metrics, out = run_stage(tmp_path, "ft", sparse, data, loss="ce", lr=5e-3, weight_decay=0.1, max_steps=4,
+                             batch_size=2, grad_accum=2, val_rows=2, checkpoint_every=0)
+    after = load_file(str(out / "model.safetensors"))
+    assert metrics["mask_exact"] is True and metrics["mask_violations"] == 0
+    assert metrics["masked_weights"] == zeros > 0
+    for key, w0 in before.items():
+        w1 = after[key]
+        if ".layers." in key and w0.dim() == 2:
+            assert torch.all(w1[w0 == 0] == 0), f"{key}: a pruned weight came back"
+            live = w0 != 0
+            assert (w1[live] != w0[live]).float().mean() > 0.9, f"{key}: live weights did not train"
+    assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert json.loads((out / "sparsity.json").read_text()) == {"sparsity": 0.5}  # the mask is unchanged
+    assert not (out / "checkpoint").exists()
+    assert json.loads((out / "finetune.json").read_text())["metrics"]["mask_exact"] is True
+
+
+def test_dense_model_trains_plainly(tmp_path, tiny_drafter, data):
+    metrics, out = run_stage(tmp_path, "ft", tiny_drafter, data, loss="ce", lr=1e-3, max_steps=2, batch_size=4,
+                             val_rows=2, checkpoint_every=0)
+    assert metrics["mask_held"] is False and metrics["masked_weights"] == 0 and metrics["steps"] == 2
+
+
+def test_kd_from_topk_logs_validation_and_learns(tmp_path, tiny_drafter, data):
+    metrics, _ = run_stage(tmp_path, "ft", tiny_drafter, data, loss="fkl", ce_weight=0.25, temperature=2.0,
+                           lr=1e-2, warmup_ratio=0.0, max_steps=8, batch_size=4, val_rows=4, eval_every=4,
+                           checkpoint_every=0, log_every=2)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_mal" in r]
+    assert [r["step"] for r in val] == [0, 4, 8]
+    assert all(r["val_mal"] >= 1.0 and 0.0 <= r["val_top1"] <= 1.0 and r["val_kd"] is not None for r in val)
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8] and all(r["tokens_per_s"] > 0 for r in train_rows)
+    assert metrics["val_mal"] == val[-1]["val_mal"] and metrics["tokens_per_s"] > 0
+
+
+def test_online_teacher_reads_the_target(tmp_path, tiny_target, tiny_drafter, data):
+    cfg = finetune.Config(loss="jsd", teacher="online")
+    assert finetune.consumes(cfg) == ("model", "dataset", "target")
+    assert finetune.consumes(finetune.Config(loss="fkl")) == ("model", "dataset")
+    metrics, _ = run_stage(tmp_path, "ft", tiny_drafter, data, target=tiny_target, loss="jsd", teacher="online",
+                           jsd_beta=0.3, lr=1e-2, warmup_ratio=0.0, max_steps=6, batch_size=4, val_rows=4, checkpoint_every=0)
+    val = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_kd" in x]
+    assert val[-1]["val_kd"] < val[0]["val_kd"]
+    with pytest.raises(Sd2Error, match="needs the target"):
+        run_stage(tmp_path, "ft2", tiny_drafter, data, loss="jsd", teacher="online", max_steps=1)
+
+
+def test_freeze_embeddings_with_tied_weights(tmp_path, tokenizer, data):
+    tied = make_model(tmp_path / "tied", tokenizer=tokenizer, tie=True, seed=3)
+    emb0 = load_model(tied).get_input_embeddings().weight.detach().clone()
+    common = dict(loss="ce", lr=1e-2, max_steps=2, batch_size=4, val_rows=2, checkpoint_every=0, freeze_embeddings=True)
+    _, out = run_stage(tmp_path, "frozen", tied, data, **common)
+    m = load_model(out)
+    assert torch.equal(m.get_input_embeddings().weight, emb0) and torch.equal(m.get_output_embeddings().weight, emb0)
+    _, out = run_stage(tmp_path, "untied", tied, data, untie_embeddings=True, **common)
+    m = load_model(out)
+    assert torch.equal(m.get_input_embeddings().weight, emb0)
+    assert not torch.equal(m.get_output_embeddings().weight, emb0)  # lm_head trained on its own copy
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+KILL_SCRIPT = """
+import functools, os, signal, sys
+sys.path.insert(0, {tests!r})
+import conftest  # offline env
+from pathlib import Path
+from sd2.pipeline.context import StageInputs, standalone_context
+from sd2.pipeline.models import ModelSource
+from sd2.stages import finetune
+from sd2.stages.finetune import train
+
+def kill(step):
+    if step == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train.train = functools.partial(train.train, on_step=kill)
+cfg = finetune.Config(**{cfg!r})
+finetune.run(cfg, StageInputs(model=ModelSource({model!r}, "m"), dataset=Path({data!r})), Path({out!r}),
+             standalone_context(None))
+"""
+
+
+def test_resume_after_kill_9_reaches_the_same_weights(tmp_path, tokenizer, tiny_drafter, data):
+    sparse = prune_half(tiny_drafter, tmp_path / "sparse", tokenizer)
+    cfg = dict(loss="fkl", ce_weight=0.5, lr=5e-3, max_steps=7, batch_size=2, grad_accum=2, val_rows=2,
+               checkpoint_every=2, eval_every=3)
+    _, straight = run_stage(tmp_path, "straight", sparse, data, **cfg)
+
+    out = tmp_path / "resumed"
+    out.mkdir()
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), kill_at=5, cfg=cfg, model=str(sparse),
+                                data=str(data), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and not (out / "model.safetensors").exists()
+
+    metrics = finetune.run(finetune.Config(**cfg), StageInputs(model=ModelSource(str(sparse), "m"), dataset=data),
+                           out, standalone_context(tmp_path))
+    assert metrics["steps"] == 7 and metrics["mask_exact"] is True
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"],
+                           load_file(str(sparse / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_changed_config_refuses_a_stale_checkpoint(tmp_path, tiny_drafter, data):
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "state.json").write_text(json.dumps({"step": 1, "config": {"lr": 1.0}}))
+    with pytest.raises(Sd2Error, match="different config"):
+        finetune.run(finetune.Config(max_steps=2, batch_size=4, val_rows=2),
+                     StageInputs(model=ModelSource(str(tiny_drafter), "m"), dataset=data), out, standalone_context(tmp_path))
+
+
+def test_mismatches_give_clear_errors(tmp_path, tokenizer, tiny_drafter):
+    wrong_size = write_distilled(tmp_path / "d1", tokenizer, n=4, distill_meta={"tokenizer": "gpt2", "vocab_size": 50257})
+    with pytest.raises(Sd2Error, match=r"tokenizer mismatch.*'gpt2' \(50257 tokens\).*\(320 tokens\)"):
+        run_stage(tmp_path, "a", tiny_drafter, wrong_size, max_steps=1)
+
+    # distill.json names a tokenizer folder of the same size whose vocabulary differs
+    from tiny import make_tokenizer
+    other = make_tokenizer()
+    other.add_tokens(["<extra>"])
+    vocab = dict(other.get_vocab())
+    other_dir = tmp_path / "other_tok"
+    make_model(other_dir, tokenizer=other)
+    named = write_distilled(tmp_path / "d2", tokenizer, n=4, distill_meta={"tokenizer": str(other_dir), "vocab_size": 320})
+    assert len(vocab) != len(tokenizer)
+    with pytest.raises(Sd2Error, match="tokenizer mismatch"):
+        run_stage(tmp_path, "b", tiny_drafter, named, max_steps=1)
+
+    # token ids beyond the drafter's vocabulary
+    big = write_distilled(tmp_path / "d3", tokenizer, n=4)
+    ds = Dataset.load_from_disk(str(big / "dataset")).to_dict()
+    ds["input_ids"][0][-1] = 5000
+    Dataset.from_dict(ds).save_to_disk(str(tmp_path / "d4" / "dataset"))
+    (tmp_path / "d4" / "distill.json").write_text((big / "distill.json").read_text())
+    with pytest.raises(Sd2Error, match=r"token id 5000.*320 tokens"):
+        run_stage(tmp_path, "c", tiny_drafter, tmp_path / "d4", max_steps=1)
+
+    with pytest.raises(Sd2Error, match="no cached top-k|needs cached top-k"):
+        run_stage(tmp_path, "d", tiny_drafter, big, loss="tvd", max_steps=1)
+    with pytest.raises(Sd2Error, match="fewer than one global batch"):
+        run_stage(tmp_path, "e", tiny_drafter, big, batch_size=8, val_rows=1, max_steps=1)
+    with pytest.raises(Sd2Error, match="distill.json"):
+        run_stage(tmp_path, "f", tiny_drafter, tmp_path / "d4" / "dataset", max_steps=1)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="ce_weight"):
+        finetune.Config(loss="ce", ce_weight=0.5)
+    with pytest.raises(ValueError, match="jsd_beta"):
+        finetune.Config(loss="jsd", jsd_beta=1.0)
+    with pytest.raises(ValueError, match="extra"):
+        finetune.Config(lr_schedule="linear")
