@@ -4,6 +4,7 @@
     sd2 validate RECIPE [key.path=value ...]
     sd2 stages
     sd2 show RUN_DIR
+    sd2 publish RUN_OR_MODEL_DIR --repo-id ORG/NAME [--drafter BRANCH] [--private] [--dry-run --out DIR] [--exist-ok]
 """
 
 from __future__ import annotations
@@ -112,6 +113,59 @@ def show(run_dir: Path = typer.Argument(..., help="a run folder, e.g. artifacts/
     width = max(len(r[0]) for r in rows)
     for name, status, secs, metrics in rows:
         typer.echo(f"{name:<{width}}  {status:<10} {secs:>8}  {metrics}")
+
+
+@app.command()
+@user_errors
+def publish(source: Path = typer.Argument(..., help="a run folder (OUT/<name>) or a model folder"),
+            repo_id: str = typer.Option(..., "--repo-id", help="Hub repo, org/name"),
+            drafter: Optional[str] = typer.Option(None, "--drafter", help="the run's branch to publish (default: best by MAL per MAC)"),
+            private: bool = typer.Option(False, "--private", help="create the repo private"),
+            dry_run: bool = typer.Option(False, "--dry-run", help="build the folder in --out, upload nothing"),
+            out: Optional[Path] = typer.Option(None, "--out", help="write the folder here (needed with --dry-run)"),
+            exist_ok: bool = typer.Option(False, "--exist-ok", help="upload a new commit to an existing repo")):
+    """Build a Hub-ready drafter folder with a model card, and upload it (token: HF_TOKEN or `hf auth login`)."""
+    from sd2.publish import publish as do_publish
+
+    do_publish(source, repo_id, drafter=drafter, private=private, dry_run=dry_run, out=out, exist_ok=exist_ok,
+               say=lambda line: typer.echo(line, err=True))
+
+
+@app.command()
+@user_errors
+def compare(new: Path = typer.Argument(..., help="the new report.json, evaluate folder or run folder"),
+            baseline: Path = typer.Argument(..., help="the baseline report.json, evaluate folder or run folder"),
+            max_mal_drop: float = typer.Option(0.05, "--max-mal-drop", help="largest allowed relative MAL drop")):
+    """The CI gate: compare two evaluation reports; exit 1 on regression, 2 on unusable input."""
+    from sd2.stages.evaluate.standalone import compare_command
+
+    try:
+        code, text = compare_command(new, baseline, max_mal_drop)
+    except Sd2Error as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(text)
+    raise typer.Exit(code)
+
+
+@app.command("eval")
+@user_errors
+def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .gguf or PACKAGE:FILE.gguf"),
+          drafter: List[str] = typer.Option(..., "--drafter", help="drafter model (repeatable)"),
+          prompts: str = typer.Option("mtbench", "--prompts", help="prompt source (sd2.data.prompts)"),
+          limit: Optional[int] = typer.Option(20, "--limit", help="number of prompts"),
+          skip: int = typer.Option(0, "--skip", help="skip the first N prompts"),
+          gamma: List[int] = typer.Option([4], "--gamma", help="draft length (repeatable: a sweep)"),
+          temperature: List[float] = typer.Option([0.0], "--temperature", help="repeatable: a sweep"),
+          max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+          repeats: int = typer.Option(1, "--repeats", help="timed passes; wall-clock is the median"),
+          out: Path = typer.Option(Path("artifacts/eval"), "--out", help="where report.json/.md go")):
+    """Evaluate any drafter against a target, without a recipe."""
+    from sd2.stages.evaluate.standalone import eval_command
+
+    metrics = eval_command(target, drafter, prompts, limit, skip, gamma, temperature, max_new_tokens, repeats, out)
+    report = out / "report.md"
+    typer.echo(report.read_text() if report.is_file() else json.dumps(metrics))
 
 
 def main() -> None:

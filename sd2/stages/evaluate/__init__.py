@@ -1,0 +1,66 @@
+"""Stage evaluate: lossless speculative decoding of every drafter against the target.
+
+Measures, per drafter and per (gamma, temperature): MAL (pooled and per request), acceptance rate,
+acceptance per position, MAL per category, wall-clock speedup over target-only decoding, measured c,
+theoretical and MAC-based speedups, MACs and sparsity, and losslessness; then writes report.json,
+report.md and plots. Metric definitions: docs/evaluate.md and sd2/mal.py.
+
+Modules: engine (the decoding loop), sampling (accept/resample), crosstok (different tokenizers),
+measure (timing protocol, c, teacher-forced MAL), report (report.json/.md, snippets), plots, compare
+(the CI gate behind `sd2 compare`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sd2.data.prompts import PromptsConfig
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: PromptsConfig | list[PromptsConfig] = Field(
+        description="evaluation prompts (sd2.data.prompts); hold them apart from training prompts with skip")
+    gamma: int | list[int] = Field(4, description="draft length per round; a list is a sweep")
+    temperature: float | list[float] = Field(0.0, description="0 = greedy (checked lossless token for token); a list is a sweep")
+    max_new_tokens: int = Field(128, ge=1, le=8192, description="new tokens per request")
+    turns: int = Field(1, ge=1, description="evaluate the first N user turns of each conversation; later turns "
+                                            "see the target's greedy answers as history")
+    repeats: int = Field(1, ge=1, le=20, description="timed passes over the prompts; wall-clock is the median")
+    warmup: int = Field(1, ge=0, le=10, description="untimed warm-up runs before timing")
+    teacher_forced: bool = Field(True, description="also compute greedy MAL by teacher forcing (one drafter forward per prompt)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of both models")
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma(cls, v):
+        vals = v if isinstance(v, list) else [v]
+        if not vals or any(g < 1 or g > 64 for g in vals):
+            raise ValueError(f"gamma must be an integer in [1, 64] or a non-empty list of them, got {v}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        vals = v if isinstance(v, list) else [v]
+        if not vals or any(t < 0 or t > 10 for t in vals):
+            raise ValueError(f"temperature must be in [0, 10] or a non-empty list of such, got {v}")
+        return v
+
+    @property
+    def gammas(self) -> list[int]:
+        return sorted(set(self.gamma if isinstance(self.gamma, list) else [self.gamma]))
+
+    @property
+    def temperatures(self) -> list[float]:
+        return sorted(set(float(t) for t in (self.temperature if isinstance(self.temperature, list) else [self.temperature])))
+
+
+def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
+    from sd2.stages.evaluate.collect import evaluate_and_report
+
+    return evaluate_and_report(config, inputs, Path(out_dir), ctx)

@@ -1,0 +1,176 @@
+"""Measurements: prompts as token ids, the interleaved timing loop, c, and teacher-forced greedy MAL.
+
+Timing protocol (Spec-Bench): batch size 1, warm-up first, then ``repeats`` passes over the prompts;
+in each pass every prompt runs target-only first, then every (drafter, gamma) on the same prompt, so
+slow phases of a shared machine hit every contender alike. Wall-clock is summed over the prompts of
+a pass; the reported wall is the median over passes. MAL and acceptance come from the first pass
+(with a fixed seed they are deterministic).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from sd2.mal import MalStats, teacher_forced_rounds
+from sd2.stages.evaluate.crosstok import crosstok_generate
+from sd2.stages.evaluate.engine import Generation, Runner, speculative_generate, target_generate
+from sd2.stages.evaluate.sampling import DraftVocab
+
+
+@dataclass
+class Request:
+    id: str
+    category: str
+    messages: list[dict]
+    ids: list[int]                   # the prompt in the target's tokenizer
+
+
+@dataclass
+class Drafter:
+    name: str
+    runner: Runner
+    tokenizer: object
+    vocab: DraftVocab
+    cross: bool                      # a different tokenizer: drafts travel through text
+    eos: set[int]
+    prompts: dict[str, list[int]] = field(default_factory=dict)   # cross only: request id -> drafter ids
+
+
+def chat_ids(tok, messages: list[dict]) -> list[int]:
+    """The prompt through the chat template when the tokenizer has one, else the plain user text."""
+    if getattr(tok, "chat_template", None):
+        return list(tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+    text = "\n\n".join(m["content"] for m in messages)
+    return tok.encode(text)
+
+
+def eos_ids(model, tok) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        ids.update([e] if isinstance(e, int) else (e or []))
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return ids
+
+
+def build_requests(convs, tok, turns: int, target: Runner, max_new_tokens: int, eos: set[int]) -> list[Request]:
+    """One request per evaluated user turn. Turn t > 1 sees the target's greedy answers to the turns
+    before it as history (what target-only greedy decoding would have said)."""
+    out = []
+    for conv in convs:
+        msgs = [{"role": "system", "content": conv.system}] if conv.system else []
+        n = min(turns, len(conv.turns))
+        for t in range(n):
+            msgs.append({"role": "user", "content": conv.turns[t]})
+            ids = chat_ids(tok, msgs)
+            out.append(Request(conv.id if t == 0 else f"{conv.id}#turn{t + 1}", conv.category, list(msgs), ids))
+            if t + 1 < n:
+                answer = target_generate(target, ids, max_new_tokens, eos).tokens
+                msgs.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True)})
+    return out
+
+
+def run_drafter(target: Runner, d: Drafter, t_tok, req: Request, gamma: int, max_new_tokens: int,
+                eos: set[int], temperature: float, gen) -> Generation:
+    if d.cross:
+        return crosstok_generate(target, d.runner, t_tok, d.tokenizer, req.ids, d.prompts[req.id], gamma,
+                                 max_new_tokens, eos, d.eos, temperature, gen)
+    return speculative_generate(target, d.runner, d.vocab, req.ids, gamma, max_new_tokens, eos, temperature, gen)
+
+
+def _gen(device, seed: int, *parts: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(hash((seed,) + parts) & 0x7FFF_FFFF_FFFF)
+    return g
+
+
+@dataclass
+class Cell:
+    """One (drafter, gamma, temperature) setting."""
+    stats: MalStats = field(default_factory=MalStats)
+    walls: list[float] = field(default_factory=list)
+    drafter_forwards: int = 0
+    lossless: bool = True
+    mismatches: list[str] = field(default_factory=list)
+
+
+def measure(target: Runner, t_tok, drafters: list[Drafter], requests: list[Request], gammas: list[int],
+            temperatures: list[float], max_new_tokens: int, repeats: int, warmup: int, seed: int, eos: set[int],
+            progress=None) -> tuple[dict, dict, dict]:
+    """Returns (baseline per temperature, cells per (name, gamma, temperature), greedy target outputs)."""
+    dev = target.device
+    progress = progress or (lambda it, **kw: it)
+    for _ in range(warmup):   # first calls allocate and pick kernels: keep them out of the timings
+        w = requests[0]
+        target_generate(target, w.ids, min(16, max_new_tokens), eos)
+        for d in drafters:
+            run_drafter(target, d, t_tok, w, gammas[0], min(16, max_new_tokens), eos, 0.0, None)
+    for r in [target] + [d.runner for d in drafters]:
+        r.step_times.clear()
+    baseline: dict = {}
+    cells: dict = {(d.name, g, t): Cell() for d in drafters for g in gammas for t in temperatures}
+    greedy_ref: dict[str, list[int]] = {}
+    for temp in temperatures:
+        passes, tokens = [], 0
+        for rep in range(repeats):
+            wall = {key: 0.0 for key in cells if key[2] == temp}
+            base_wall = 0.0
+            for i, req in enumerate(progress(requests, desc=f"T={temp} pass {rep + 1}/{repeats}", unit="prompt")):
+                base = target_generate(target, req.ids, max_new_tokens, eos, temp, _gen(dev, seed, i, rep, 0))
+                base_wall += base.seconds
+                if rep == 0:
+                    tokens += len(base.tokens)
+                if temp == 0:
+                    greedy_ref.setdefault(req.id, base.tokens)
+                for d in drafters:
+                    for gamma in gammas:
+                        cell = cells[(d.name, gamma, temp)]
+                        before = d.runner.forwards
+                        out = run_drafter(target, d, t_tok, req, gamma, max_new_tokens, eos, temp,
+                                          _gen(dev, seed, i, rep, 1 + gamma))
+                        wall[(d.name, gamma, temp)] += out.seconds
+                        if rep == 0:
+                            cell.stats.add_request(out.rounds, req.category)
+                            cell.drafter_forwards += d.runner.forwards - before
+                        if temp == 0 and out.tokens != base.tokens:
+                            cell.lossless = False
+                            cell.mismatches.append(req.id)
+            passes.append(base_wall)
+            for key, w in wall.items():
+                cells[key].walls.append(w)
+        med = statistics.median(passes)
+        baseline[temp] = {"wall_s": med, "tokens": tokens, "tokens_per_s": tokens / med if med else 0.0,
+                          "walls": passes}
+    return baseline, cells, greedy_ref
+
+
+def c_measured(drafter: Runner, target: Runner) -> float | None:
+    """Median single-token decode forward of the drafter / the same of the target."""
+    if not drafter.step_times or not target.step_times:
+        return None
+    return statistics.median(drafter.step_times) / statistics.median(target.step_times)
+
+
+@torch.inference_mode()
+def teacher_forced_mal(d: Drafter, requests: list[Request], greedy_ref: dict[str, list[int]],
+                       gammas: list[int]) -> dict[int, float]:
+    """Exact greedy MAL without drafting (DESIGN.md): one drafter forward over prompt + the target's
+    greedy response gives the drafter's argmax at every response position."""
+    stats = {g: MalStats() for g in gammas}
+    model = d.runner.model
+    for req in requests:
+        resp = greedy_ref[req.id]
+        if not resp:
+            continue
+        ids = torch.tensor([req.ids + resp[:-1]], device=d.runner.device)
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(resp)).logits[0]
+        idx = torch.argmax(d.vocab.cut(logits), dim=-1)
+        pred = (d.vocab.map[idx] if d.vocab.map is not None else idx).tolist()
+        match = [p == t for p, t in zip(pred, resp)]
+        for g in gammas:
+            stats[g].add_request(teacher_forced_rounds(match, g), req.category)
+    return {g: s.summary(g)["mal"] for g, s in stats.items()}

