@@ -1,0 +1,1 @@
+"""Data shared by stages: prompt sources (prompts.py) and the distilled dataset (dataset.py)."""

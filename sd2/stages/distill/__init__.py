@@ -1,0 +1,163 @@
+"""Stage distill: self-data distillation. The target (or, on-policy, the drafter) answers a prompt set.
+
+Every assistant turn is regenerated turn by turn, on the model's own earlier answers (chat.py).
+Generation is batched with left padding and a KV cache in length buckets (generate.py), or runs
+on vLLM (vllm_backend.py). Rows are flushed to shards every ``flush_every`` prompts, so a killed
+run resumes from its last complete shard (shards.py). The output is the distilled dataset of
+docs/CONTRACTS.md in ``out_dir/dataset`` and ``out_dir/distill.json``.
+
+On-policy (DistillSpec): ``policy: drafter`` has the drafter write the answers, and with
+``topk_logits: k`` the target's top-k logits are recorded on them, one target forward per batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sd2.data.prompts import Prompts
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: Prompts = Field(
+        description="the prompt set (see docs/distill.md); a list is a mix, concatenated in order")
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="the longest answer per turn, in tokens")
+    batch_size: int = Field(32, ge=1, le=4096, description="prompts decoded together (hf backend)")
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="sampling temperature; 0 = greedy (deterministic)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (temperature > 0)")
+    topk_logits: int | None = Field(None, ge=1, le=1024,
+                                    description="record the target's top-k logits (fp16) on every answer token, for KD; null = off")
+    policy: Literal["target", "drafter"] = Field(
+        "target", description="who writes the answers: the target (self-distillation) or the drafter (on-policy)")
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf (transformers, any device) or vllm (GPU, optional extra)")
+    flush_every: int = Field(256, ge=1, description="prompts per shard: a killed run resumes from the last shard")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype while generating")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model")
+
+
+def consumes(config: Config) -> tuple[str, ...]:
+    return ("target",) if config.policy == "target" else ("target", "model")
+
+
+def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
+    import hashlib
+    import json
+    import time
+
+    from sd2.data.dataset import DISTILL_JSON, features
+    from sd2.data.prompts import load_prompts
+    from sd2.pipeline.errors import Sd2Error
+    from sd2.stages.distill import shards
+    from sd2.stages.distill.chat import ChatFormat, converse
+    from sd2.stages.distill.generate import topk_on_responses
+
+    convs = [c for c in load_prompts(config.prompts) if c.turns]
+    if not convs:
+        raise Sd2Error("distill.prompts selected no conversation with a user turn; check source, skip and limit")
+    if inputs.target is None:
+        raise Sd2Error("distill needs the target model")
+    if config.policy == "drafter" and inputs.model is None:
+        raise Sd2Error("distill.policy is 'drafter' but the run has no drafter; set `drafter:` or policy: target")
+    generator, tok, teacher, writer_name = _backend(config, inputs, ctx)
+    fmt = ChatFormat(tok, generator.sampling.stop_ids)
+    feats = features(config.topk_logits is not None)
+
+    ids_hash = hashlib.sha256("\n".join(c.id for c in convs).encode()).hexdigest()[:16]
+    key = {"config": config.model_dump(mode="json"), "seed": ctx.seed, "prompts": len(convs), "ids": ids_hash,
+           "target": inputs.target.fingerprint,
+           "model": inputs.model.fingerprint if config.policy == "drafter" else None}
+    folder = shards.prepare(out_dir, key)
+    n_shards = -(-len(convs) // config.flush_every)
+    finished = set(shards.done(folder, n_shards))
+    if finished:
+        ctx.log.info("distill: resuming, %d of %d shards already written", len(finished), n_shards)
+    ctx.log.info("distill: %s answers %d conversations (%d turns), %d shard(s)", writer_name, len(convs),
+                 sum(len(c.turns) for c in convs), n_shards)
+
+    bar = ctx.progress(total=sum(len(c.turns) for c in convs), desc="distill", unit="answer")
+    for i in range(n_shards):
+        chunk = convs[i * config.flush_every:(i + 1) * config.flush_every]
+        if i in finished:
+            bar.update(sum(len(c.turns) for c in chunk))
+            continue
+        t0 = time.perf_counter()
+        states = converse(chunk, fmt, generator.generate, seed=ctx.seed * 100_003 + i, progress=bar)
+        gen_s = time.perf_counter() - t0
+        rows = [{"id": s.conv.id, "category": s.conv.category, "messages": s.messages,
+                 "response": s.messages[-1]["content"], "input_ids": s.ids, "loss_mask": s.mask} for s in states]
+        if teacher is not None:
+            for row, (top_ids, top_vals) in zip(rows, topk_on_responses(
+                    teacher, [(r["input_ids"], r["loss_mask"]) for r in rows], config.topk_logits, config.batch_size)):
+                row["topk_ids"], row["topk_logits"] = top_ids, top_vals
+        stats = {"rows": len(rows), "tokens": sum(s.generated for s in states),
+                 "responses": sum(len(s.conv.turns) for s in states), "truncated": sum(s.truncated for s in states),
+                 "generate_s": round(gen_s, 3)}
+        shards.write(folder, i, rows, feats, stats)
+        ctx.log_metrics(shard=i, **stats, tokens_per_s=round(stats["tokens"] / max(gen_s, 1e-9), 2))
+    bar.close()
+
+    total = {k: sum(shards.stats(folder, i)[k] for i in range(n_shards))
+             for k in ("rows", "tokens", "responses", "truncated", "generate_s")}
+    shards.combine(folder, n_shards, out_dir / "dataset")
+    metrics = {"rows": total["rows"], "tokens": total["tokens"],
+               "mean_response_tokens": round(total["tokens"] / max(total["responses"], 1), 2),
+               "truncated": total["truncated"],
+               "tokens_per_s": round(total["tokens"] / max(total["generate_s"], 1e-9), 2)}
+    if fmt.rewrites:
+        ctx.log.warning("distill: the chat template rewrites earlier turns; %d turn(s) were re-tokenized and keep "
+                        "the loss mask on their last answer only", fmt.rewrites)
+    shards.write_json_atomic(out_dir / DISTILL_JSON, {
+        "tokenizer": inputs.target.ref, "vocab_size": _vocab_size(inputs.target, tok),
+        "topk": config.topk_logits, "policy": config.policy, "stats": metrics})
+    ctx.log.info("distill: %d rows, %d tokens (%.1f per answer, %d truncated) at %.1f tok/s", metrics["rows"],
+                 metrics["tokens"], metrics["mean_response_tokens"], metrics["truncated"], metrics["tokens_per_s"])
+    return metrics
+
+
+def _backend(config: Config, inputs, ctx):
+    """(generator, the target's tokenizer, the model that records top-k logits or None, writer name)."""
+    import torch
+
+    from sd2.pipeline.errors import Sd2Error
+    from sd2.pipeline.models import load_model, load_tokenizer, same_tokenizer
+    from sd2.stages.distill.generate import HFGenerator, Sampling, stop_ids
+
+    tok = load_tokenizer(inputs.target)
+    writer_src, writer_name = (inputs.target, "the target") if config.policy == "target" else (inputs.model, "the drafter")
+    if config.policy == "drafter" and not same_tokenizer(tok, load_tokenizer(inputs.model)):
+        raise Sd2Error("distill.policy 'drafter' needs the drafter to share the target's tokenizer "
+                       "(its answers are scored by the target token by token); use policy: target")
+    dtype = getattr(torch, config.dtype)
+    teacher = None
+    if config.backend == "hf":
+        writer = load_model(writer_src, device=ctx.device, dtype=dtype)
+        sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p,
+                            stop_ids(tok, writer.config, getattr(writer, "generation_config", None)))
+        generator = HFGenerator(writer, tok.pad_token_id, sampling, config.batch_size)
+        if config.topk_logits is not None:
+            teacher = writer if config.policy == "target" else load_model(inputs.target, device=ctx.device, dtype=dtype)
+    else:
+        from transformers import AutoConfig
+
+        from sd2.stages.distill.vllm_backend import VllmGenerator
+
+        cfg = AutoConfig.from_pretrained(writer_src.ref, trust_remote_code=writer_src.trust_remote_code)
+        sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, stop_ids(tok, cfg))
+        generator = VllmGenerator(writer_src.ref, sampling, config.tensor_parallel_size, config.dtype, ctx.seed,
+                                  writer_src.trust_remote_code)
+        if config.topk_logits is not None:
+            teacher = load_model(inputs.target, device=ctx.device, dtype=dtype)
+    return generator, tok, teacher, writer_name
+
+
+def _vocab_size(target, tok) -> int:
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(target.ref).vocab_size)
+    except (OSError, ValueError, AttributeError):
+        return len(tok)
