@@ -15,7 +15,7 @@ from tiny import make_model
 from test_finetune import prune_half, write_distilled
 
 SCRIPT = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, {tests!r})
 import conftest  # offline env
 from pathlib import Path
@@ -28,7 +28,8 @@ out = Path(sys.argv[1])
 out.mkdir(exist_ok=True)
 metrics = finetune.run(cfg, StageInputs(model=ModelSource({model!r}, "m"), dataset=Path({data!r})), out,
                        standalone_context(None))
-(out / ("metrics-%d.json" % metrics["world_size"])).write_text(json.dumps(metrics))
+if int(os.environ.get("RANK", "0")) == 0:  # every rank returns the metrics; one writes them
+    (out / ("metrics-%d.json" % metrics["world_size"])).write_text(json.dumps(metrics))
 """
 
 
