@@ -30,6 +30,9 @@ class StageSpec:
     # What it writes into its folder: "model" (a save_pretrained folder), "dataset" or "report".
     produces: str
     in_branch: bool = True
+    # Runs in every process of a multi-process launch (torchrun / accelerate launch); other stages
+    # run on rank 0 alone while the other ranks wait for their manifests.
+    distributed: bool = False
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -49,7 +52,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("prune", "sd2.stages.prune", "unstructured (SparseGPT, Wanda, magnitude, N:M) or layer pruning",
                   consumes=("model", "dataset"), produces="model"),
         StageSpec("finetune", "sd2.stages.finetune", "fine-tune on distilled data with the sparsity mask held exactly",
-                  consumes=("model", "dataset", "target"), produces="model"),
+                  consumes=("model", "dataset", "target"), produces="model", distributed=True),
         StageSpec("trim_vocab", "sd2.stages.trim_vocab", "shrink the drafter's lm_head to the tokens the target emits",
                   consumes=("model", "dataset"), produces="model"),
         StageSpec("evaluate", "sd2.stages.evaluate", "lossless speculative decoding: MAL, acceptance, MACs, speedup",

@@ -144,6 +144,9 @@ class Runner:
 
     # -- execution ------------------------------------------------------------------------
     def run(self) -> list[dict]:
+        rank, world = _rank_world()
+        if world > 1 and rank != 0:
+            return self._follow(rank)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.run_dir / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -157,6 +160,39 @@ class Runner:
         finally:
             log.removeHandler(handler)
             handler.close()
+
+    def _follow(self, rank: int, poll: float = 1.0) -> list[dict]:
+        """A non-zero rank of a multi-process launch: no lock and no manifests of its own. It takes
+        each stage's outcome from rank 0's manifest, and joins only the distributed stages
+        (finetune), whose main process alone writes files."""
+        started = time.time()
+        results = []
+        for step in self.steps[: self.last + 1]:
+            spec = get_stage(step.stage)
+            consumed = consumed_inputs(spec, step.config)
+            sources = {k: v for k, v in step.sources.items() if k in consumed}
+            idents = {k: self._identity(v) for k, v in sources.items()}
+            fp = art.fingerprint(step.stage, step.config.model_dump(mode="json"), idents, self.recipe.recipe.seed)
+            folder = self.run_dir / step.folder
+            fresh = step.id in self.force
+            m = art.read_manifest(folder)
+            done = m is not None and m.get("fingerprint") == fp and (not fresh or m.get("finished", 0) >= started)
+            if not done and spec.distributed:
+                partial = folder / art.PARTIAL
+                while not (partial.is_file() and partial.read_text().strip() == fp):
+                    time.sleep(poll)  # rank 0 clears and marks the folder first
+                inputs = StageInputs(**{k: self._input(k, v, load=True) for k, v in sources.items()})
+                ctx = StageContext(seed=self.recipe.recipe.seed, device=self._device(), log=log, stage_id=step.id,
+                                   metrics_path=None, run_dir=self.run_dir)
+                spec.load().run(step.config, inputs, folder, ctx)
+            while not done:
+                m = art.read_manifest(folder)
+                done = m is not None and m.get("fingerprint") == fp and (not fresh or m.get("finished", 0) >= started)
+                if not done:
+                    time.sleep(poll)
+            self.produced[step.id] = Produced(folder, m["output_id"], m.get("lineage", []))
+            results.append({"id": step.id, "status": f"rank{rank}", **m})
+        return results
 
     def _adopt_renumbered(self) -> None:
         """If a step's folder exists under another number (a branch was added or removed), rename it
@@ -255,6 +291,13 @@ class Runner:
                     log.warning("the drafter's tokenizer differs from the target's: cross-tokenizer mode "
                                 "(drafts are translated through text; greedy stays lossless)")
         return self._cross_tokenizer
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size, as torchrun / accelerate launch set them."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def print_summary(results: list[dict], stream=None) -> None:
