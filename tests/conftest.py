@@ -20,6 +20,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SD2_CACHE", str(tmp_path_factory.getbasetemp() / "sd2-cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models are all per-op overhead: on a 2-core machine, one torch thread ran them ~5x
+    faster than two (and subprocess tests set their own). Session-wide, so module fixtures get it too."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -16,13 +16,6 @@ from sd2.stages.evaluate.sampling import DraftVocab
 from tiny import make_model, make_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are all overhead: on a shared 2-core machine one thread is ~5x faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

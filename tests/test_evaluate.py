@@ -15,13 +15,6 @@ from sd2.pipeline.models import ModelSource
 from sd2.stages.evaluate import Config, run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # module scope: it must be in place before the module-scoped report fixture runs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,8 @@ KILL_SCRIPT = """
 import functools, os, signal, sys
 sys.path.insert(0, {tests!r})
 import conftest  # offline env
+import torch
+torch.set_num_threads({threads})  # bit-identical needs the parent's thread count (reduction order)
 from pathlib import Path
 from sd2.pipeline.context import StageInputs, standalone_context
 from sd2.pipeline.models import ModelSource
@@ -169,7 +171,7 @@ def test_resume_after_kill_9_reaches_the_same_weights(tmp_path, tokenizer, tiny_
 
     out = tmp_path / "resumed"
     out.mkdir()
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), kill_at=5, cfg=cfg, model=str(sparse),
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(), kill_at=5, cfg=cfg, model=str(sparse),
                                 data=str(data), out=str(out))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert proc.returncode == -9, proc.stderr[-2000:]

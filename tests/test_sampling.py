@@ -18,12 +18,6 @@ from sd2.stages.evaluate.sampling import DraftVocab, accept_greedy
 V, N_NEW, GAMMA, PROMPT = 6, 3, 2, [1, 2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny(seed: int, scale: float):
