@@ -161,6 +161,15 @@ class Runner:
             log.removeHandler(handler)
             handler.close()
 
+    def _fingerprint(self, step: Step):
+        """(spec, the sources it reads, their identities, the fingerprint) of a step."""
+        spec = get_stage(step.stage)
+        consumed = consumed_inputs(spec, step.config)
+        sources = {k: v for k, v in step.sources.items() if k in consumed}
+        idents = {k: self._identity(v) for k, v in sources.items()}
+        fp = art.fingerprint(step.stage, step.config.model_dump(mode="json"), idents, self.recipe.recipe.seed)
+        return spec, sources, idents, fp
+
     def _follow(self, rank: int, poll: float = 1.0) -> list[dict]:
         """A non-zero rank of a multi-process launch: no lock and no manifests of its own. It takes
         each stage's outcome from rank 0's manifest, and joins only the distributed stages
@@ -168,11 +177,7 @@ class Runner:
         started = time.time()
         results = []
         for step in self.steps[: self.last + 1]:
-            spec = get_stage(step.stage)
-            consumed = consumed_inputs(spec, step.config)
-            sources = {k: v for k, v in step.sources.items() if k in consumed}
-            idents = {k: self._identity(v) for k, v in sources.items()}
-            fp = art.fingerprint(step.stage, step.config.model_dump(mode="json"), idents, self.recipe.recipe.seed)
+            spec, sources, idents, fp = self._fingerprint(step)
             folder = self.run_dir / step.folder
             fresh = step.id in self.force
             m = art.read_manifest(folder)
@@ -214,12 +219,8 @@ class Runner:
                     break
 
     def _run_step(self, step: Step) -> dict:
-        spec = get_stage(step.stage)
-        consumed = consumed_inputs(spec, step.config)
+        spec, sources, idents, fp = self._fingerprint(step)
         config_json = step.config.model_dump(mode="json")
-        sources = {k: v for k, v in step.sources.items() if k in consumed}
-        idents = {k: self._identity(v) for k, v in sources.items()}
-        fp = art.fingerprint(step.stage, config_json, idents, self.recipe.recipe.seed)
         folder = self.run_dir / step.folder
         manifest = art.read_manifest(folder)
         lineage_in = []
@@ -243,7 +244,7 @@ class Runner:
         partial.write_text(fp)
 
         inputs = StageInputs(**{k: self._input(k, v, load=True) for k, v in sources.items()})
-        if "model" in consumed or "drafters" in consumed:
+        if "model" in sources or "drafters" in sources:
             inputs.cross_tokenizer = self._check_tokenizers()
         ctx = StageContext(seed=self.recipe.recipe.seed, device=self._device(), log=log, stage_id=step.id,
                            metrics_path=self.run_dir / "metrics.jsonl", run_dir=self.run_dir)

@@ -48,12 +48,7 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.stages.evaluate.engine import Runner
     from sd2.stages.evaluate.report import write_report
     from sd2.stages.evaluate.sampling import DraftVocab
-
-    try:
-        from sd2.vocab import draft_to_target
-    except ImportError:  # sd2.vocab is core; keep evaluate usable without it
-        def draft_to_target(model):
-            return None
+    from sd2.vocab import draft_to_target
 
     if inputs.target is None or not inputs.drafters:
         raise Sd2Error("evaluate needs a target and at least one drafter (inputs.target, inputs.drafters)")

@@ -11,29 +11,12 @@ import random
 from pathlib import Path
 
 
-def _load(folder: Path):
-    """The distilled dataset, via sd2.data.dataset.load_distilled (which checks the columns)."""
-    try:
-        from sd2.data.dataset import load_distilled
-    except ImportError:  # sd2.data.dataset is being written in parallel; same format (docs/CONTRACTS.md)
-        import datasets
-
-        from sd2.pipeline.errors import Sd2Error
-
-        path = Path(folder) / "dataset"
-        if not path.is_dir():
-            raise Sd2Error(f"no distilled dataset at {path}: expected the distill stage's folder") from None
-        return datasets.load_from_disk(str(path))
-    return load_distilled(folder)
-
-
 def calibration_samples(folder: Path, samples: int, seq_len: int, seed: int, ctx=None) -> list[list[int]]:
     """``samples`` conversations chosen with ``seed``, each cut to its first ``seq_len`` tokens."""
+    from sd2.data.dataset import load_distilled  # checks the folder and the columns (docs/CONTRACTS.md)
     from sd2.pipeline.errors import Sd2Error
 
-    data = _load(folder)
-    if "input_ids" not in data.column_names:
-        raise Sd2Error(f"the distilled dataset in {folder} has no input_ids column (columns: {data.column_names})")
+    data = load_distilled(folder)
     idx = list(range(len(data)))
     random.Random(seed).shuffle(idx)
     out = []
