@@ -94,6 +94,26 @@ def test_mask_held_exactly_and_weights_change(tmp_path, tokenizer, tiny_drafter,
     assert json.loads((out / "finetune.json").read_text())["metrics"]["mask_exact"] is True
 
 
+def test_mask_verify_catches_a_revived_weight_and_optimizer_state():
+    """The weights are not re-zeroed after each step, so ``verify`` is the guarantee: it must see a
+    pruned weight that came back, and optimizer state at a pruned position."""
+    from sd2.stages.finetune.mask import SparsityMask
+
+    p = torch.nn.Parameter(torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
+    mask = SparsityMask({"w": p})
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        mask.mask_grads()
+        opt.step()
+    assert mask.verify(opt) == {"mask_exact": True, "mask_violations": 0}
+    assert bool((p.detach()[~mask.pruned_at["w"]] != torch.tensor([1.0, 2.0])).all())   # live weights moved
+    p.grad = torch.ones_like(p)     # a gradient that bypassed mask_grads
+    opt.step()
+    # both pruned weights revived, and exp_avg and exp_avg_sq are nonzero at both positions
+    assert mask.verify(opt) == {"mask_exact": False, "mask_violations": 6}
+
+
 def test_dense_model_trains_plainly(tmp_path, tiny_drafter, data):
     metrics, out = run_stage(tmp_path, "ft", tiny_drafter, data, loss="ce", lr=1e-3, max_steps=2, batch_size=4,
                              val_rows=2, checkpoint_every=0)

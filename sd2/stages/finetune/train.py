@@ -180,9 +180,6 @@ def train(cfg, model, rows_train: Rows, rows_val: Rows, pad_id: int, out_dir: Pa
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        t_mask = time.perf_counter()
-        mask.apply()
-        mask_seconds += time.perf_counter() - t_mask
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -201,6 +198,11 @@ def train(cfg, model, rows_train: Rows, rows_val: Rows, pad_id: int, out_dir: Pa
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
             last_val = run_validation(step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            held = mask.verify(optimizer)   # never checkpoint a broken mask: fail at the first checkpoint
+            if not held["mask_exact"]:
+                from sd2.pipeline.errors import Sd2Error
+                raise Sd2Error(f"finetune broke the sparsity mask at step {step}: "
+                               f"{held['mask_violations']} pruned entries are nonzero")
             checkpoint.save(out_dir, accelerator, wrapped, optimizer, scheduler, step,
                             {"epoch": epoch, "batch": index + 1}, config_json)
         if on_step is not None:
