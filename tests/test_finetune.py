@@ -114,6 +114,22 @@ def test_mask_verify_catches_a_revived_weight_and_optimizer_state():
     assert mask.verify(opt) == {"mask_exact": False, "mask_violations": 6}
 
 
+def test_long_rows_keep_their_answers(tokenizer, data):
+    """max_length cuts a long row from the front: every column keeps its last positions, in step,
+    so the answer tokens (at the end) and their top-k entries survive."""
+    from datasets import load_from_disk
+
+    from sd2.stages.finetune.batches import load_rows
+
+    full = load_from_disk(str(data / "dataset"))
+    rows, _ = load_rows(data, tokenizer, len(tokenizer), max_length=10, need_topk=True)
+    for i in range(len(full)):
+        ids, mask = full[i]["input_ids"], full[i]["loss_mask"]
+        assert len(ids) > 10 and rows.input_ids[i] == ids[-10:] and rows.loss_mask[i] == mask[-10:]
+        assert rows.topk_ids[i] == full[i]["topk_ids"][-10:]
+        assert sum(rows.loss_mask[i]) == min(sum(mask), 10) > 0   # the answer is still there
+
+
 def test_dense_model_trains_plainly(tmp_path, tiny_drafter, data):
     metrics, out = run_stage(tmp_path, "ft", tiny_drafter, data, loss="ce", lr=1e-3, max_steps=2, batch_size=4,
                              val_rows=2, checkpoint_every=0)

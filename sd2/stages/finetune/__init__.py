@@ -39,7 +39,8 @@ class Config(BaseModel):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
     epochs: float = Field(1, gt=0, description="passes over the training split (a fraction allowed); ignored when max_steps is set")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps to run; overrides epochs")
-    max_length: int = Field(1024, ge=8, description="conversations are truncated to this many tokens")
+    max_length: int = Field(1024, ge=8, description="a longer conversation keeps its last max_length tokens "
+                            "(where the answers are); the start of its prompt is dropped")
     bucket: bool = Field(True, description="length bucketing: batch conversations of similar length, to pad less")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of conversations held out for validation")
     val_rows: int | None = Field(None, ge=0, description="or: exactly this many conversations held out")

@@ -31,7 +31,7 @@ BUCKET_WINDOW = 16
 
 @dataclass
 class Rows:
-    """The columns training needs, as Python lists (truncated to max_length)."""
+    """The columns training needs, as Python lists (each row cut to its last max_length positions)."""
 
     input_ids: list[list[int]]
     loss_mask: list[list[int]]
@@ -63,7 +63,9 @@ def load_rows(folder: Path, tokenizer, vocab_size: int, max_length: int, need_to
     if need_topk and not has_topk:
         raise Sd2Error(f"finetune.teacher = 'topk' needs cached top-k logits, but {folder}/dataset has none; "
                        "distill with topk set, or use teacher: online (a target forward per batch)")
-    cut = (lambda col: [row[:max_length] for row in data[col]])
+    # A row longer than max_length keeps its LAST max_length positions: the loss tokens (the target's
+    # answers) sit at the end, so cutting the end would train on a long prompt and no answer at all.
+    cut = (lambda col: [row[-max_length:] for row in data[col]])
     rows = Rows(cut("input_ids"), cut("loss_mask"), cut("topk_ids") if need_topk else None,
                 cut("topk_logits") if need_topk else None,
                 list(data["category"]) if "category" in data.column_names else ["none"] * len(data))
