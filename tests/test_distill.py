@@ -150,6 +150,22 @@ def test_greedy_is_deterministic_and_independent_of_batching(tmp_path, eos_targe
     assert [r["input_ids"] for r in rows_a] == [r["input_ids"] for r in rows_b]
 
 
+def test_max_prompt_tokens_drops_long_prompts(tmp_path, tiny_target, tokenizer):
+    q = tmp_path / "q.txt"
+    prompts = ["hi", "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3, "ok then", "x y"]
+    q.write_text("\n".join(prompts) + "\n")
+    lengths = [len(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"]) for t in prompts]
+    cap = sorted(lengths)[-2]           # the long one is over the cap, every other one within it
+    assert max(lengths) > cap
+    metrics, out = distill_run(tmp_path, tiny_target, {"source": str(q)}, max_prompt_tokens=cap)
+    rows = load_distilled(out).to_list()
+    assert [r["messages"][0]["content"] for r in rows] == [t for t, n in zip(prompts, lengths) if n <= cap]
+    assert metrics["dropped_long_prompts"] == 1 and metrics["rows"] == 3
+    with pytest.raises(Sd2Error, match="max_prompt_tokens = 1 drops every one of the 4"):
+        distill_run(tmp_path, tiny_target, {"source": str(q)}, name="none", max_prompt_tokens=1)
+
+
 def test_sampling_is_seeded(tmp_path, tiny_target, mtbench_file):
     p = {"source": str(mtbench_file), "max_turns": 1}
     rows = [load_distilled(distill_run(tmp_path, tiny_target, p, name=f"s{i}", seed=s, temperature=1.0, top_p=0.9,

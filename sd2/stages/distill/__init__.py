@@ -34,6 +34,9 @@ class Config(BaseModel):
     policy: Literal["target", "drafter"] = Field(
         "target", description="who writes the answers: the target (self-distillation) or the drafter (on-policy)")
     backend: Literal["hf", "vllm"] = Field("hf", description="hf (transformers, any device) or vllm (GPU, optional extra)")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="drop conversations whose first prompt (chat template applied) is longer; "
+                                "a few very long prompts otherwise dominate generation time and the padded batch")
     flush_every: int = Field(256, ge=1, description="prompts per shard: a killed run resumes from the last shard")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype while generating")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model")
@@ -64,6 +67,17 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
         raise Sd2Error("distill.policy is 'drafter' but the run has no drafter; set `drafter:` or policy: target")
     generator, tok, teacher, writer_name = _backend(config, inputs, ctx)
     fmt = ChatFormat(tok, generator.sampling.stop_ids)
+    dropped = 0
+    if config.max_prompt_tokens is not None:
+        kept = [c for c in convs if len(fmt.start(c).ids) <= config.max_prompt_tokens]
+        dropped = len(convs) - len(kept)
+        if not kept:
+            raise Sd2Error(f"distill.max_prompt_tokens = {config.max_prompt_tokens} drops every one of the "
+                           f"{len(convs)} conversations; raise it or leave it unset")
+        if dropped:
+            ctx.log.info("distill: dropped %d of %d conversations whose prompt is over max_prompt_tokens = %d",
+                         dropped, len(convs), config.max_prompt_tokens)
+        convs = kept
     feats = features(config.topk_logits is not None)
 
     ids_hash = hashlib.sha256("\n".join(c.id for c in convs).encode()).hexdigest()[:16]
@@ -103,7 +117,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     total = {k: sum(shards.stats(folder, i)[k] for i in range(n_shards))
              for k in ("rows", "tokens", "responses", "truncated", "generate_s")}
     shards.combine(folder, n_shards, out_dir / "dataset")
-    metrics = {"rows": total["rows"], "tokens": total["tokens"],
+    metrics = {"rows": total["rows"], "tokens": total["tokens"], "dropped_long_prompts": dropped,
                "mean_response_tokens": round(total["tokens"] / max(total["responses"], 1), 2),
                "truncated": total["truncated"],
                "tokens_per_s": round(total["tokens"] / max(total["generate_s"], 1e-9), 2)}
