@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sd2.kvcache import growing_cache
 from sd2.mal import Round
 from sd2.stages.evaluate.sampling import DraftVocab, accept_greedy, accept_sampling, probs, sample
+
+
+CACHE_RESERVE = 256  # positions preallocated past the prompt; the cache doubles when a request runs longer
 
 
 def _sync(device: torch.device) -> None:
@@ -49,6 +53,8 @@ class Runner:
     def forward(self, ids: list[int], keep: int = 1) -> torch.Tensor:
         """Feed ``ids`` after the cached tokens; return the logits of the last ``keep`` positions [keep, V]."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        if self.cache is None:   # written in place: DynamicCache copies the whole cache on every forward
+            self.cache = growing_cache(self.model.config, reserve=CACHE_RESERVE)
         _sync(self.device)
         t0 = time.perf_counter()
         out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
