@@ -67,6 +67,24 @@ def test_stage_keeps_top_k_plus_specials(tmp_path, tiny_drafter, tokenizer):
     assert m.get_output_embeddings().weight.shape[0] == len(kept)
 
 
+def test_k_past_the_seen_tokens_fills_by_lowest_id_and_counts_them(tmp_path, tiny_drafter, tokenizer):
+    # 5 distinct response tokens are seen (50, 60, 70, 80 and eos); k=10 takes 5 unseen ones by lowest id
+    rows = [([90], [50, 50, 60, 70, 2]), ([90], [50, 60, 80, 2])]
+    data = distilled(tmp_path / "d", rows)
+    out = tmp_path / "out"
+    out.mkdir()
+    trim_vocab.run(trim_vocab.Config(k=10, heldout=0.0), StageInputs(model=ModelSource(str(tiny_drafter), "x"),
+                   dataset=data), out, standalone_context(tmp_path))
+    kept = set(json.loads((out / vocab.MAP_FILE).read_text()))
+    seen = {50, 60, 70, 80, 2}
+    fill = [t for t in range(100) if t not in seen][:5]
+    specials = set(tokenizer.all_special_ids)
+    assert kept == seen | set(fill) | specials
+    stats = json.loads((out / "vocab_stats.json").read_text())
+    assert stats["distinct_target_tokens_seen"] == 5
+    assert stats["kept_unseen"] == len(kept - seen) and stats["kept_unseen"] >= 5
+
+
 def test_stage_by_coverage(tmp_path, tiny_drafter):
     rows = [([9], [50] * 8 + [60] * 2)]
     data = distilled(tmp_path / "d", rows)

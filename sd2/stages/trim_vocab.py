@@ -40,7 +40,12 @@ def _split(n: int, heldout: float, seed: int) -> tuple[list[int], list[int]]:
 
 
 def choose_tokens(counts, k: int | None, coverage: float | None, always: list[int]) -> list[int]:
-    """The kept target ids: the special tokens plus the top tokens by count (ties by id)."""
+    """The kept target ids: the special tokens plus the top tokens by count (ties by id).
+
+    When ``k`` exceeds the distinct tokens seen, the rest are unseen tokens taken by lowest id. In a
+    BPE vocabulary (SmolLM2, Llama, GPT-2) ids follow merge order, which tracks frequency in the
+    tokenizer's training corpus, so that is a frequency prior, not an arbitrary fill; the stage
+    records how many kept tokens were unseen (``kept_unseen``)."""
     import torch
 
     order = torch.argsort(counts, descending=True, stable=True)
@@ -94,6 +99,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     stats = {
         "draft_vocab_size": len(keep), "full_vocab_size": full_v, "special_tokens_kept": len(always),
         "distinct_target_tokens_seen": int((counts > 0).sum()),
+        "kept_unseen": int((counts[keep_t] == 0).sum()),
         "coverage_fit": round(_coverage(counts, keep_t), 6),
         "coverage_heldout": round(_coverage(held_counts, keep_t), 6) if held_counts is not None else None,
         "rows_fit": len(fit_rows), "rows_heldout": len(held_rows),
