@@ -361,3 +361,39 @@ def test_offline_mode_is_a_clear_error(hub_env, exported):
 
     hub_env.setattr(constants, "HF_HUB_OFFLINE", True)
     _fails(lambda: publish(exported, REPO, say=lambda s: None), "offline mode")
+
+
+def test_report_snippet_for_a_trimmed_best_drafter_exports_then_loads_with_plain_transformers(tmp_path, tokenizer):
+    """evaluate's usage snippet must work for a trimmed drafter: a K-row head is no assistant_model, so
+    the snippet names the export command, and the folder it then loads is that export."""
+    import re
+    import shlex
+
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from sd2.pipeline.cli import app
+    from sd2.stages.evaluate.report import snippets
+
+    folder = _trimmed_folder(tmp_path, tokenizer)
+    target = make_model(tmp_path / "target", "llama", n_layers=2, seed=5, tokenizer=tokenizer)
+    report = {"best": {"drafter": "trim", "gamma": 3, "temperature": 0.0},
+              "target": {"ref": str(target)},
+              "drafters": {"trim": {"path": str(folder), "vocab": {"draft_vocab_size": 64}}}}
+    snip = snippets(report)
+    for text in snip.values():
+        assert "64-row lm_head" in text and f"sd2 publish {folder} " in text
+    command = next(line for line in snip["transformers"].splitlines() if "sd2 publish" in line)
+    args = shlex.split(command.split("sd2 ", 1)[1])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    loaded = re.search(r"drafter = AutoModelForCausalLM.from_pretrained\('([^']+)'\)", snip["transformers"]).group(1)
+    assert loaded != str(folder) and f"'{loaded}'" in snip["vllm"]
+    drafter = AutoModelForCausalLM.from_pretrained(loaded)
+    assert drafter.lm_head.weight.shape[0] == len(tokenizer)                   # a full-vocabulary assistant_model
+    full = AutoModelForCausalLM.from_pretrained(target)
+    ids = torch.tensor([[1, 5, 9, 14]])
+    plain = full.generate(ids, do_sample=False, max_new_tokens=12)
+    assisted = full.generate(ids, assistant_model=drafter, num_assistant_tokens=3,
+                             num_assistant_tokens_schedule="constant", do_sample=False, max_new_tokens=12)
+    assert torch.equal(plain, assisted)                                         # the snippet's use is lossless

@@ -21,14 +21,17 @@ def snippets(report: dict) -> dict[str, str]:
         return {}
     d = report["drafters"][best["drafter"]]
     gamma, target = best["gamma"], report["target"]["ref"]
-    note = ""
-    if d.get("vocab"):
-        note = ("# This drafter has a trimmed vocabulary (a K-row lm_head + draft_to_target.json): load it with\n"
-                "# sd2.pipeline.models.load_model; plain from_pretrained and vLLM expect a full-vocabulary head.\n")
+    path, note = d["path"], ""
+    if d.get("vocab"):   # a K-row lm_head: transformers' assistant_model and vLLM need full-vocabulary logits
+        path = f"{d['path'].rstrip('/')}-fullvocab"
+        note = (f"# This drafter has a trimmed vocabulary ({d['vocab'].get('draft_vocab_size', 'K')}-row lm_head + "
+                "draft_to_target.json). transformers and vLLM need a\n"
+                "# full-vocabulary head, so export an equivalent drafter first (it proposes the same greedy drafts):\n"
+                f"#   sd2 publish {d['path']} --repo-id you/drafter --dry-run --out {path}\n")
     hf = (f"{note}from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
           f"tok = AutoTokenizer.from_pretrained({target!r})\n"
           f"target = AutoModelForCausalLM.from_pretrained({target!r})\n"
-          f"drafter = AutoModelForCausalLM.from_pretrained({d['path']!r})\n"
+          f"drafter = AutoModelForCausalLM.from_pretrained({path!r})\n"
           "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Hello!\"}], add_generation_prompt=True,\n"
           "                              return_dict=True, return_tensors=\"pt\")\n"
           f"out = target.generate(**ids, assistant_model=drafter, num_assistant_tokens={gamma},\n"
@@ -36,7 +39,7 @@ def snippets(report: dict) -> dict[str, str]:
           "print(tok.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n")
     vllm = (f"{note}from vllm import LLM, SamplingParams\n\n"
             f"llm = LLM(model={target!r},\n"
-            f"          speculative_config={{\"method\": \"draft_model\", \"model\": {d['path']!r},\n"
+            f"          speculative_config={{\"method\": \"draft_model\", \"model\": {path!r},\n"
             f"                              \"num_speculative_tokens\": {gamma}}})\n"
             "out = llm.generate([\"Hello!\"], SamplingParams(temperature=0.0, max_tokens=256))\n"
             "print(out[0].outputs[0].text)\n")
