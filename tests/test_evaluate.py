@@ -43,6 +43,10 @@ def test_report_has_every_setting_and_field(report):
         assert r["speedup"] > 0 and r["c_measured"] > 0 and len(r["walls"]) == 2
         assert r["speedup"] == pytest.approx(r["target_wall_s"] / r["wall_s"], rel=1e-4)
         assert r["theoretical_speedup"] == pytest.approx(r["mal"] / (r["gamma"] * r["c_measured"] + 1), rel=1e-3)
+        assert r["verify_cost"] > 0   # every gamma verified gamma+1 tokens at least once
+        assert r["modeled_speedup"] == pytest.approx(r["mal"] / (r["gamma"] * r["c_measured"] + r["verify_cost"]),
+                                                     rel=1e-3)
+    assert "Verification cost v" in (out / "report.md").read_text()
     assert rep["settings"]["n_prompts"] == 6          # 3 conversations x 2 turns
     assert set(rep["baseline"]) == {"0.0", "1.0"}
     assert rep["drafters"]["raw"]["lineage"] == [{"id": "dense.finetune", "stage": "finetune"}]
@@ -102,3 +106,16 @@ def test_sd2_eval_command(tmp_path, tiny_target, tiny_drafter, mtbench_file):
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert rep["results"][0]["drafter"] == "drafter" and rep["results"][0]["lossless"] is True
     assert rep["settings"]["n_prompts"] == 2
+
+
+def test_runner_times_verify_forwards_apart_from_prefill_and_decode(tiny_target):
+    from sd2.pipeline.models import load_model
+    from sd2.stages.evaluate.engine import Runner
+
+    r = Runner(load_model(tiny_target).eval())
+    with torch.inference_mode():
+        r.forward([3, 4, 5, 6, 7], keep=1)     # a prefill: last position only
+        r.forward([8])                        # a decode step
+        r.forward([9, 10, 11], keep=3)        # a verify of 2 drafts
+    assert len(r.step_times) == 1 and list(r.verify_times) == [3] and len(r.verify_times[3]) == 1
+    assert r.forwards == 3 and r.held == [3, 4, 5, 6, 7, 8, 9, 10, 11]

@@ -105,6 +105,8 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
         c = info["c_measured"]
         macs = info["_macs"]
         theo = s["mal"] / (gamma * c + 1) if c is not None else None
+        v = M.verify_cost(target, gamma)
+        modeled = s["mal"] / (gamma * c + v) if c is not None and v is not None else None
         speedup = base_wall / wall if wall else None
         row = {
             "drafter": name, "gamma": gamma, "temperature": temp,
@@ -118,6 +120,7 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
             "speedup": _r(speedup), "c_measured": c, "theoretical_speedup": _r(theo),
             "mac_speedup": _r(s["mal"] / (gamma * macs.ratio_to(target_macs) + 1)),
             "efficiency": _r(speedup / theo) if speedup and theo else None,
+            "verify_cost": _r(v), "modeled_speedup": _r(modeled),
             "macs_per_token": macs.effective, "dense_macs_per_token": macs.dense, "sparsity": info["sparsity"],
             "lossless": cell.lossless if temp == 0 else None,
             "lossless_mismatches": cell.mismatches,

@@ -44,6 +44,7 @@ class Runner:
         self.forwards = 0
         self.seconds = 0.0
         self.step_times: list[float] = []   # single-token forwards (decode steps): what c compares
+        self.verify_times: dict[int, list[float]] = {}   # n-token forwards that return n logits (verification)
         self.reset()
 
     def reset(self) -> None:
@@ -64,6 +65,8 @@ class Runner:
         self.seconds += dt
         if len(ids) == 1:
             self.step_times.append(dt)
+        elif keep == len(ids):   # a verify forward (a prefill keeps only its last position)
+            self.verify_times.setdefault(len(ids), []).append(dt)
         self.cache = out.past_key_values
         self.held.extend(ids)
         return out.logits[0, -keep:]

@@ -111,6 +111,7 @@ def measure(target: Runner, t_tok, drafters: list[Drafter], requests: list[Reque
             run_drafter(target, d, t_tok, w, gammas[0], min(16, max_new_tokens), eos, 0.0, None)
     for r in [target] + [d.runner for d in drafters]:
         r.step_times.clear()
+        r.verify_times.clear()
     baseline: dict = {}
     cells: dict = {(d.name, g, t): Cell() for d in drafters for g in gammas for t in temperatures}
     greedy_ref: dict[str, list[int]] = {}
@@ -146,6 +147,16 @@ def measure(target: Runner, t_tok, drafters: list[Drafter], requests: list[Reque
         baseline[temp] = {"wall_s": med, "tokens": tokens, "tokens_per_s": tokens / med if med else 0.0,
                           "walls": passes}
     return baseline, cells, greedy_ref
+
+
+def verify_cost(target: Runner, gamma: int) -> float | None:
+    """Median target forward over gamma+1 tokens (a full verification) / median target decode step.
+    MAL/(gamma*c + 1) assumes 1; at batch 1 on a CPU a multi-token forward costs more, and
+    MAL/(gamma*c + verify_cost) is the speedup the engine can reach on this machine."""
+    times = target.verify_times.get(gamma + 1)
+    if not times or not target.step_times:
+        return None
+    return statistics.median(times) / statistics.median(target.step_times)
 
 
 def c_measured(drafter: Runner, target: Runner) -> float | None:

@@ -81,6 +81,14 @@ def markdown(report: dict, plots: list[str]) -> str:
     lines += ["", "MAL = tokens committed ÷ target forwards. MAL (TF) = greedy MAL by teacher forcing. speedup = "
               "target-only wall ÷ speculative wall (median over passes). theoretical = MAL/(γc+1) with c measured; "
               "MAC-based = MAL/(γ·MAC ratio+1). Definitions: docs/evaluate.md.", ""]
+    verify = {}
+    for r in report["results"]:
+        if r.get("verify_cost") is not None:
+            verify.setdefault(r["gamma"], r["verify_cost"])
+    if verify:   # why measured speedup falls short of MAL/(γc+1): a (γ+1)-token verify is not free
+        lines += ["Verification cost v (one target forward over γ+1 tokens ÷ one target decode step; "
+                  "MAL/(γc+1) assumes 1): " + ", ".join(f"γ={g}: {v:.2f}" for g, v in sorted(verify.items()))
+                  + ". `modeled_speedup` = MAL/(γc+v) in report.json.", ""]
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     snip = snippets(report)
