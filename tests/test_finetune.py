@@ -276,3 +276,25 @@ def test_config_rejects_bad_values():
         finetune.Config(loss="jsd", jsd_beta=1.0)
     with pytest.raises(ValueError, match="extra"):
         finetune.Config(lr_schedule="linear")
+
+
+def test_adamw_is_fused_on_cpu_and_keeps_pruned_state_exactly_zero():
+    # foreach AdamW's sqrt over half-zero exp_avg_sq was the mask's hidden cost (train.make_adamw)
+    from sd2.stages.finetune.mask import SparsityMask
+    from sd2.stages.finetune.train import make_adamw
+
+    lin = torch.nn.Linear(16, 16, bias=False)
+    with torch.no_grad():
+        lin.weight[:, ::2] = 0.0
+    opt = make_adamw(list(lin.parameters()), lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["fused"] is True
+    mask = SparsityMask({"w": lin.weight})
+    for _ in range(5):
+        lin(torch.randn(4, 16)).pow(2).sum().backward()
+        mask.mask_grads()
+        opt.step()
+        opt.zero_grad()
+    assert (lin.weight[:, ::2] == 0).all() and (lin.weight[:, 1::2] != 0).all()
+    state = opt.state[lin.weight]
+    assert (state["exp_avg"][:, ::2] == 0).all() and (state["exp_avg_sq"][:, ::2] == 0).all()
+    assert mask.verify(opt)["mask_exact"] is True

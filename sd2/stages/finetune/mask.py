@@ -12,6 +12,9 @@ exp_avg and exp_avg_sq never receive a value there (they stay exactly 0), the up
 the live weights. Re-zeroing the weights after every step as well was measured as half the mask's
 cost (benchmarks/finetune_throughput.py) and added nothing, so the guarantee is checked instead:
 ``verify`` checks both the weights and the optimizer state at the end.
+
+The zeros this leaves in exp_avg_sq once tripped a slow path of torch's CPU sqrt in the foreach
+AdamW (train.make_adamw); the stage therefore builds the fused AdamW, whose arithmetic is the same.
 """
 
 from __future__ import annotations

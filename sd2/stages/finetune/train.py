@@ -27,6 +27,21 @@ from .losses import IGNORE, cross_entropy, divergence, map_labels, teacher_from_
 from .mask import SparsityMask
 
 
+def make_adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """torch's AdamW, fused (one kernel per tensor) wherever every parameter is a float tensor on CPU or CUDA.
+
+    Measured on a 2-core CPU (torch 2.13; benchmarks/finetune_throughput.py): the default foreach
+    AdamW spends most of a sparse model's step in ``exp_avg_sq.sqrt()``, because torch's vectorised
+    CPU sqrt runs ~3.6x slower on a tensor that is half exact zeros, which is exactly what a held
+    mask leaves in the optimizer state. That made mask-held training 0.86x as fast as plain training,
+    though the mask's own pass is 2% of a step. The fused kernel does one pass per element with no
+    such slow path: its step took 13 ms on 24 SmolLM2-sized matrices, with or without zeros, against
+    37 ms (no zeros) and 94 ms (half zeros) for foreach. The arithmetic is AdamW's, so pruned
+    positions stay exactly zero (mask.py)."""
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=fused or None)
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
     if step < warmup:
@@ -104,7 +119,7 @@ def train(cfg, model, rows_train: Rows, rows_val: Rows, pad_id: int, out_dir: Pa
     mask = SparsityMask.from_model(model) if cfg.hold_mask else SparsityMask({})
     wrapped = accelerator.prepare(LogitsAtPositions(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = make_adamw(params, cfg.lr, cfg.weight_decay)
 
     global_batch = cfg.batch_size * cfg.grad_accum * world
     per_epoch = len(rows_train) // global_batch
