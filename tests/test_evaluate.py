@@ -108,6 +108,25 @@ def test_sd2_eval_command(tmp_path, tiny_target, tiny_drafter, mtbench_file):
     assert rep["settings"]["n_prompts"] == 2
 
 
+def test_sd2_eval_names_drafters_and_rejects_clashing_names(tmp_path, tiny_target, tiny_drafter, mtbench_file):
+    from typer.testing import CliRunner
+
+    from sd2.pipeline.cli import app
+
+    common = ["eval", "--target", str(tiny_target), "--prompts", str(mtbench_file), "--limit", "1", "--gamma", "2",
+              "--max-new-tokens", "4"]
+    res = CliRunner().invoke(app, common + ["--drafter", f"mine={tiny_drafter}", "--drafter", str(tiny_target),
+                                            "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert set(rep["drafters"]) == {"mine", "drafter2"}
+    for bad, msg in ((["--drafter", f"a={tiny_drafter}", "--drafter", f"a={tiny_target}"], "given twice"),
+                     (["--drafter", f"target={tiny_drafter}"], "reserved")):
+        res = CliRunner().invoke(app, common + bad + ["--out", str(tmp_path / "bad")])
+        assert res.exit_code == 1 and msg in res.output, res.output
+    assert not (tmp_path / "bad" / "report.json").exists()
+
+
 def test_runner_times_verify_forwards_apart_from_prefill_and_decode(tiny_target):
     from sd2.pipeline.models import load_model
     from sd2.stages.evaluate.engine import Runner

@@ -151,7 +151,7 @@ def compare(new: Path = typer.Argument(..., help="the new report.json, evaluate 
 @app.command("eval")
 @user_errors
 def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .gguf or PACKAGE:FILE.gguf"),
-          drafter: List[str] = typer.Option(..., "--drafter", help="drafter model (repeatable)"),
+          drafter: List[str] = typer.Option(..., "--drafter", help="drafter model, or NAME=MODEL to name it in the report (repeatable)"),
           prompts: str = typer.Option("mtbench", "--prompts", help="prompt source (sd2.data.prompts)"),
           limit: Optional[int] = typer.Option(20, "--limit", help="number of prompts"),
           skip: int = typer.Option(0, "--skip", help="skip the first N prompts"),

@@ -24,6 +24,27 @@ def model_ref(text: str):
         raise Sd2Error(f"bad model reference {text!r}: {e.errors()[0]['msg']}") from None
 
 
+def drafter_names(specs: list[str]) -> dict[str, str]:
+    """``--drafter`` values to {name: reference}. ``NAME=REF`` names a drafter (report.json and
+    ``sd2 compare`` match drafters by name, so a CI gate should name them); an unnamed drafter is
+    ``drafter`` when alone, else ``drafterN`` by position. A path that exists is never split at '='."""
+    import re
+
+    from sd2.pipeline.errors import Sd2Error
+
+    out: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        name, sep, ref = spec.partition("=")
+        if not (sep and ref and re.fullmatch(r"[A-Za-z0-9_.-]+", name) and not Path(spec).exists()):
+            name, ref = ("drafter" if len(specs) == 1 else f"drafter{i + 1}"), spec
+        if name == "target":
+            raise Sd2Error(f"--drafter {spec!r}: the name 'target' is reserved for the baseline; choose another")
+        if name in out:
+            raise Sd2Error(f"--drafter {spec!r}: the name {name!r} is given twice; drafter names must be unique")
+        out[name] = ref
+    return out
+
+
 def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list[int],
                  temperature: list[float], max_new_tokens: int, repeats: int, out: Path, seed: int = 0,
                  device: str = "cpu") -> dict:
@@ -41,10 +62,7 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
                      max_new_tokens=max_new_tokens, repeats=repeats)
     except ValidationError as e:
         raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
-    srcs = {}
-    for i, d in enumerate(drafters):
-        name = "drafter" if len(drafters) == 1 else f"drafter{i + 1}"
-        srcs[name] = resolve(model_ref(d))
+    srcs = {name: resolve(model_ref(ref)) for name, ref in drafter_names(drafters).items()}
     inputs = StageInputs(target=resolve(model_ref(target)), drafters=srcs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
