@@ -11,7 +11,7 @@ CE, ``--steps`` optimizer steps, no validation or checkpoints; ``tokens_per_s`` 
 count (input tokens / training-loop seconds, model loading excluded). Segments alternate
 mask / plain so that load from other jobs on the shared machine hits both alike; the ratio uses
 the summed tokens and seconds of each mode. The mask's own cost is measured twice: inside training
-(``mask_share_in_training``: the seconds spent in its two passes over the training-loop seconds of
+(``mask_share_in_training``: the seconds spent in its gradient pass over the training-loop seconds of
 the masked segments) and in isolation after the segments (``mask_only_seconds_per_step``).
 Writes benchmarks/results/finetune_throughput.json, with the machine and its load average.
 """
