@@ -1,0 +1,1 @@
+"""The speculative decoding engine: one round loop over proposers (see ``proposer.py``)."""
