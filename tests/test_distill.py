@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sd2.data.dataset import load_distilled
-from sd2.pipeline.context import StageInputs, standalone_context
-from sd2.pipeline.errors import Sd2Error
-from sd2.pipeline.models import ModelSource
+from sd2.core.context import StageInputs, standalone_context
+from sd2.core.errors import Sd2Error
+from sd2.core.models import ModelSource
 from sd2.stages import distill
 from sd2.stages.distill import Config, consumes, run
 from sd2.stages.distill import shards as shards_mod

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sd2.mal import MalStats, teacher_forced_rounds
-from sd2.pipeline.models import load_model
+from sd2.core.models import load_model
 from sd2.stages.evaluate.crosstok import crosstok_generate
 from sd2.stages.evaluate.engine import Runner, speculative_generate, target_generate
 from sd2.stages.evaluate.sampling import DraftVocab

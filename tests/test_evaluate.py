@@ -10,8 +10,8 @@ import torch
 from pydantic import ValidationError
 
 from sd2.data.prompts import PromptsConfig
-from sd2.pipeline.context import StageInputs, standalone_context
-from sd2.pipeline.models import ModelSource
+from sd2.core.context import StageInputs, standalone_context
+from sd2.core.models import ModelSource
 from sd2.stages.evaluate import Config, run
 
 
@@ -128,7 +128,7 @@ def test_sd2_eval_names_drafters_and_rejects_clashing_names(tmp_path, tiny_targe
 
 
 def test_runner_times_verify_forwards_apart_from_prefill_and_decode(tiny_target):
-    from sd2.pipeline.models import load_model
+    from sd2.core.models import load_model
     from sd2.stages.evaluate.engine import Runner
 
     r = Runner(load_model(tiny_target).eval())

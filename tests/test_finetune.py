@@ -11,9 +11,9 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from sd2.pipeline.context import StageInputs, standalone_context
-from sd2.pipeline.errors import Sd2Error
-from sd2.pipeline.models import ModelSource, load_model, save_model
+from sd2.core.context import StageInputs, standalone_context
+from sd2.core.errors import Sd2Error
+from sd2.core.models import ModelSource, load_model, save_model
 from sd2.stages import finetune
 
 from tiny import CORPUS, make_model
@@ -183,8 +183,8 @@ import conftest  # offline env
 import torch
 torch.set_num_threads({threads})  # bit-identical needs the parent's thread count (reduction order)
 from pathlib import Path
-from sd2.pipeline.context import StageInputs, standalone_context
-from sd2.pipeline.models import ModelSource
+from sd2.core.context import StageInputs, standalone_context
+from sd2.core.models import ModelSource
 from sd2.stages import finetune
 from sd2.stages.finetune import train
 

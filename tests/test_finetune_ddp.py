@@ -19,8 +19,8 @@ import json, os, sys
 sys.path.insert(0, {tests!r})
 import conftest  # offline env
 from pathlib import Path
-from sd2.pipeline.context import StageInputs, standalone_context
-from sd2.pipeline.models import ModelSource
+from sd2.core.context import StageInputs, standalone_context
+from sd2.core.models import ModelSource
 from sd2.stages import finetune
 
 cfg = finetune.Config(**json.loads(sys.argv[2]))
@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one(tmp_path, tokenizer, tiny_target):
-    from sd2.pipeline.models import load_model
+    from sd2.core.models import load_model
 
     drafter = make_model(tmp_path / "drafter", tokenizer=tokenizer, n_layers=2, seed=5)
     sparse = prune_half(drafter, tmp_path / "sparse", tokenizer)

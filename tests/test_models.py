@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sd2.modeling import first_last_layers, keep_layers
-from sd2.pipeline.errors import Sd2Error
-from sd2.pipeline.models import load_model, load_tokenizer, resolve, same_tokenizer
-from sd2.pipeline.schema import ModelRef, locate_gguf
+from sd2.core.errors import Sd2Error
+from sd2.core.models import load_model, load_tokenizer, resolve, same_tokenizer
+from sd2.core.models import ModelRef, locate_gguf
 from tiny import make_model, make_tokenizer, write_gguf
 
 

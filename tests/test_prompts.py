@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sd2.data import prompts as P
 from sd2.data.dataset import load_distilled
 from sd2.data.prompts import Conversation, PromptsConfig, load_prompts
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 
 
 def load(**kw) -> list[Conversation]:

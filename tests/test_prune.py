@@ -12,9 +12,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sd2.pipeline.context import StageInputs, standalone_context
-from sd2.pipeline.errors import RecipeError
-from sd2.pipeline.models import ModelSource
+from sd2.core.context import StageInputs, standalone_context
+from sd2.core.errors import RecipeError
+from sd2.core.models import ModelSource
 from sd2.stages import prune
 from sd2.stages.prune.sparsity import decoder_linears
 from tiny import CORPUS, make_model
@@ -204,7 +204,7 @@ def test_keep_layers_and_padding_do_not_change_distances(tokenizer, distilled, t
 
 
 def test_saved_folder_reloads_equal(llama, tokenizer, tmp_path):
-    from sd2.pipeline.models import save_model
+    from sd2.core.models import save_model
     from sd2.stages.prune.magnitude import magnitude_prune
 
     model = load(llama)
@@ -261,7 +261,7 @@ prune_stage:
 
 
 def test_raw_recipe_passes_through_and_a_leak_into_lm_head_is_caught(llama, distilled, tmp_path):
-    from sd2.pipeline.errors import Sd2Error
+    from sd2.core.errors import Sd2Error
 
     calib = {"samples": 4, "seq_len": 32}
     metrics = run_prune(llama, tmp_path / "ok", distilled, recipe=RAW_RECIPE.format(ignore='"re:.*lm_head"'), calibration=calib)

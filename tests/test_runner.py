@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 import recording_stages
-from sd2.pipeline import artifacts as art
-from sd2.pipeline.errors import Sd2Error
+from sd2.core import artifacts as art
+from sd2.core.errors import Sd2Error
 from sd2.pipeline.registry import STAGES, StageSpec
 from sd2.pipeline.runner import Runner
 from sd2.pipeline.schema import validate_recipe
@@ -164,7 +164,7 @@ def test_lock_refuses_a_live_run_and_clears_a_stale_one(tmp_path, tiny_target, f
 def test_killed_run_leaves_a_stale_lock_that_is_recognised(tmp_path):
     """A run killed with -9 leaves its lock behind; the next run recognises it as stale and takes it over."""
     # Hold the lock from a child that we kill -9, exactly as a crashed run would leave it.
-    code = ("import sys,time; from pathlib import Path; from sd2.pipeline.artifacts import RunLock;"
+    code = ("import sys,time; from pathlib import Path; from sd2.core.artifacts import RunLock;"
             f"l=RunLock(Path({str(tmp_path / 'r')!r})); l.__enter__(); print('locked', flush=True); time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "locked"

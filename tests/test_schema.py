@@ -7,8 +7,9 @@ import yaml
 from typer.testing import CliRunner
 
 from sd2.pipeline.cli import app
-from sd2.pipeline.errors import RecipeError
-from sd2.pipeline.schema import ModelRef, apply_overrides, load_recipe, validate_recipe
+from sd2.core.errors import RecipeError
+from sd2.core.models import ModelRef
+from sd2.pipeline.schema import apply_overrides, load_recipe, validate_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

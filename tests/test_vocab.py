@@ -8,9 +8,9 @@ from datasets import Dataset
 
 from sd2 import vocab
 from sd2.macs import count_macs
-from sd2.pipeline.context import StageInputs, standalone_context
-from sd2.pipeline.errors import Sd2Error
-from sd2.pipeline.models import ModelSource, load_model, save_model
+from sd2.core.context import StageInputs, standalone_context
+from sd2.core.errors import Sd2Error
+from sd2.core.models import ModelSource, load_model, save_model
 from sd2.stages import trim_vocab
 
 
@@ -110,7 +110,7 @@ def test_k_larger_than_vocab_and_bad_coverage_are_errors(tmp_path, tiny_drafter)
 
 
 def test_k_larger_than_vocab_is_a_recipe_error(tiny_target):
-    from sd2.pipeline.errors import RecipeError
+    from sd2.core.errors import RecipeError
     from sd2.pipeline.schema import validate_recipe
 
     data = {"name": "t", "target": {"path": str(tiny_target)}, "drafter": {"derive": "target", "keep_layers": 2},

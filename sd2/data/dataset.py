@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 
 REQUIRED_COLUMNS = ("id", "category", "messages", "response", "input_ids", "loss_mask")
 TOPK_COLUMNS = ("topk_ids", "topk_logits")

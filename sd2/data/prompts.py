@@ -28,7 +28,7 @@ from typing import Annotated, Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from sd2.pipeline.errors import Sd2Error, did_you_mean
+from sd2.core.errors import Sd2Error, did_you_mean
 
 BUILTINS = {
     # name: (python package, PyPI name)

@@ -1,1 +1,3 @@
-"""Orchestration: recipe schema, stage registry, runner, artifact store, model loading, CLI."""
+"""Orchestration: recipe schema, stage registry, runner, CLI and its commands (eval, compare).
+
+The base library that stages import (errors, models, artifacts, context) is sd2.core."""

@@ -19,7 +19,7 @@ from typing import List, Optional
 import typer
 import yaml
 
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sd2: build small, sparse, well-aligned drafters for speculative decoding.")
@@ -90,7 +90,7 @@ def stages():
 @user_errors
 def show(run_dir: Path = typer.Argument(..., help="a run folder, e.g. artifacts/quickstart")):
     """Each stage's status, timings and key metrics."""
-    from sd2.pipeline import artifacts as art
+    from sd2.core import artifacts as art
 
     if not run_dir.is_dir():
         raise Sd2Error(f"run folder not found: {run_dir}")
@@ -137,7 +137,7 @@ def compare(new: Path = typer.Argument(..., help="the new report.json, evaluate 
             baseline: Path = typer.Argument(..., help="the baseline report.json, evaluate folder or run folder"),
             max_mal_drop: float = typer.Option(0.05, "--max-mal-drop", help="largest allowed relative MAL drop")):
     """The CI gate: compare two evaluation reports; exit 1 on regression, 2 on unusable input."""
-    from sd2.stages.evaluate.standalone import compare_command
+    from sd2.pipeline.commands import compare_command
 
     try:
         code, text = compare_command(new, baseline, max_mal_drop)
@@ -161,7 +161,7 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
           repeats: int = typer.Option(1, "--repeats", help="timed passes; wall-clock is the median"),
           out: Path = typer.Option(Path("artifacts/eval"), "--out", help="where report.json/.md go")):
     """Evaluate any drafter against a target, without a recipe."""
-    from sd2.stages.evaluate.standalone import eval_command
+    from sd2.pipeline.commands import eval_command
 
     metrics = eval_command(target, drafter, prompts, limit, skip, gamma, temperature, max_new_tokens, repeats, out)
     report = out / "report.md"

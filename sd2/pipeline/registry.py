@@ -15,7 +15,7 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-from sd2.pipeline.errors import Sd2Error, did_you_mean
+from sd2.core.errors import Sd2Error, did_you_mean
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from sd2.pipeline import artifacts as art
-from sd2.pipeline.context import PeakRSS, StageContext, StageInputs
-from sd2.pipeline.errors import Sd2Error, did_you_mean
-from sd2.pipeline.models import ModelSource, load_tokenizer, resolve, same_tokenizer
+from sd2.core import artifacts as art
+from sd2.core.context import PeakRSS, StageContext, StageInputs
+from sd2.core.errors import Sd2Error, did_you_mean
+from sd2.core.models import ModelSource, load_tokenizer, resolve, same_tokenizer
 from sd2.pipeline.registry import consumed_inputs, get_stage
 from sd2.pipeline.schema import ValidatedRecipe
 
@@ -46,8 +46,6 @@ class Step:
 
 
 def plan(recipe: ValidatedRecipe) -> list[Step]:
-    from sd2.stages.derive import Config as DeriveConfig
-
     steps: list[Step] = []
 
     def add(sid, stage, config, branch=None, **sources):
@@ -56,8 +54,8 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
     r = recipe.recipe
     drafter_src = "drafter"
     if r.drafter.derive is not None:
-        add("drafter.derive", "derive", DeriveConfig(keep_layers=r.drafter.keep_layers, layers=r.drafter.layers),
-            target="target")
+        derive_cfg = get_stage("derive").config_cls(keep_layers=r.drafter.keep_layers, layers=r.drafter.layers)
+        add("drafter.derive", "derive", derive_cfg, target="target")
         drafter_src = "drafter.derive"
     dataset_src = None
     if recipe.distill is not None:

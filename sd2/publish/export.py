@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 from sd2.publish.select import Selection
 
 # What a published model folder holds; everything else in a stage folder (manifest, checkpoints,
@@ -68,7 +68,7 @@ def _fill(sel: Selection, tmp: Path) -> Exported:
     src = sel.model_dir
     untrimmed = None
     if (src / vocab.MAP_FILE).is_file():
-        from sd2.pipeline.models import load_model, load_tokenizer, save_model
+        from sd2.core.models import load_model, load_tokenizer, save_model
         from sd2.publish.untrim import untrim
 
         model, tok = load_model(src), load_tokenizer(src)

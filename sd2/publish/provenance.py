@@ -102,7 +102,7 @@ def _license_from_gguf(ref: dict) -> str | None:
     try:
         import gguf
 
-        from sd2.pipeline.schema import ModelRef, locate_gguf
+        from sd2.core.models import ModelRef, locate_gguf
 
         path = locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))
         field_ = gguf.GGUFReader(str(path)).fields.get("general.license")

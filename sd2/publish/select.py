@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sd2.pipeline import artifacts as art
-from sd2.pipeline.errors import Sd2Error, did_you_mean
+from sd2.core import artifacts as art
+from sd2.core.errors import Sd2Error, did_you_mean
 
 RAW = "raw"
 REPORT = "report.json"

@@ -29,7 +29,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
     from sd2.macs import count_macs
     from sd2.modeling import decoder_layers, first_last_layers, keep_layers
-    from sd2.pipeline.models import load_model, load_tokenizer, save_model
+    from sd2.core.models import load_model, load_tokenizer, save_model
 
     model = load_model(inputs.target, device="cpu")
     tok = load_tokenizer(inputs.target)

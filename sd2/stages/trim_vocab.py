@@ -71,8 +71,8 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2 import vocab
     from sd2.data.dataset import load_distilled
     from sd2.macs import count_macs
-    from sd2.pipeline.errors import Sd2Error
-    from sd2.pipeline.models import load_model, load_tokenizer, save_model
+    from sd2.core.errors import Sd2Error
+    from sd2.core.models import load_model, load_tokenizer, save_model
 
     model = load_model(inputs.model, device="cpu")
     tok = load_tokenizer(inputs.model)

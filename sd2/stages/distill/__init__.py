@@ -53,7 +53,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
     from sd2.data.dataset import DISTILL_JSON, features
     from sd2.data.prompts import load_prompts
-    from sd2.pipeline.errors import Sd2Error
+    from sd2.core.errors import Sd2Error
     from sd2.stages.distill import shards
     from sd2.stages.distill.chat import ChatFormat, converse
     from sd2.stages.distill.generate import topk_on_responses
@@ -136,8 +136,8 @@ def _backend(config: Config, inputs, ctx):
     """(generator, the target's tokenizer, the model that records top-k logits or None, writer name)."""
     import torch
 
-    from sd2.pipeline.errors import Sd2Error
-    from sd2.pipeline.models import load_model, load_tokenizer, same_tokenizer
+    from sd2.core.errors import Sd2Error
+    from sd2.core.models import load_model, load_tokenizer, same_tokenizer
     from sd2.stages.distill.generate import HFGenerator, Sampling, stop_ids
 
     tok = load_tokenizer(inputs.target)

@@ -8,7 +8,7 @@ Request building is plain data, unit-tested without vLLM.
 
 from __future__ import annotations
 
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 from sd2.stages.distill.generate import Generated, Sampling
 
 INSTALL = "pip install 'sd2[vllm]'  (or: pip install vllm)"

@@ -6,8 +6,8 @@ theoretical and MAC-based speedups, MACs and sparsity, and losslessness; then wr
 report.md and plots. Metric definitions: docs/evaluate.md and sd2/mal.py.
 
 Modules: engine (the decoding loop), sampling (accept/resample), crosstok (different tokenizers),
-measure (timing protocol, c, teacher-forced MAL), report (report.json/.md, snippets), plots, compare
-(the CI gate behind `sd2 compare`).
+measure (timing protocol, c, teacher-forced MAL), report (report.json/.md, snippets), plots.
+The commands `sd2 eval` and `sd2 compare` (the CI gate) live in sd2.pipeline.commands/compare.
 """
 
 from __future__ import annotations

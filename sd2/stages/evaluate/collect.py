@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 
 
 def _lineage(ref: str) -> list:
@@ -42,8 +42,8 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
     from sd2 import __version__
     from sd2.data.prompts import load_prompts
     from sd2.macs import count_macs
-    from sd2.pipeline.artifacts import machine
-    from sd2.pipeline.models import load_model, load_tokenizer, same_tokenizer
+    from sd2.core.artifacts import machine
+    from sd2.core.models import load_model, load_tokenizer, same_tokenizer
     from sd2.stages.evaluate import measure as M
     from sd2.stages.evaluate.engine import Runner
     from sd2.stages.evaluate.report import write_report

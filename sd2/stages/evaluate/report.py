@@ -101,7 +101,7 @@ def markdown(report: dict, plots: list[str]) -> str:
 
 
 def write_report(report: dict, out_dir: Path) -> None:
-    from sd2.pipeline.artifacts import write_json_atomic
+    from sd2.core.artifacts import write_json_atomic
     from sd2.stages.evaluate.plots import write_plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def write_report(report: dict, out_dir: Path) -> None:
 
 def load_report(path: Path) -> dict:
     """report.json from a file, an evaluate stage folder or a run folder."""
-    from sd2.pipeline.errors import Sd2Error
+    from sd2.core.errors import Sd2Error
 
     path = Path(path)
     candidates = [path] if path.is_file() else [path / "report.json"] + sorted(path.glob("*_evaluate/report.json"))

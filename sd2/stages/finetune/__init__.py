@@ -80,8 +80,8 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     import torch
 
     from sd2 import vocab
-    from sd2.pipeline.errors import Sd2Error
-    from sd2.pipeline.models import load_model, load_tokenizer, save_model
+    from sd2.core.errors import Sd2Error
+    from sd2.core.models import load_model, load_tokenizer, save_model
 
     from . import checkpoint, train as training
     from .batches import load_rows, split_rows

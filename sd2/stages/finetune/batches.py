@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 
 from .losses import IGNORE
 
@@ -85,7 +85,7 @@ def load_rows(folder: Path, tokenizer, vocab_size: int, max_length: int, need_to
 def check_tokenizer(meta: dict, meta_path: Path, tokenizer) -> None:
     """distill.json's tokenizer must be the drafter's: same vocabulary size and, when the named
     tokenizer is a local folder, the same vocabulary."""
-    from sd2.pipeline.models import load_tokenizer, same_tokenizer
+    from sd2.core.models import load_tokenizer, same_tokenizer
 
     name, size = meta.get("tokenizer"), meta.get("vocab_size")
     mine = f"'{tokenizer.name_or_path}' ({len(tokenizer)} tokens)"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 
 NAME = "checkpoint"
 

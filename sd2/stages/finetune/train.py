@@ -215,7 +215,7 @@ def train(cfg, model, rows_train: Rows, rows_val: Rows, pad_id: int, out_dir: Pa
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             held = mask.verify(optimizer)   # never checkpoint a broken mask: fail at the first checkpoint
             if not held["mask_exact"]:
-                from sd2.pipeline.errors import Sd2Error
+                from sd2.core.errors import Sd2Error
                 raise Sd2Error(f"finetune broke the sparsity mask at step {step}: "
                                f"{held['mask_violations']} pruned entries are nonzero")
             checkpoint.save(out_dir, accelerator, wrapped, optimizer, scheduler, step,

@@ -138,9 +138,9 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
     from sd2.macs import count_macs
     from sd2.modeling import decoder_layers
-    from sd2.pipeline.context import PeakRSS
-    from sd2.pipeline.errors import Sd2Error
-    from sd2.pipeline.models import load_model, load_tokenizer, save_model
+    from sd2.core.context import PeakRSS
+    from sd2.core.errors import Sd2Error
+    from sd2.core.models import load_model, load_tokenizer, save_model
     from sd2.stages.prune import sparsity as sp
 
     if inputs.model is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 def calibration_samples(folder: Path, samples: int, seq_len: int, seed: int, ctx=None) -> list[list[int]]:
     """``samples`` conversations chosen with ``seed``, each cut to its first ``seq_len`` tokens."""
     from sd2.data.dataset import load_distilled  # checks the folder and the columns (docs/CONTRACTS.md)
-    from sd2.pipeline.errors import Sd2Error
+    from sd2.core.errors import Sd2Error
 
     data = load_distilled(folder)
     idx = list(range(len(data)))

@@ -80,7 +80,7 @@ def prune_layers(model, samples: list[list[int]], n_remove: int, ctx=None) -> di
     """Remove the ``n_remove``-layer block with the smallest angular distance, in place.
     Returns what sparsity.json records: removed layers, kept layers and every block's distance."""
     from sd2.modeling import decoder_layers, keep_layers
-    from sd2.pipeline.errors import Sd2Error
+    from sd2.core.errors import Sd2Error
 
     n_layers = len(decoder_layers(model)[2])
     if not 1 <= n_remove < n_layers:

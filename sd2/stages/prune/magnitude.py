@@ -39,7 +39,7 @@ def magnitude_prune(model, sparsity: float, nm: tuple[int, int] | None = None) -
     """Prune every decoder linear layer in place. GPT-2's Conv1D stores (in, out): it is transposed."""
     import torch
 
-    from sd2.pipeline.errors import Sd2Error
+    from sd2.core.errors import Sd2Error
     from sd2.stages.prune.sparsity import decoder_linears
 
     with torch.no_grad():

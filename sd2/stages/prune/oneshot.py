@@ -50,7 +50,7 @@ def run_oneshot(model, tokenizer, samples: list[list[int]], config, out_dir: Pat
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
-    from sd2.pipeline.errors import Sd2Error
+    from sd2.core.errors import Sd2Error
 
     recipe = config.recipe if config.recipe is not None else modifiers(config)
     if config.nm is not None and config.recipe is None:
@@ -82,7 +82,7 @@ def run_oneshot(model, tokenizer, samples: list[list[int]], config, out_dir: Pat
     remove_dispatch(model, onload_tensors=True)
     # oneshot also replaces the instance's save_pretrained with a wrapper that compresses, converts
     # to accelerate offload and writes its own recipe.yaml. sd2 stores dense with zeros through
-    # sd2.pipeline.models.save_model, so restore transformers' own method.
+    # sd2.core.models.save_model, so restore transformers' own method.
     if "save_pretrained" in vars(model):
         del model.save_pretrained
     active_session().lifecycle.recipe.yaml(file_path=str(Path(out_dir) / "recipe.yaml"),

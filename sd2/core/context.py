@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sd2.pipeline.models import ModelSource
+from sd2.core.models import ModelSource
 
 
 @dataclass

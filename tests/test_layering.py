@@ -1,0 +1,87 @@
+"""The package layering: the base library (sd2.core and the top-level modules) and the stages never
+import orchestration (sd2.pipeline). Checked on the source by AST, so an import inside a function
+counts too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "sd2"
+
+# package prefix -> packages it must never import
+FORBIDDEN = {
+    "sd2.core": ("sd2.pipeline", "sd2.stages", "sd2.publish", "sd2.engine", "sd2.heads"),
+    "sd2.stages": ("sd2.pipeline", "sd2.publish"),
+    "sd2.engine": ("sd2.pipeline", "sd2.publish"),
+    "sd2.heads": ("sd2.pipeline", "sd2.publish"),
+    "sd2.publish": ("sd2.pipeline",),
+    "sd2.data": ("sd2.pipeline", "sd2.stages", "sd2.publish"),
+}
+# the top-level modules (sd2/macs.py, sd2/mal.py, ...) are base library too
+BASE_TOP_LEVEL = ("sd2.pipeline", "sd2.stages", "sd2.publish")
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported(path: Path) -> list[tuple[int, str]]:
+    """Every absolute module an `import` or `from ... import` in the file names, with its line."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "sd2":
+            out += [(node.lineno, f"sd2.{a.name}") for a in node.names]  # from sd2 import pipeline
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))
+    return out
+
+
+def rules_for(mod: str) -> tuple[str, ...]:
+    for prefix, banned in FORBIDDEN.items():
+        if mod == prefix or mod.startswith(prefix + "."):
+            return banned
+    if mod.count(".") == 1:  # sd2.macs, sd2.vocab, ...
+        return BASE_TOP_LEVEL
+    return ()
+
+
+def violations(root: Path = ROOT) -> list[str]:
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        mod = module_name(path, root)
+        banned = rules_for(mod)
+        for line, name in imported(path):
+            hit = next((b for b in banned if name == b or name.startswith(b + ".")), None)
+            if hit:
+                bad.append(f"{path.relative_to(root.parent)}:{line} ({mod}) imports {name}")
+    return bad
+
+
+def test_no_module_imports_upward():
+    assert violations() == []
+
+
+def test_the_check_sees_a_violation(tmp_path):
+    """The checker itself: a core module importing the runner (even inside a function) is caught."""
+    fake = tmp_path / "sd2"
+    (fake / "core").mkdir(parents=True)
+    (fake / "core" / "bad.py").write_text("def f():\n    from sd2.pipeline.runner import plan\n")
+    (fake / "core" / "good.py").write_text("from sd2.core.errors import Sd2Error\n")
+    (fake / "stages").mkdir()
+    (fake / "stages" / "x.py").write_text("from sd2 import pipeline\n")
+    assert violations(fake) == ["sd2/core/bad.py:2 (sd2.core.bad) imports sd2.pipeline.runner",
+                                "sd2/stages/x.py:1 (sd2.stages.x) imports sd2.pipeline"]
+
+
+@pytest.mark.parametrize("mod,banned", [("sd2.core.models", "sd2.pipeline"), ("sd2.stages.evaluate.collect", "sd2.pipeline"),
+                                        ("sd2.macs", "sd2.stages")])
+def test_rules_cover_the_layers(mod, banned):
+    assert banned in rules_for(mod)
