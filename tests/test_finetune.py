@@ -235,6 +235,57 @@ def test_changed_config_refuses_a_stale_checkpoint(tmp_path, tiny_drafter, data)
                      StageInputs(model=ModelSource(str(tiny_drafter), "m"), dataset=data), out, standalone_context(tmp_path))
 
 
+class _Payload:
+    """Unpickling this runs code: it creates ``marker``. A checkpoint loader that unpickles is exploitable."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_checkpoint_is_safetensors_and_json_and_a_planted_pickle_never_runs(tmp_path, tiny_drafter, data, monkeypatch):
+    import functools
+
+    from sd2.stages.finetune import train as training
+
+    cfg = dict(loss="ce", lr=5e-3, max_steps=4, batch_size=2, val_rows=2, checkpoint_every=2)
+
+    def crash(step):
+        if step == 3:
+            raise KeyboardInterrupt  # an interrupted run, after the checkpoint of step 2
+    monkeypatch.setattr(training, "train", functools.partial(training.train, on_step=crash))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "ft", tiny_drafter, data, **cfg)
+    monkeypatch.undo()
+    ckpt = tmp_path / "ft" / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-0.json", "rng-0.safetensors",
+        "scheduler.json", "scheduler.safetensors", "state.json"]
+    # Plant pickle payloads under every name the old format used; resuming must not open them.
+    marker = tmp_path / "pwned"
+    for name in ("rng-0.pt", "model.pt", "optimizer.pt", "scheduler.pt"):
+        torch.save(_Payload(marker), ckpt / name)
+    metrics = finetune.run(finetune.Config(**cfg), StageInputs(model=ModelSource(str(tiny_drafter), "m"), dataset=data),
+                           tmp_path / "ft", standalone_context(tmp_path))
+    assert metrics["steps"] == 4 and not marker.exists()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for r in rows if r.get("step") == 0 and "val_loss" in r) == 1  # resumed (no second step-0 validation)
+
+    # A checkpoint in the old pickle format only: refused with a clear error, the payload never runs.
+    old = tmp_path / "old"
+    (old / "checkpoint").mkdir(parents=True)
+    config_json = finetune.Config(**cfg).model_dump(mode="json") | {"seed": 0, "world_size": 1}
+    (old / "checkpoint" / "state.json").write_text(json.dumps({"step": 2, "config": config_json}))
+    for name in ("rng-0.pt", "model.pt", "optimizer.pt", "scheduler.pt"):
+        torch.save(_Payload(marker), old / "checkpoint" / name)
+    with pytest.raises(Sd2Error, match=r"pickle files \(model.pt, optimizer.pt, rng-0.pt, scheduler.pt\), which sd2 never loads"):
+        finetune.run(finetune.Config(**cfg), StageInputs(model=ModelSource(str(tiny_drafter), "m"), dataset=data),
+                     old, standalone_context(None))
+    assert not marker.exists()
+
+
 def test_mismatches_give_clear_errors(tmp_path, tokenizer, tiny_drafter):
     wrong_size = write_distilled(tmp_path / "d1", tokenizer, n=4, distill_meta={"tokenizer": "gpt2", "vocab_size": 50257})
     with pytest.raises(Sd2Error, match=r"tokenizer mismatch.*'gpt2' \(50257 tokens\).*\(320 tokens\)"):

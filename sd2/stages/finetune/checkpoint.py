@@ -4,7 +4,13 @@
 renamed over the old one, so a kill -9 at any moment leaves either the previous checkpoint or the
 new one, never a torn one. The data position is the optimizer step: the batch order is a pure
 function of (seed, epoch), so step -> (epoch, batch) is exact. Each process saves its own RNG
-state (``rng-<rank>.pt``); the main process saves the rest.
+state (``rng-<rank>``); the main process saves the rest.
+
+No pickle: a run folder is something users copy between machines and share, and unpickling runs
+whatever code the file names. Every state is split into its tensors, stored as safetensors
+(``<name>.safetensors``), and the rest (numbers, strings, lists, the RNGs' integer states), stored
+as JSON (``<name>.json``) with a placeholder where each tensor was. Loading reads those two formats
+only; a ``*.pt`` file in a checkpoint (sd2 before this format, or planted) is never opened.
 
 The checkpoint records the config it was made with; the runner only keeps a stage folder across
 reruns when the stage's fingerprint is unchanged, so a mismatch means the folder was edited or
@@ -18,12 +24,83 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sd2.core.errors import Sd2Error
 
 NAME = "checkpoint"
+_TENSOR, _TUPLE, _ITEMS, _ARRAY = "__tensor__", "__tuple__", "__items__", "__ndarray__"
+
+
+# -- state <-> (tensors, JSON) -----------------------------------------------------------------
+
+def _encode(obj: Any, tensors: dict, path: str) -> Any:
+    """JSON-able structure for ``obj``; its tensors go into ``tensors`` under their path."""
+    import numpy as np
+
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {_TENSOR: path}
+    if isinstance(obj, np.ndarray):
+        return {_ARRAY: obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not ({_TENSOR, _TUPLE, _ITEMS, _ARRAY} & obj.keys()):
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {_ITEMS: [[_encode(k, tensors, f"{path}.k{i}"), _encode(v, tensors, f"{path}.{i}")]
+                         for i, (k, v) in enumerate(obj.items())]}
+    raise TypeError(f"cannot store a {type(obj).__name__} at {path} in a checkpoint (tensors and JSON only)")
+
+
+def _decode(obj: Any, tensors: dict) -> Any:
+    import numpy as np
+
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if _TENSOR in obj:
+        return tensors[obj[_TENSOR]]
+    if _ARRAY in obj:
+        return np.asarray(obj[_ARRAY], dtype=np.dtype(obj["dtype"]))
+    if _TUPLE in obj:
+        return tuple(_decode(v, tensors) for v in obj[_TUPLE])
+    if _ITEMS in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj[_ITEMS]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def save_state(state: Any, folder: Path, name: str) -> None:
+    """``state`` as ``folder/name.safetensors`` (its tensors) + ``folder/name.json`` (the rest)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, tensors, name)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(structure))
+
+
+def load_state(folder: Path, name: str) -> Any:
+    """The state written by ``save_state``; a missing or unreadable file is an Sd2Error naming it."""
+    from safetensors.torch import load_file
+
+    files = [folder / f"{name}.json", folder / f"{name}.safetensors"]
+    try:
+        structure = json.loads(files[0].read_text())
+        tensors = load_file(str(files[1]))
+        return _decode(structure, tensors)
+    except Exception as e:  # OSError, JSON errors, a dangling placeholder, or safetensors' own error type
+        raise Sd2Error(f"cannot read the checkpoint state {files[0].name} + {files[1].name} in {folder} "
+                       f"({type(e).__name__}: {str(e)[:200]}); delete {folder} to start this stage over") from None
 
 
 def _rng_state() -> dict:
@@ -43,19 +120,23 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# -- the checkpoint folder -----------------------------------------------------------------------
+
 def save(out_dir: Path, accelerator, model, optimizer, scheduler, step: int, extra: dict, config_json: dict) -> Path:
     """Write the checkpoint for ``step`` (all processes call this)."""
+    from safetensors.torch import save_model
+
     final = Path(out_dir) / NAME
     tmp = Path(out_dir) / f".{NAME}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    save_state(_rng_state(), tmp, f"rng-{accelerator.process_index}")
     if accelerator.is_main_process:
-        torch.save(accelerator.unwrap_model(model).state_dict(), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))  # tied weights stored once
+        save_state(optimizer.state_dict(), tmp, "optimizer")
+        save_state(scheduler.state_dict(), tmp, "scheduler")
         (tmp / "state.json").write_text(json.dumps({"step": step, "config": config_json, **extra}, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -84,19 +165,29 @@ def find(out_dir: Path) -> Path | None:
 
 def load(folder: Path, accelerator, model, optimizer, scheduler, config_json: dict) -> dict:
     """Restore everything into the live objects; returns state.json (step and extras)."""
+    from safetensors.torch import load_model
+
     state = json.loads((folder / "state.json").read_text())
     if state.get("config") != config_json:
         raise Sd2Error(f"{folder} was written by a finetune run with a different config; "
                        f"delete {folder} to start over, or restore that config to resume")
-    rng = folder / f"rng-{accelerator.process_index}.pt"
-    if not rng.is_file():
-        raise Sd2Error(f"{folder} has no {rng.name}: it was written with a different number of processes "
+    if not (folder / "model.safetensors").is_file():
+        old = sorted(p.name for p in folder.glob("*.pt"))
+        raise Sd2Error(f"{folder} holds no model.safetensors" + (
+            f" but pickle files ({', '.join(old)}), which sd2 never loads (they can run code)" if old else "")
+            + f"; delete {folder} to start this stage over")
+    rng = f"rng-{accelerator.process_index}"
+    if not (folder / f"{rng}.json").is_file():
+        raise Sd2Error(f"{folder} has no {rng}.json: it was written with a different number of processes "
                        f"({accelerator.num_processes} now); resume with the same launch, or delete {folder}")
-    map_location = "cpu"
-    accelerator.unwrap_model(model).load_state_dict(torch.load(folder / "model.pt", map_location=map_location))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=map_location))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location=map_location))
-    _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+    try:
+        load_model(accelerator.unwrap_model(model), str(folder / "model.safetensors"))
+    except Exception as e:  # a torn or foreign file: safetensors' own error type, or a shape/key mismatch
+        raise Sd2Error(f"cannot restore {folder / 'model.safetensors'} into the model: {str(e)[:300]}; "
+                       f"delete {folder} to start this stage over") from None
+    optimizer.load_state_dict(load_state(folder, "optimizer"))
+    scheduler.load_state_dict(load_state(folder, "scheduler"))
+    _set_rng_state(load_state(folder, rng))
     return state
 
 
