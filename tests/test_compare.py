@@ -11,7 +11,8 @@ from sd2.pipeline.cli import app
 
 def _report(mal: float, lossless=True, drafters=("dense",)) -> dict:
     return {"sd2_version": "0.1.0", "results": [
-        {"drafter": d, "gamma": 4, "temperature": 0.0, "mal": mal, "speedup": 1.3, "lossless": lossless}
+        {"drafter": d, "gamma": 4, "temperature": 0.0, "mal": mal, "wall_s": 1.0, "target_wall_s": 1.3,
+         "lossless": lossless}
         for d in drafters]}
 
 
@@ -30,6 +31,7 @@ def test_no_regression_exits_0(tmp_path):
     res = _cmp(tmp_path, _report(1.97), _report(2.0), "--max-mal-drop", "0.05")
     assert res.exit_code == 0, res.output
     assert "dense" in res.output and "ok" in res.output
+    assert "1.30" in res.output          # the speedup, computed from the walls by the report classes
 
 
 def test_mal_drop_beyond_threshold_exits_1(tmp_path):

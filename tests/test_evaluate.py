@@ -54,6 +54,19 @@ def test_report_has_every_setting_and_field(report):
     assert metrics["lossless"] is True and metrics["best"] == rep["best"]["drafter"]
 
 
+def test_report_json_is_the_typed_report_and_best_is_its_rule(report):
+    from sd2.core.report import Report, pick_best
+
+    out, rep, metrics = report
+    typed = Report.read(out)
+    assert typed.to_json() == rep                              # what evaluate wrote is exactly what readers get
+    best = pick_best(typed.results)
+    assert rep["best"] == best.model_dump() and best.by == "speedup" and best.temperature == 0.0
+    assert metrics["best_speedup"] == typed.best_row().speedup == best.value
+    md = (out / "report.md").read_text()
+    assert f"## Use the best drafter: `{best.drafter}` (γ={best.gamma})" in md
+
+
 def test_greedy_is_lossless_and_teacher_forced_mal_agrees(report):
     _, rep, _ = report
     greedy = [r for r in rep["results"] if r["temperature"] == 0]

@@ -1,8 +1,9 @@
 """sd2 publish: drafter selection, the Hub-ready folder, the model card, trimmed vocabularies, and the
 upload path against a local stand-in for the Hub (tests/hub_stub.py; the real Hub is unreachable here).
 
-The run folder is built by hand: tiny models in stage folders, manifests with lineage, and a
-report.json that follows docs/CONTRACTS.md "Evaluation report".
+The run folder holds tiny models in stage folders with manifests (lineage), and its report.json is
+written by a real evaluate run over them, so a drift between evaluate (the writer) and publish (the
+reader) fails here.
 """
 
 from __future__ import annotations
@@ -34,20 +35,14 @@ def _manifest(folder: Path, sid: str, stage: str, lineage: list, branch=None):
                                                       "output_id": f"out-{sid}", "lineage": lineage}))
 
 
-def _result(drafter, gamma, temp, mal, macs, **extra):
-    base = {"drafter": drafter, "gamma": gamma, "temperature": temp, "mal": mal, "mal_per_request": mal - 0.0625,
-            "acceptance_rate": 0.1875, "acceptance_per_position": [0.375, 0.125, 0.0625, 0.03125][:gamma],
-            "mal_per_category": {"writing": mal + 0.125, "coding": mal - 0.125}, "greedy_mal_teacher_forced": mal,
-            "tokens": 512, "target_forwards": 400, "drafter_forwards": 1600, "wall_s": 3.5, "target_wall_s": 4.25,
-            "speedup": 1.214, "c_measured": 0.3125, "theoretical_speedup": 0.6111, "mac_speedup": 0.8333,
-            "efficiency": 1.987, "macs_per_token": macs, "dense_macs_per_token": 1_000_000, "sparsity": 0.0,
-            "lossless": True}
-    base.update(extra)
-    return base
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tokenizer):
+def run_dir(tmp_path_factory, tokenizer, mtbench_file):
+    from sd2.core.context import StageInputs, standalone_context
+    from sd2.core.models import ModelSource
+    from sd2.core.report import Report
+    from sd2.data.prompts import PromptsConfig
+    from sd2.stages import evaluate
+
     root = tmp_path_factory.mktemp("runs")
     target = make_model(root / "target", "llama", n_layers=4, seed=0, tokenizer=tokenizer)
     (target / "README.md").write_text("---\nlicense: mit\n---\n# tiny target\n")
@@ -68,39 +63,24 @@ def run_dir(tmp_path_factory, tokenizer):
     (run / "01_distill").mkdir()
     ev = run / "04_evaluate"
     ev.mkdir()
-    macs = {"decoder_dense": 600_000, "decoder_effective": 300_000, "lm_head": 400_000, "dense": 1_000_000,
-            "effective": 700_000, "decoder_sparsity": 0.5}
-    report = {
-        "sd2_version": "0.1.0",
-        "target": {"name": "target", "ref": str(target), "fingerprint": "tfp0123456789abc", "macs": macs},
-        "settings": {"gammas": [4, 2], "temperatures": [0.0, 1.0], "max_new_tokens": 64, "n_prompts": 20,
-                     "prompts": {"source": "mtbench", "limit": 20}, "repeats": 1, "device": "cpu", "dtype": "float32",
-                     "machine": {"host": "box", "platform": "Linux-test-x86_64", "cpu_count": 2, "torch_threads": 2}},
-        "baseline": {"0.0": {"wall_s": 4.25, "tokens": 512, "tokens_per_s": 120.5}},
-        "drafters": {
-            "raw": {"path": str(d0), "fingerprint": "rawfp", "macs": macs, "mac_ratio": 0.25, "sparsity": 0.0,
-                    "vocab": None, "c_measured": 0.25, "lineage": derive},
-            "dense": {"path": str(d1), "fingerprint": "densefp", "macs": macs, "mac_ratio": 0.5, "sparsity": 0.0,
-                      "vocab": None, "c_measured": 0.3125, "lineage": dense_lin},
-            # a path relative to the run folder: the reader must resolve it
-            "sparse": {"path": "03_sparse.prune", "fingerprint": "sparsefp", "macs": macs, "mac_ratio": 0.35,
-                       "sparsity": 0.5, "vocab": None, "c_measured": 0.2188, "lineage": sparse_lin},
-        },
-        "results": [
-            # raw has the best ratio but is ignored while a branch exists
-            _result("raw", 4, 0.0, 1.25, 250_000),
-            _result("dense", 4, 0.0, 1.5, 1_000_000),
-            # dense wins at gamma 2 and at temperature 1: neither is the main setting
-            _result("dense", 2, 0.0, 1.875, 100_000),
-            _result("dense", 4, 1.0, 1.75, 100_000),
-            _result("sparse", 4, 0.0, 1.375, 500_000, sparsity=0.5, speedup=1.337),
-            _result("sparse", 4, 1.0, 1.3125, 500_000, sparsity=0.5),
-        ],
-        "best": {"drafter": "sparse", "by": "mal_per_mac", "gamma": 4, "temperature": 0.0},
-    }
-    (ev / "report.json").write_text(json.dumps(report))
+    cfg = evaluate.Config(prompts=PromptsConfig(source=str(mtbench_file), limit=2), gamma=[4, 2],
+                          temperature=[0.0, 1.0], max_new_tokens=8, warmup=0)
+    drafters = {"raw": ModelSource(str(d0), "rawfp"), "dense": ModelSource(str(d1), "densefp"),
+                "sparse": ModelSource(str(d2), "sparsefp")}
+    evaluate.run(cfg, StageInputs(target=ModelSource(str(target), "tfp0123456789abc"), drafters=drafters), ev,
+                 standalone_context(ev))
+    # a path relative to the run folder (a run under a relative --out): the reader must resolve it
+    report = Report.read(ev)
+    report.drafters["sparse"].path = "03_sparse.prune"
+    report.save(ev / "report.json")
     _manifest(ev, "evaluate", "evaluate", [])
     return run
+
+
+def _report(run_dir):
+    from sd2.core.report import Report
+
+    return Report.read(run_dir / "04_evaluate")
 
 
 def _sparsify(folder: Path) -> None:
@@ -117,14 +97,17 @@ def _sparsify(folder: Path) -> None:
 
 
 # -- selection ---------------------------------------------------------------------------------------
-def test_best_by_mal_per_mac_ignores_raw_other_gammas_and_temperatures(run_dir):
-    from sd2.publish.select import best_by_mal_per_mac, select
+def test_default_is_the_reports_own_best_and_errors_are_clear(run_dir):
+    from sd2.publish.select import select
 
-    report = json.loads((run_dir / "04_evaluate" / "report.json").read_text())
-    assert best_by_mal_per_mac(report)[0] == "sparse"           # 1.375/0.5M beats dense 1.5/1M
-    only_raw = {**report, "results": [r for r in report["results"] if r["drafter"] == "raw"]}
-    assert best_by_mal_per_mac(only_raw)[0] == "raw"
+    report = _report(run_dir)
+    best = report.best
+    assert best is not None and best.by == "speedup" and best.temperature == 0.0
+    sel = select(run_dir)
+    assert sel.name == best.drafter and sel.main_gamma == best.gamma and "the report's best" in sel.why
+    assert sel.results == report.rows(drafter=best.drafter) and sel.entry == report.drafters[best.drafter]
     assert select(run_dir, "dense").model_dir == (run_dir / "02_dense.finetune").resolve()
+    assert select(run_dir, "sparse").model_dir == (run_dir / "03_sparse.prune").resolve()   # relative path
     with pytest.raises(Sd2Error, match=r"'sparce' is not in .*did you mean 'sparse'"):
         select(run_dir, "sparce")
     with pytest.raises(Sd2Error, match="neither a model folder"):
@@ -140,8 +123,8 @@ def test_dry_run_folder_loads_with_plain_transformers_and_generates(run_dir, tmp
 
     lines = []
     out = tmp_path / "export"
-    res = publish(run_dir, REPO, dry_run=True, out=out, say=lines.append)
-    assert res.drafter == "sparse" and "best by MAL per MAC" in lines[0] and "sparse" in lines[0]
+    res = publish(run_dir, "sd2-org/sparse", drafter="sparse", dry_run=True, out=out, say=lines.append)
+    assert res.drafter == "sparse" and "branch 'sparse' (--drafter)" in lines[0]
     names = set(p.name for p in out.iterdir())
     assert {"model.safetensors", "config.json", "tokenizer.json", "sparsity.json", "README.md"} <= names
     assert "manifest.json" not in names and not list(tmp_path.glob(".export.tmp-*"))
@@ -181,19 +164,25 @@ def test_card_holds_the_reports_numbers(run_dir, tmp_path):
     assert fm["license"] == "mit"                                 # inherited from the target the drafter derives from
     assert {"speculative-decoding", "sparse", "sd2"} <= set(fm["tags"]) and "base_model" not in fm
     assert "base_model is left out" in card                       # a local target is no Hub id: said, not guessed
-    report = json.loads((run_dir / "04_evaluate" / "report.json").read_text())
-    rows = [line for line in card.splitlines() if line.startswith("| 4 | 0 |")]
-    main = next(r for r in report["results"] if r["drafter"] == "dense" and r["gamma"] == 4 and r["temperature"] == 0)
+    report = _report(run_dir)
+    g = report.main_gamma()
+    rows = [line for line in card.splitlines() if line.startswith(f"| {g} | 0 |")]
+    main = report.rows("dense", g, 0.0)[0]
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[2:5] == [num(main["mal"]), num(main["mal_per_request"]), num(main["acceptance_rate"])]
-    assert cells[5] == ", ".join(num(x) for x in main["acceptance_per_position"])
-    assert cells[6] == num(main["speedup"]) and cells[9] == num(main["macs_per_token"]) == "1,000,000"
-    assert rows[1].split("|")[3:5] == [f" {num(main['mal_per_category']['coding'])} ",
-                                       f" {num(main['mal_per_category']['writing'])} "]
-    assert any(line.startswith("| 2 | 0 | 1.875 |") for line in card.splitlines())   # every setting is listed
-    for needle in (report["target"]["fingerprint"], report["target"]["ref"], "Linux-test-x86_64", "cpu_count 2",
-                   "| γ (main) | 4 |", "dense.finetune", "lr: 0.001", "drafter.derive", "assistant_model=drafter",
-                   '"method": "draft_model"', '"num_speculative_tokens": 4', f'"{REPO}"', "num_assistant_tokens = 4"):
+    assert cells[2:5] == [num(main.mal), num(main.mal_per_request), num(main.acceptance_rate)]
+    assert cells[5] == ", ".join(num(x) for x in main.acceptance_per_position)
+    assert cells[6:9] == [num(main.speedup), num(main.theoretical_speedup), num(main.mac_speedup)]
+    assert cells[9] == num(main.macs_per_token) and main.speedup is not None and main.mac_speedup is not None
+    cats = sorted(main.mal_per_category)
+    cat_row = next(line for line in card.splitlines() if line.startswith(f"| {g} | 0 | ") and line.count("|") == len(cats) + 3)
+    assert cat_row.split("|")[3:3 + len(cats)] == [f" {num(main.mal_per_category[c])} " for c in cats]
+    other = 2 if g == 4 else 4
+    assert any(line.startswith(f"| {other} | 0 | {num(report.rows('dense', other, 0.0)[0].mal)} |")
+               for line in card.splitlines())   # every setting is listed
+    cpus = report.settings.machine["cpu_count"]
+    for needle in (report.target.fingerprint, report.target.ref, f"cpu_count {cpus}", f"| γ (main) | {g} |",
+                   "dense.finetune", "lr: 0.001", "drafter.derive", "assistant_model=drafter",
+                   '"method": "draft_model"', f'"num_speculative_tokens": {g}', f'"{REPO}"', f"num_assistant_tokens = {g}"):
         assert needle in card, needle
 
 
@@ -372,15 +361,13 @@ def test_report_snippet_for_a_trimmed_best_drafter_exports_then_loads_with_plain
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
+    from sd2.core.report import DrafterInfo, VocabInfo
     from sd2.pipeline.cli import app
     from sd2.stages.evaluate.report import snippets
 
     folder = _trimmed_folder(tmp_path, tokenizer)
     target = make_model(tmp_path / "target", "llama", n_layers=2, seed=5, tokenizer=tokenizer)
-    report = {"best": {"drafter": "trim", "gamma": 3, "temperature": 0.0},
-              "target": {"ref": str(target)},
-              "drafters": {"trim": {"path": str(folder), "vocab": {"draft_vocab_size": 64}}}}
-    snip = snippets(report)
+    snip = snippets(str(target), DrafterInfo(path=str(folder), vocab=VocabInfo(draft_vocab_size=64)), 3)
     for text in snip.values():
         assert "64-row lm_head" in text and f"sd2 publish {folder} " in text
     command = next(line for line in snip["transformers"].splitlines() if "sd2 publish" in line)

@@ -317,6 +317,27 @@ def load_tokenizer(source: ModelSource | str | Path):
     return tok
 
 
+def eos_ids(tokenizer, *configs) -> tuple[int, ...]:
+    """The token ids that end an answer: the tokenizer's eos plus the ``eos_token_id`` (an int or a
+    list) of each model config or generation config given (SmolLM2's generation config lists its
+    own). Sorted, so it is stable in fingerprints and logs. Used by distill and evaluate."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for src in configs:
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    return tuple(sorted(ids))
+
+
+def model_eos_ids(model, tokenizer) -> tuple[int, ...]:
+    """``eos_ids`` of a loaded model: its tokenizer, config and generation config."""
+    return eos_ids(tokenizer, model.config, getattr(model, "generation_config", None))
+
+
 def same_tokenizer(a, b) -> bool:
     """True when two tokenizers map every string to the same ids (same vocabulary and specials)."""
     if a.get_vocab() != b.get_vocab():

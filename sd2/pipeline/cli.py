@@ -119,7 +119,7 @@ def show(run_dir: Path = typer.Argument(..., help="a run folder, e.g. artifacts/
 @user_errors
 def publish(source: Path = typer.Argument(..., help="a run folder (OUT/<name>) or a model folder"),
             repo_id: str = typer.Option(..., "--repo-id", help="Hub repo, org/name"),
-            drafter: Optional[str] = typer.Option(None, "--drafter", help="the run's branch to publish (default: best by MAL per MAC)"),
+            drafter: Optional[str] = typer.Option(None, "--drafter", help="the drafter of the run to publish (default: the report's best, by measured speedup)"),
             private: bool = typer.Option(False, "--private", help="create the repo private"),
             dry_run: bool = typer.Option(False, "--dry-run", help="build the folder in --out, upload nothing"),
             out: Optional[Path] = typer.Option(None, "--out", help="write the folder here (needed with --dry-run)"),

@@ -30,15 +30,15 @@ def drafter_names(specs: list[str]) -> dict[str, str]:
     ``drafter`` when alone, else ``drafterN`` by position. A path that exists is never split at '='."""
     import re
 
-    from sd2.core.errors import Sd2Error
+    from sd2.core.report import TARGET
 
     out: dict[str, str] = {}
     for i, spec in enumerate(specs):
         name, sep, ref = spec.partition("=")
         if not (sep and ref and re.fullmatch(r"[A-Za-z0-9_.-]+", name) and not Path(spec).exists()):
             name, ref = ("drafter" if len(specs) == 1 else f"drafter{i + 1}"), spec
-        if name == "target":
-            raise Sd2Error(f"--drafter {spec!r}: the name 'target' is reserved for the baseline; choose another")
+        if name == TARGET:
+            raise Sd2Error(f"--drafter {spec!r}: the name '{TARGET}' is reserved for the baseline; choose another")
         if name in out:
             raise Sd2Error(f"--drafter {spec!r}: the name {name!r} is given twice; drafter names must be unique")
         out[name] = ref
@@ -75,12 +75,12 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
 
 def compare_command(new: Path, baseline: Path, max_mal_drop: float) -> tuple[int, str]:
     """(exit code, table). Raises Sd2Error for unusable input (the CLI exits 2 then)."""
+    from sd2.core.report import Report
     from sd2.pipeline.compare import compare, table
-    from sd2.stages.evaluate.report import load_report
 
     if not 0 <= max_mal_drop < 1:
         raise Sd2Error(f"--max-mal-drop must be in [0, 1), got {max_mal_drop}")
-    rows = compare(load_report(new), load_report(baseline), max_mal_drop)
+    rows = compare(Report.read(new), Report.read(baseline), max_mal_drop)
     if not rows:
         raise Sd2Error("both reports have no results to compare")
     bad = [r for r in rows if r.regressed]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sd2.core.report import Report
+
 
 @dataclass
 class Row:
@@ -29,28 +31,24 @@ class Row:
         return self.status.startswith("REGRESSION")
 
 
-def _index(report: dict) -> dict:
-    return {(r["drafter"], int(r["gamma"]), float(r["temperature"])): r for r in report["results"]}
-
-
-def compare(new: dict, base: dict, max_mal_drop: float = 0.05) -> list[Row]:
-    n_idx, b_idx = _index(new), _index(base)
+def compare(new: Report, base: Report, max_mal_drop: float = 0.05) -> list[Row]:
+    n_idx, b_idx = {r.key: r for r in new.results}, {r.key: r for r in base.results}
     rows = []
     for key in sorted(set(n_idx) | set(b_idx)):
         n, b = n_idx.get(key), b_idx.get(key)
         if n is None:
-            rows.append(Row(key, b.get("mal"), None, b.get("speedup"), None, None, "REGRESSION: missing in NEW"))
+            rows.append(Row(key, b.mal, None, b.speedup, None, None, "REGRESSION: missing in NEW"))
             continue
         if b is None:
-            rows.append(Row(key, None, n.get("mal"), None, n.get("speedup"), n.get("lossless"), "new"))
+            rows.append(Row(key, None, n.mal, None, n.speedup, n.lossless, "new"))
             continue
         problems = []
-        bm, nm = b.get("mal"), n.get("mal")
+        bm, nm = b.mal, n.mal
         if bm and nm is not None and (bm - nm) / bm > max_mal_drop:
             problems.append(f"MAL -{100 * (bm - nm) / bm:.1f}% > {100 * max_mal_drop:g}%")
-        if b.get("lossless") is True and n.get("lossless") is not True:
+        if b.lossless is True and n.lossless is not True:
             problems.append("no longer lossless")
-        rows.append(Row(key, bm, nm, b.get("speedup"), n.get("speedup"), n.get("lossless"),
+        rows.append(Row(key, bm, nm, b.speedup, n.speedup, n.lossless,
                         "REGRESSION: " + "; ".join(problems) if problems else "ok"))
     return rows
 

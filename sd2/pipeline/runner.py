@@ -22,12 +22,12 @@ from sd2.core import artifacts as art
 from sd2.core.context import PeakRSS, StageContext, StageInputs
 from sd2.core.errors import Sd2Error, did_you_mean
 from sd2.core.models import ModelSource, load_tokenizer, resolve, same_tokenizer
+from sd2.core.report import RAW
 from sd2.pipeline.registry import consumed_inputs, get_stage
 from sd2.pipeline.schema import ValidatedRecipe
 
 log = logging.getLogger("sd2")
 
-RAW = "raw"  # the name evaluate gives the drafter before any branch
 
 
 @dataclass

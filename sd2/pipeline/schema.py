@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sd2.core.errors import Issue, RecipeError, did_you_mean, short
 from sd2.core.models import ModelRef, known_vocab_size, locate_gguf
+from sd2.core.report import RAW, RESERVED_NAMES, TARGET
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # branch names: '.' separates branch and stage in step ids
@@ -199,8 +200,9 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
             bpath = f"branches.{bname}"
             if not NAME_RE.match(str(bname)):
                 issues.append(Issue(bpath, f"branch names must match {NAME_RE.pattern}"))
-            elif bname in ("raw", "target"):
-                issues.append(Issue(bpath, f"'{bname}' is reserved (evaluate names the un-branched drafter 'raw' and the baseline 'target'); pick another name"))
+            elif bname in RESERVED_NAMES:
+                issues.append(Issue(bpath, f"'{bname}' is reserved (evaluate names the un-branched drafter '{RAW}' "
+                                           f"and the baseline '{TARGET}'); pick another name"))
             if not isinstance(steps, list):
                 continue  # reported by the top-level model
             parsed = []

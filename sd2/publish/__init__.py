@@ -1,7 +1,7 @@
 """`sd2 publish`: a Hub-ready drafter folder (weights, config, tokenizer, sparsity.json, model card),
 optionally uploaded to the Hugging Face Hub. See docs/publish.md.
 
-    select.py      which drafter (a branch of a run, or the best by MAL per MAC)
+    select.py      which drafter (--drafter, or the run's report's own best)
     provenance.py  base model and license
     untrim.py      full-vocabulary equivalent of a trimmed-vocabulary drafter
     export.py      the folder, built in a temporary place and moved in when complete
@@ -55,7 +55,7 @@ def publish(source: Path, repo_id: str, drafter: str | None = None, private: boo
                          sorted(p.name for p in Path(source).iterdir()), up.url, up.created)
     sel = select(Path(source), drafter)
     say(f"drafter: {sel.name}: {sel.why}")
-    target_ref = ((sel.report or {}).get("target") or {}).get("ref")
+    target_ref = sel.report.target.ref if sel.report is not None else None
     prov = provenance(sel.recipe, sel.model_dir, target_ref)
 
     def render(exp):

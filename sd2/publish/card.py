@@ -33,12 +33,11 @@ def num(x) -> str:
 def render(sel: Selection, prov: Provenance, exp: Exported, repo_id: str) -> str:
     front = {"license": prov.license, **({"base_model": prov.base_model} if prov.base_model else {}),
              "library_name": "transformers", "pipeline_tag": "text-generation", "tags": TAGS}
-    report = sel.report or {}
-    target = report.get("target") or {}
+    target_ref = sel.report.target.ref if sel.report is not None else None
     parts = ["---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n",
              f"# {repo_id.split('/')[-1]}\n",
              f"A drafter for speculative decoding, built with sd2 (SD², Self-Distilled Sparse "
-             f"Drafters). It proposes tokens that the target model `{target.get('ref', prov.base_model or '?')}` "
+             f"Drafters). It proposes tokens that the target model `{target_ref or prov.base_model or '?'}` "
              f"verifies; the target's output is unchanged, only faster. Published drafter: **{sel.name}** ({sel.why}).\n"]
     parts.append(_metrics(sel, exp) if sel.results else
                  "## Metrics\n\nThis drafter was published from a model folder without an evaluation report: "
@@ -46,7 +45,7 @@ def render(sel: Selection, prov: Provenance, exp: Exported, repo_id: str) -> str
     if exp.untrimmed:
         parts.append(_vocab_section(exp.untrimmed))
     parts.append(_lineage(sel.lineage))
-    parts.append(_usage(repo_id, target.get("ref") if prov.base_model is None else prov.base_model, sel, exp))
+    parts.append(_usage(repo_id, target_ref if prov.base_model is None else prov.base_model, sel, exp))
     notes = prov.notes + exp.notes
     if notes:
         parts.append("## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
@@ -54,47 +53,45 @@ def render(sel: Selection, prov: Provenance, exp: Exported, repo_id: str) -> str
 
 
 def _metrics(sel: Selection, exp: Exported) -> str:
-    rep, entry = sel.report, sel.entry or {}
-    target, settings = rep.get("target") or {}, rep.get("settings") or {}
-    rows = sorted(sel.results, key=lambda r: (r.get("gamma") != sel.main_gamma, r.get("gamma"), r.get("temperature")))
+    rep, entry = sel.report, sel.entry
+    target, settings = rep.target, rep.settings
+    rows = sorted(sel.results, key=lambda r: (r.gamma != sel.main_gamma, r.gamma, r.temperature))
     head = ("| γ | temperature | MAL | MAL per request | acceptance rate | acceptance per position | speedup "
             "(measured) | theoretical speedup | MAC speedup | MACs per token | dense MACs per token | sparsity | lossless |")
     lines = ["## Metrics\n", f"Speculative decoding of this drafter against the target, from the run's evaluation "
-             f"(sd2 {rep.get('sd2_version', '?')}). MAL = tokens committed per target forward (accepted drafts + 1).\n",
+             f"(sd2 {rep.sd2_version}). MAL = tokens committed per target forward (accepted drafts + 1).\n",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        acc = ", ".join(num(a) for a in r.get("acceptance_per_position") or [])
-        lines.append(f"| {r.get('gamma')} | {num(r.get('temperature'))} | {num(r.get('mal'))} | "
-                     f"{num(r.get('mal_per_request'))} | {num(r.get('acceptance_rate'))} | {acc} | "
-                     f"{num(r.get('speedup'))} | {num(r.get('theoretical_speedup'))} | {num(r.get('mac_speedup'))} | "
-                     f"{num(r.get('macs_per_token'))} | {num(r.get('dense_macs_per_token'))} | "
-                     f"{num(r.get('sparsity'))} | {num(r.get('lossless'))} |")
-    cats = sorted({c for r in rows for c in (r.get("mal_per_category") or {})})
+        acc = ", ".join(num(a) for a in r.acceptance_per_position)
+        lines.append(f"| {r.gamma} | {num(r.temperature)} | {num(r.mal)} | "
+                     f"{num(r.mal_per_request)} | {num(r.acceptance_rate)} | {acc} | "
+                     f"{num(r.speedup)} | {num(r.theoretical_speedup)} | {num(r.mac_speedup)} | "
+                     f"{num(r.macs_per_token)} | {num(r.dense_macs_per_token)} | "
+                     f"{num(r.sparsity)} | {num(r.lossless)} |")
+    cats = sorted({c for r in rows for c in r.mal_per_category})
     if cats:
         lines += ["", "MAL per category:\n", "| γ | temperature | " + " | ".join(cats) + " |",
                   "|" + "---|" * (len(cats) + 2)]
         for r in rows:
-            per = r.get("mal_per_category") or {}
-            lines.append(f"| {r.get('gamma')} | {num(r.get('temperature'))} | "
-                         + " | ".join(num(per.get(c)) for c in cats) + " |")
-    macs = entry.get("macs") or {}
-    machine = settings.get("machine") or {}
-    hw = ", ".join(f"{k} {v}" for k, v in machine.items() if k != "host") or "-"
-    vocab = entry.get("vocab") or {}
+            lines.append(f"| {r.gamma} | {num(r.temperature)} | "
+                         + " | ".join(num(r.mal_per_category.get(c)) for c in cats) + " |")
+    macs = entry.macs if entry else {}
+    hw = ", ".join(f"{k} {v}" for k, v in settings.machine.items() if k != "host") or "-"
+    vocab = entry.vocab if entry else None
     setup = [
-        ("target", f"`{target.get('ref', '-')}`"), ("target fingerprint", f"`{target.get('fingerprint', '-')}`"),
-        ("drafter fingerprint", f"`{entry.get('fingerprint', '-')}`"),
-        ("sparsity (decoder linear layers)", num(entry.get("sparsity"))),
+        ("target", f"`{target.ref or '-'}`"), ("target fingerprint", f"`{target.fingerprint or '-'}`"),
+        ("drafter fingerprint", f"`{(entry.fingerprint if entry else '') or '-'}`"),
+        ("sparsity (decoder linear layers)", num(entry.sparsity if entry else None)),
         ("sparsity measured on the published weights", num(exp.sparsity)),
         ("MACs per token (effective / dense)", f"{num(macs.get('effective'))} / {num(macs.get('dense'))}"),
-        ("MAC ratio drafter / target", num(entry.get("mac_ratio"))),
-        ("measured cost ratio c", num(entry.get("c_measured"))),
-        ("draft vocabulary", f"{num(vocab.get('draft_vocab_size'))} tokens, coverage {num(vocab.get('coverage'))}"
+        ("MAC ratio drafter / target", num(entry.mac_ratio if entry else None)),
+        ("measured cost ratio c", num(entry.c_measured if entry else None)),
+        ("draft vocabulary", f"{num(vocab.draft_vocab_size)} tokens, coverage {num(vocab.coverage)}"
          if vocab else "full"),
-        ("γ (main)", num(sel.main_gamma)), ("temperatures", ", ".join(num(t) for t in settings.get("temperatures", []))),
-        ("prompts", f"{num(settings.get('n_prompts'))} ({_prompts(settings.get('prompts'))}), "
-                    f"{num(settings.get('max_new_tokens'))} new tokens, batch size 1"),
-        ("hardware", f"{settings.get('device', '-')} {settings.get('dtype', '')}; {hw}"),
+        ("γ (main)", num(sel.main_gamma)), ("temperatures", ", ".join(num(t) for t in settings.temperatures)),
+        ("prompts", f"{num(settings.n_prompts)} ({_prompts(settings.prompts)}), "
+                    f"{num(settings.max_new_tokens)} new tokens, batch size 1"),
+        ("hardware", f"{settings.device or '-'} {settings.dtype or ''}; {hw}"),
     ]
     lines += ["", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in setup]
     return "\n".join(lines) + "\n"

@@ -137,8 +137,8 @@ def _backend(config: Config, inputs, ctx):
     import torch
 
     from sd2.core.errors import Sd2Error
-    from sd2.core.models import load_model, load_tokenizer, same_tokenizer
-    from sd2.stages.distill.generate import HFGenerator, Sampling, stop_ids
+    from sd2.core.models import eos_ids, load_model, load_tokenizer, model_eos_ids, same_tokenizer
+    from sd2.stages.distill.generate import HFGenerator, Sampling
 
     tok = load_tokenizer(inputs.target)
     writer_src, writer_name = (inputs.target, "the target") if config.policy == "target" else (inputs.model, "the drafter")
@@ -150,7 +150,7 @@ def _backend(config: Config, inputs, ctx):
     if config.backend == "hf":
         writer = load_model(writer_src, device=ctx.device, dtype=dtype)
         sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p,
-                            stop_ids(tok, writer.config, getattr(writer, "generation_config", None)))
+                            model_eos_ids(writer, tok))
         generator = HFGenerator(writer, tok.pad_token_id, sampling, config.batch_size)
         if config.topk_logits is not None:
             teacher = writer if config.policy == "target" else load_model(inputs.target, device=ctx.device, dtype=dtype)
@@ -160,7 +160,7 @@ def _backend(config: Config, inputs, ctx):
         from sd2.stages.distill.vllm_backend import VllmGenerator
 
         cfg = AutoConfig.from_pretrained(writer_src.ref, trust_remote_code=writer_src.trust_remote_code)
-        sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, stop_ids(tok, cfg))
+        sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, eos_ids(tok, cfg))
         generator = VllmGenerator(writer_src.ref, sampling, config.tensor_parallel_size, config.dtype, ctx.seed,
                                   writer_src.trust_remote_code)
         if config.topk_logits is not None:

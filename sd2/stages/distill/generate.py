@@ -28,21 +28,6 @@ class Generated:
     stopped: bool                  # ended on a stop token (False: cut at max_new_tokens)
 
 
-def stop_ids(tokenizer, *sources) -> tuple[int, ...]:
-    """The tokens that end an answer: the tokenizer's eos plus the eos id(s) of each model config or
-    generation config given (SmolLM2's generation config lists its own)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    for src in sources:
-        eos = getattr(src, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-    return tuple(sorted(ids))
-
-
 def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

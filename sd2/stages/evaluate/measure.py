@@ -47,16 +47,6 @@ def chat_ids(tok, messages: list[dict]) -> list[int]:
     return tok.encode(text)
 
 
-def eos_ids(model, tok) -> set[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), model.config):
-        e = getattr(src, "eos_token_id", None) if src is not None else None
-        ids.update([e] if isinstance(e, int) else (e or []))
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    return ids
-
-
 def build_requests(convs, tok, turns: int, target: Runner, max_new_tokens: int, eos: set[int]) -> list[Request]:
     """One request per evaluated user turn. Turn t > 1 sees the target's greedy answers to the turns
     before it as history (what target-only greedy decoding would have said)."""

@@ -5,24 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def write_plots(report: dict, out_dir: Path) -> list[str]:
+def write_plots(report, out_dir: Path) -> list[str]:
+    """``report``: sd2.core.report.Report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = report["results"]
+    results = report.results
     if not results:
         return []
     names = []
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for (gamma, temp) in sorted({(r["gamma"], r["temperature"]) for r in results}):
-        rows = [r for r in results if r["gamma"] == gamma and r["temperature"] == temp]
-        xs = [r["macs_per_token"] / 1e6 for r in rows]
-        ys = [r["mal"] for r in rows]
+    for (gamma, temp) in sorted({(r.gamma, r.temperature) for r in results}):
+        rows = [r for r in results if r.gamma == gamma and r.temperature == temp]
+        xs = [r.macs_per_token / 1e6 for r in rows]
+        ys = [r.mal for r in rows]
         ax.scatter(xs, ys, label=f"γ={gamma}, T={temp:g}")
         for r, x, y in zip(rows, xs, ys):
-            ax.annotate(r["drafter"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+            ax.annotate(r.drafter, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
     ax.set_xlabel("drafter MACs per token (M, effective)")
     ax.set_ylabel("MAL (tokens per target forward)")
     ax.set_title("MAL vs drafter MACs (up and left is better)")
@@ -35,8 +36,8 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for r in results:
-        pos = list(range(1, len(r["acceptance_per_position"]) + 1))
-        ax.plot(pos, r["acceptance_per_position"], marker="o", label=f"{r['drafter']} γ={r['gamma']} T={r['temperature']:g}")
+        pos = list(range(1, len(r.acceptance_per_position) + 1))
+        ax.plot(pos, r.acceptance_per_position, marker="o", label=f"{r.drafter} γ={r.gamma} T={r.temperature:g}")
     ax.set_xlabel("draft position")
     ax.set_ylabel("acceptance rate (among rounds drafting it)")
     ax.set_ylim(0, 1.02)

@@ -1,9 +1,11 @@
-"""Write report.json, report.md (tables in the style of the SD² paper), plots and usage snippets."""
+"""Write report.json, report.md (tables in the style of the SD² paper), plots and usage snippets,
+all from the typed report (sd2.core.report)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from sd2.core.report import DrafterInfo, Report
 
 
 def _fmt(x, nd=2, suffix=""):
@@ -14,20 +16,21 @@ def _macs(n) -> str:
     return f"{n / 1e9:.3f} G" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
-def snippets(report: dict) -> dict[str, str]:
-    """How to use the recommended drafter outside sd2: transformers and vLLM."""
-    best = report.get("best")
-    if not best:
-        return {}
-    d = report["drafters"][best["drafter"]]
-    gamma, target = best["gamma"], report["target"]["ref"]
-    path, note = d["path"], ""
-    if d.get("vocab"):   # a K-row lm_head: transformers' assistant_model and vLLM need full-vocabulary logits
-        path = f"{d['path'].rstrip('/')}-fullvocab"
-        note = (f"# This drafter has a trimmed vocabulary ({d['vocab'].get('draft_vocab_size', 'K')}-row lm_head + "
+def best_snippets(report: Report) -> dict[str, str]:
+    """Snippets for the report's best drafter; {} when there is none."""
+    b = report.best
+    return snippets(report.target.ref, report.drafters[b.drafter], b.gamma) if b else {}
+
+
+def snippets(target: str, d: DrafterInfo, gamma: int) -> dict[str, str]:
+    """How to use a drafter outside sd2: transformers and vLLM."""
+    path, note = d.path, ""
+    if d.vocab:   # a K-row lm_head: transformers' assistant_model and vLLM need full-vocabulary logits
+        path = f"{d.path.rstrip('/')}-fullvocab"
+        note = (f"# This drafter has a trimmed vocabulary ({d.vocab.draft_vocab_size or 'K'}-row lm_head + "
                 "draft_to_target.json). transformers and vLLM need a\n"
                 "# full-vocabulary head, so export an equivalent drafter first (it proposes the same greedy drafts):\n"
-                f"#   sd2 publish {d['path']} --repo-id you/drafter --dry-run --out {path}\n")
+                f"#   sd2 publish {d.path} --repo-id you/drafter --dry-run --out {path}\n")
     hf = (f"{note}from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
           f"tok = AutoTokenizer.from_pretrained({target!r})\n"
           f"target = AutoModelForCausalLM.from_pretrained({target!r})\n"
@@ -46,85 +49,70 @@ def snippets(report: dict) -> dict[str, str]:
     return {"transformers": hf, "vllm": vllm}
 
 
-def markdown(report: dict, plots: list[str]) -> str:
-    s, t = report["settings"], report["target"]
-    lines = [f"# sd2 evaluation", "",
-             f"Target `{t['ref']}`: {_macs(t['macs']['effective'])} MACs/token. {s['n_prompts']} prompts, "
-             f"{s['max_new_tokens']} new tokens, batch size 1, {s['repeats']} timed pass(es) after {s['warmup']} warm-up, "
-             f"{s['device']} {s['dtype']}.", ""]
-    for temp, b in report["baseline"].items():
-        lines.append(f"- target alone at T={temp}: {b['tokens']} tokens in {b['wall_s']:.2f} s ({b['tokens_per_s']:.1f} tok/s)")
+def markdown(report: Report, plots: list[str]) -> str:
+    s, t = report.settings, report.target
+    lines = ["# sd2 evaluation", "",
+             f"Target `{t.ref}`: {_macs(t.macs['effective'])} MACs/token. {s.n_prompts} prompts, "
+             f"{s.max_new_tokens} new tokens, batch size 1, {s.repeats} timed pass(es) after {s.warmup} warm-up, "
+             f"{s.device} {s.dtype}.", ""]
+    for temp, b in report.baseline.items():
+        lines.append(f"- target alone at T={temp}: {b.tokens} tokens in {b.wall_s:.2f} s ({b.tokens_per_s:.1f} tok/s)")
     lines += ["", "| drafter | γ | T | sparsity | MACs/token | MAC ratio | MAL | MAL (TF) | acc. rate | speedup | theoretical | MAC-based | c | lossless |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        d = report["drafters"][r["drafter"]]
-        ll = {True: "yes", False: "**NO**", None: "n/a (T>0)"}[r["lossless"]]
-        lines.append(f"| {r['drafter']} | {r['gamma']} | {r['temperature']:g} | {_fmt(100 * r['sparsity'], 1, '%')} | "
-                     f"{_macs(r['macs_per_token'])} | {_fmt(d['mac_ratio'], 3)} | {_fmt(r['mal'], 3)} | "
-                     f"{_fmt(r['greedy_mal_teacher_forced'], 3)} | {_fmt(r['acceptance_rate'], 3)} | "
-                     f"{_fmt(r['speedup'], 2, '×')} | {_fmt(r['theoretical_speedup'], 2, '×')} | "
-                     f"{_fmt(r['mac_speedup'], 2, '×')} | {_fmt(r['c_measured'], 3)} | {ll} |")
-    gmax = max(s["gammas"])
+    for r in report.results:
+        ll = {True: "yes", False: "**NO**", None: "n/a (T>0)"}[r.lossless]
+        lines.append(f"| {r.drafter} | {r.gamma} | {r.temperature:g} | "
+                     f"{_fmt(100 * r.sparsity if r.sparsity is not None else None, 1, '%')} | "
+                     f"{_macs(r.macs_per_token)} | {_fmt(r.mac_ratio, 3)} | {_fmt(r.mal, 3)} | "
+                     f"{_fmt(r.greedy_mal_teacher_forced, 3)} | {_fmt(r.acceptance_rate, 3)} | "
+                     f"{_fmt(r.speedup, 2, '×')} | {_fmt(r.theoretical_speedup, 2, '×')} | "
+                     f"{_fmt(r.mac_speedup, 2, '×')} | {_fmt(r.c_measured, 3)} | {ll} |")
+    gmax = max(s.gammas)
     lines += ["", "## Acceptance per position", "",
               "| drafter | γ | T | " + " | ".join(str(i) for i in range(1, gmax + 1)) + " |",
               "|---|---|---|" + "---|" * gmax]
-    for r in report["results"]:
-        cells = [_fmt(a, 3) for a in r["acceptance_per_position"]] + [""] * (gmax - r["gamma"])
-        lines.append(f"| {r['drafter']} | {r['gamma']} | {r['temperature']:g} | " + " | ".join(cells) + " |")
-    cats = sorted({c for r in report["results"] for c in r["mal_per_category"]})
+    for r in report.results:
+        cells = [_fmt(a, 3) for a in r.acceptance_per_position] + [""] * (gmax - r.gamma)
+        lines.append(f"| {r.drafter} | {r.gamma} | {r.temperature:g} | " + " | ".join(cells) + " |")
+    cats = sorted({c for r in report.results for c in r.mal_per_category})
     if len(cats) > 1:
         lines += ["", "## MAL per category", "", "| drafter | γ | T | " + " | ".join(cats) + " |",
                   "|---|---|---|" + "---|" * len(cats)]
-        for r in report["results"]:
-            lines.append(f"| {r['drafter']} | {r['gamma']} | {r['temperature']:g} | "
-                         + " | ".join(_fmt(r["mal_per_category"].get(c), 3) for c in cats) + " |")
+        for r in report.results:
+            lines.append(f"| {r.drafter} | {r.gamma} | {r.temperature:g} | "
+                         + " | ".join(_fmt(r.mal_per_category.get(c), 3) for c in cats) + " |")
     lines += ["", "MAL = tokens committed ÷ target forwards. MAL (TF) = greedy MAL by teacher forcing. speedup = "
               "target-only wall ÷ speculative wall (median over passes). theoretical = MAL/(γc+1) with c measured; "
               "MAC-based = MAL/(γ·MAC ratio+1). Definitions: docs/evaluate.md.", ""]
     verify = {}
-    for r in report["results"]:
-        if r.get("verify_cost") is not None:
-            verify.setdefault(r["gamma"], r["verify_cost"])
+    for r in report.results:
+        if r.verify_cost is not None:
+            verify.setdefault(r.gamma, r.verify_cost)
     if verify:   # why measured speedup falls short of MAL/(γc+1): a (γ+1)-token verify is not free
         lines += ["Verification cost v (one target forward over γ+1 tokens ÷ one target decode step; "
                   "MAL/(γc+1) assumes 1): " + ", ".join(f"γ={g}: {v:.2f}" for g, v in sorted(verify.items()))
                   + ". `modeled_speedup` = MAL/(γc+v) in report.json.", ""]
     for p in plots:
         lines += [f"![{p}]({p})", ""]
-    snip = snippets(report)
+    snip = best_snippets(report)
     if snip:
-        b = report["best"]
-        lines += [f"## Use the best drafter: `{b['drafter']}` (by {b['by']}, γ={b['gamma']})", "",
+        b = report.best
+        what = "measured speedup" if b.by == "speedup" else "MAC-based speedup (no timings)"
+        lines += [f"## Use the best drafter: `{b.drafter}` (γ={b.gamma})", "",
+                  f"The best is the highest {what} at T={b.temperature:g} among lossless results: "
+                  f"{b.value:.2f}× (docs/evaluate.md \"best\"). `sd2 publish` publishes it by default.", "",
                   "transformers:", "", "```python", snip["transformers"].rstrip(), "```", "",
                   "vLLM:", "", "```python", snip["vllm"].rstrip(), "```", ""]
     return "\n".join(lines)
 
 
-def write_report(report: dict, out_dir: Path) -> None:
-    from sd2.core.artifacts import write_json_atomic
+def write_report(report: Report, out_dir: Path) -> None:
+    from sd2.core.report import REPORT_FILE
     from sd2.stages.evaluate.plots import write_plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report, out_dir)
-    for name, text in snippets(report).items():
+    for name, text in best_snippets(report).items():
         (out_dir / f"use_with_{name}.py").write_text(text)
-    write_json_atomic(out_dir / "report.json", report)
+    report.save(out_dir / REPORT_FILE)
     (out_dir / "report.md").write_text(markdown(report, plots))
-
-
-def load_report(path: Path) -> dict:
-    """report.json from a file, an evaluate stage folder or a run folder."""
-    from sd2.core.errors import Sd2Error
-
-    path = Path(path)
-    candidates = [path] if path.is_file() else [path / "report.json"] + sorted(path.glob("*_evaluate/report.json"))
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        raise Sd2Error(f"no report.json at {path}; give a report.json, an evaluate folder or a run folder")
-    try:
-        data = json.loads(found.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise Sd2Error(f"{found} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
-        raise Sd2Error(f"{found} is not an sd2 report (no 'results' list)")
-    return data

@@ -1,0 +1,284 @@
+"""The evaluation report (report.json): one set of typed classes that evaluate writes and that
+`sd2 compare`, report.md, the plots and `sd2 publish` (selection and model card) read.
+
+Stored are measurements: MAL and its counts, wall-clock, the cost ratio c, the verification cost v,
+MACs. Derived figures (speedup, theoretical, MAC-based and modeled speedup, efficiency) are computed
+here from those measurements, in one place; report.json carries them too (pydantic computed fields),
+for people and tools that read the JSON, but a reader recomputes them and never trusts a stored copy.
+The recommended drafter (``best``) has one definition, ``pick_best``, documented in docs/evaluate.md.
+
+New fields go in as optional (``None`` default), so that older reports (a committed CI baseline)
+still load. Unknown keys are ignored on reading for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
+
+from sd2.core.errors import Sd2Error
+
+REPORT_FILE = "report.json"
+RAW = "raw"          # the name evaluate gives the drafter before any branch (the recipe's `drafter:`)
+TARGET = "target"    # the name of the target-only baseline
+RESERVED_NAMES = (RAW, TARGET)
+
+
+def _r(x: float | None, nd: int = 6) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived figures: the one place they are computed
+
+
+def speedup(target_wall_s: float | None, wall_s: float | None) -> float | None:
+    """Measured wall-clock speedup: target-only wall ÷ speculative wall, same prompts, batch 1."""
+    return target_wall_s / wall_s if target_wall_s and wall_s else None
+
+
+def theoretical_speedup(mal: float, gamma: int, c: float | None) -> float | None:
+    """MAL / (γc + 1) (Leviathan et al. 2023, eq. 1 with MAL for the expected tokens per round)."""
+    return mal / (gamma * c + 1) if c is not None else None
+
+
+def modeled_speedup(mal: float, gamma: int, c: float | None, verify_cost: float | None) -> float | None:
+    """MAL / (γc + v): the ceiling with this machine's measured cost v of one (γ+1)-token verify."""
+    return mal / (gamma * c + verify_cost) if c is not None and verify_cost is not None else None
+
+
+def mac_speedup(mal: float, gamma: int, mac_ratio: float | None) -> float | None:
+    """MAL / (γ·MAC ratio + 1): the theoretical speedup with c modelled by drafter ÷ target MACs."""
+    return mal / (gamma * mac_ratio + 1) if mac_ratio is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+class Result(_Model):
+    """One (drafter, γ, temperature) setting. Definitions: docs/evaluate.md "Metrics"."""
+
+    drafter: str
+    gamma: int
+    temperature: float
+    mal: float = Field(description="tokens committed ÷ target forwards, pooled")
+    mal_per_request: float | None = None
+    acceptance_rate: float | None = None
+    acceptance_per_position: list[float] = Field(default_factory=list)
+    mal_per_category: dict[str, float] = Field(default_factory=dict)
+    greedy_mal_teacher_forced: float | None = None
+    tokens: int | None = None
+    requests: int | None = None
+    drafted: int | None = None
+    accepted: int | None = None
+    target_forwards: int | None = None
+    drafter_forwards: int | None = None
+    wall_s: float | None = Field(None, description="speculative wall-clock, s (median over passes)")
+    walls: list[float] = Field(default_factory=list)
+    target_wall_s: float | None = Field(None, description="target-only wall-clock, s (median over passes)")
+    c_measured: float | None = Field(None, description="drafter ÷ target single-token decode forward time")
+    verify_cost: float | None = Field(None, description="target (γ+1)-token forward ÷ its decode step")
+    mac_ratio: float | None = Field(None, description="drafter ÷ target effective MACs per token")
+    macs_per_token: int | None = None
+    dense_macs_per_token: int | None = None
+    sparsity: float | None = None
+    lossless: bool | None = Field(None, description="T=0: equal to target-only greedy token for token; else None")
+    lossless_mismatches: list[str] = Field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int, float]:
+        return (self.drafter, int(self.gamma), float(self.temperature))
+
+    @computed_field
+    @property
+    def speedup(self) -> float | None:
+        return _r(speedup(self.target_wall_s, self.wall_s))
+
+    @computed_field
+    @property
+    def theoretical_speedup(self) -> float | None:
+        return _r(theoretical_speedup(self.mal, self.gamma, self.c_measured))
+
+    @computed_field
+    @property
+    def mac_speedup(self) -> float | None:
+        return _r(mac_speedup(self.mal, self.gamma, self.mac_ratio))
+
+    @computed_field
+    @property
+    def modeled_speedup(self) -> float | None:
+        return _r(modeled_speedup(self.mal, self.gamma, self.c_measured, self.verify_cost))
+
+    @computed_field
+    @property
+    def efficiency(self) -> float | None:
+        """Measured ÷ theoretical speedup: how close the engine gets to MAL/(γc+1)."""
+        s = speedup(self.target_wall_s, self.wall_s)
+        t = theoretical_speedup(self.mal, self.gamma, self.c_measured)
+        return _r(s / t) if s and t else None
+
+
+class VocabInfo(_Model):
+    draft_vocab_size: int | None = None
+    coverage: float | None = Field(None, description="share of the target's greedy tokens the drafter can propose")
+    coverage_heldout_distill: float | None = None
+
+
+class DrafterInfo(_Model):
+    path: str
+    fingerprint: str = ""
+    macs: dict[str, Any] = Field(default_factory=dict, description="sd2.macs.MacCount.to_dict()")
+    mac_ratio: float | None = None
+    sparsity: float | None = Field(None, description="decoder-linear sparsity (sd2.sparsity)")
+    cross_tokenizer: bool = False
+    lineage: list[dict] = Field(default_factory=list)
+    c_measured: float | None = None
+    vocab: VocabInfo | None = None
+
+
+class TargetInfo(_Model):
+    name: str = TARGET
+    ref: str = ""
+    fingerprint: str = ""
+    macs: dict[str, Any] = Field(default_factory=dict)
+
+
+class Baseline(_Model):
+    wall_s: float
+    tokens: int
+    tokens_per_s: float
+    walls: list[float] = Field(default_factory=list)
+
+
+class Settings(_Model):
+    gammas: list[int] = Field(default_factory=list)
+    temperatures: list[float] = Field(default_factory=list)
+    max_new_tokens: int | None = None
+    n_prompts: int | None = None
+    turns: int | None = None
+    prompts: Any = None
+    repeats: int | None = None
+    warmup: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    machine: dict[str, Any] = Field(default_factory=dict)
+
+
+class Best(_Model):
+    """The recommended drafter and setting, and the figure it won by."""
+
+    drafter: str
+    gamma: int
+    temperature: float
+    by: Literal["speedup", "mac_speedup"]
+    value: float
+
+
+def pick_best(results: list[Result]) -> Best | None:
+    """The one definition of the drafter to recommend (report.md's "use the best drafter", and what
+    `sd2 publish` publishes by default):
+
+    1. among the results at the lowest temperature evaluated (0 when greedy was evaluated: there the
+       output is checked against the target token for token), leave out any that were not lossless;
+    2. take the highest measured wall-clock ``speedup`` when every candidate has one; else (a report
+       without timings) the highest ``mac_speedup``, MAL/(γ·MAC ratio + 1);
+    3. ties go to the higher MAL, then to the name.
+    Every drafter competes, ``raw`` (the drafter before any branch) included: if no branch beats it,
+    that is the honest recommendation. Not MAL per MAC, which favours a tiny drafter at MAL 1.0 that
+    makes decoding slower. None when there is no candidate.
+    """
+    if not results:
+        return None
+    t0 = min(r.temperature for r in results)
+    pool = [r for r in results if r.temperature == t0 and r.lossless is not False]
+    by = "speedup" if pool and all(r.speedup is not None for r in pool) else "mac_speedup"
+    pool = [r for r in pool if getattr(r, by) is not None]
+    if not pool:
+        return None
+    top = max(pool, key=lambda r: (getattr(r, by), r.mal, r.drafter))
+    return Best(drafter=top.drafter, gamma=top.gamma, temperature=top.temperature, by=by, value=getattr(top, by))
+
+
+class Report(_Model):
+    """report.json. ``best`` is computed from ``results`` (``pick_best``)."""
+
+    sd2_version: str = "?"
+    target: TargetInfo = Field(default_factory=TargetInfo)
+    settings: Settings = Field(default_factory=Settings)
+    baseline: dict[str, Baseline] = Field(default_factory=dict, description="per temperature, as str(float)")
+    drafters: dict[str, DrafterInfo] = Field(default_factory=dict)
+    results: list[Result]
+
+    @model_validator(mode="after")
+    def _fill_row_facts(self) -> "Report":
+        """Reports written before rows carried ``mac_ratio`` hold it per drafter only."""
+        for r in self.results:
+            d = self.drafters.get(r.drafter)
+            if d is not None and r.mac_ratio is None:
+                r.mac_ratio = d.mac_ratio
+        return self
+
+    @computed_field
+    @property
+    def best(self) -> Best | None:
+        return pick_best(self.results)
+
+    def rows(self, drafter: str | None = None, gamma: int | None = None,
+             temperature: float | None = None) -> list[Result]:
+        return [r for r in self.results if (drafter is None or r.drafter == drafter)
+                and (gamma is None or r.gamma == gamma) and (temperature is None or r.temperature == temperature)]
+
+    def best_row(self) -> Result | None:
+        b = self.best
+        return next(iter(self.rows(b.drafter, b.gamma, b.temperature)), None) if b else None
+
+    def main_gamma(self) -> int | None:
+        """The γ the report recommends (best's), else the first evaluated."""
+        b = self.best
+        if b is not None:
+            return b.gamma
+        return self.settings.gammas[0] if self.settings.gammas else None
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def save(self, path: Path) -> None:
+        from sd2.core.artifacts import write_json_atomic
+
+        write_json_atomic(Path(path), self.to_json())
+
+    @classmethod
+    def read(cls, path: Path) -> "Report":
+        """report.json from a file, an evaluate stage folder or a run folder. Sd2Error names the file
+        and the field when it is not a report."""
+        path = Path(path)
+        candidates = ([path] if path.is_file() else
+                      [path / REPORT_FILE] + sorted(path.glob(f"*_evaluate/{REPORT_FILE}")))
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise Sd2Error(f"no {REPORT_FILE} at {path}; give a report.json, an evaluate folder or a run folder")
+        try:
+            data = json.loads(found.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise Sd2Error(f"{found} is not valid JSON: {e}") from None
+        return cls.parse(data, str(found))
+
+    @classmethod
+    def parse(cls, data: Any, where: str = REPORT_FILE) -> "Report":
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            raise Sd2Error(f"{where} is not an sd2 report (no 'results' list)")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise Sd2Error(f"{where}: {field}: {err['msg']}; rerun the evaluate stage to rewrite it") from None

@@ -1,0 +1,96 @@
+"""The typed evaluation report (sd2.core.report): one definition of "best", derived figures computed
+from stored measurements, reading old or foreign files, and the documented schema matching the classes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sd2.core.errors import Sd2Error
+from sd2.core.report import Report, Result, pick_best
+
+
+def row(drafter, mal, wall_s=None, mac_ratio=0.5, gamma=4, temperature=0.0, lossless=True, **kw) -> Result:
+    return Result(drafter=drafter, gamma=gamma, temperature=temperature, mal=mal, wall_s=wall_s,
+                  target_wall_s=10.0 if wall_s else None, c_measured=0.25, verify_cost=1.5, mac_ratio=mac_ratio,
+                  lossless=lossless if temperature == 0 else None, **kw)
+
+
+def test_best_is_the_measured_speedup_not_mal_per_mac():
+    # a tiny drafter at MAL 1.0: the best MAL per MAC by far, and it makes decoding slower
+    tiny = row("tiny", 1.0, wall_s=12.0, mac_ratio=0.01, macs_per_token=1_000)
+    good = row("good", 2.5, wall_s=7.0, mac_ratio=0.3, macs_per_token=300_000)
+    b = pick_best([tiny, good])
+    assert (b.drafter, b.by, b.gamma, b.temperature) == ("good", "speedup", 4, 0.0)
+    assert b.value == pytest.approx(10.0 / 7.0, rel=1e-5)
+    assert max([tiny, good], key=lambda r: r.mal / r.macs_per_token).drafter == "tiny"   # what MAL per MAC picked
+
+
+def test_best_rules_raw_lossless_temperature_and_fallback():
+    raw = row("raw", 2.0, wall_s=5.0)
+    branch = row("sparse", 2.2, wall_s=6.0)
+    assert pick_best([raw, branch]).drafter == "raw"                     # raw competes like any drafter
+    lossy = row("broken", 3.0, wall_s=2.0, lossless=False)
+    assert pick_best([raw, lossy]).drafter == "raw"                      # never recommend a lossy result
+    hot = row("hot", 3.0, wall_s=1.0, temperature=1.0)
+    assert pick_best([branch, hot]).drafter == "sparse"                  # the lowest temperature evaluated
+    # without timings (a report written by hand or a CI summary) the MAC-based speedup decides
+    a, b = row("a", 2.0, mac_ratio=0.5), row("b", 1.8, mac_ratio=0.2)
+    best = pick_best([a, b])
+    assert (best.drafter, best.by) == ("b", "mac_speedup") and best.value == pytest.approx(1.8 / 1.8)
+    # ties go to MAL, then the name
+    assert pick_best([row("x", 2.0, wall_s=5.0), row("y", 2.1, wall_s=5.0)]).drafter == "y"
+    assert pick_best([]) is None and pick_best([lossy]) is None
+
+
+def test_derived_figures_come_from_measurements_not_from_stored_copies():
+    r = row("d", 2.4, wall_s=8.0, mac_ratio=0.2)
+    assert r.speedup == pytest.approx(10.0 / 8.0)
+    assert r.theoretical_speedup == pytest.approx(2.4 / (4 * 0.25 + 1))
+    assert r.modeled_speedup == pytest.approx(2.4 / (4 * 0.25 + 1.5))
+    assert r.mac_speedup == pytest.approx(2.4 / (4 * 0.2 + 1))
+    assert r.efficiency == pytest.approx(r.speedup / r.theoretical_speedup, rel=1e-5)
+    stored = r.model_dump(mode="json")
+    assert stored["speedup"] == r.speedup                                 # written for readers of the JSON
+    stored.update(speedup=99.0, theoretical_speedup=99.0, mac_speedup=99.0, efficiency=99.0)
+    again = Result.model_validate(stored)                                 # ... but recomputed on reading
+    assert again.speedup == r.speedup and again.mac_speedup == r.mac_speedup and again.efficiency == r.efficiency
+    assert row("n", 2.0).speedup is None and row("n", 2.0).efficiency is None
+
+
+def test_an_older_report_reads_and_gets_its_rows_mac_ratio_from_the_drafter(tmp_path):
+    data = {"results": [{"drafter": "d", "gamma": 2, "temperature": 0.0, "mal": 1.5, "lossless": True,
+                         "mac_speedup": 7.0}],
+            "drafters": {"d": {"path": "x", "mac_ratio": 0.25}}, "best": {"drafter": "zzz", "by": "mal_per_mac"}}
+    p = tmp_path / "report.json"
+    p.write_text(json.dumps(data))
+    rep = Report.read(p)
+    assert rep.results[0].mac_ratio == 0.25 and rep.results[0].mac_speedup == pytest.approx(1.5 / 1.5)
+    assert rep.best.drafter == "d" and rep.best.by == "mac_speedup"       # the stored 'best' is not trusted
+
+
+def test_unusable_files_are_clear_errors(tmp_path):
+    with pytest.raises(Sd2Error, match="no report.json at"):
+        Report.read(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"results": [{"drafter": "d", "gamma": "four"}]}))
+    with pytest.raises(Sd2Error, match=r"report.json: results.0.gamma: .*rerun the evaluate stage"):
+        Report.read(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"foo": 1}))
+    with pytest.raises(Sd2Error, match="not an sd2 report"):
+        Report.read(tmp_path / "report.json")
+
+
+def test_the_documented_schema_lists_exactly_the_classes_fields():
+    """docs/evaluate.md's report.json example is the schema users read: it must name every field of
+    a result row (stored and computed) and no other."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "evaluate.md").read_text()
+    block = re.search(r"## report.json\n\n```json\n(.*?)```", doc, re.S).group(1)
+    example = json.loads(block)
+    rep = Report.model_validate(example)
+    documented_row = set(example["results"][0])
+    assert documented_row == set(Result.model_fields) | set(Result.model_computed_fields)
+    assert set(example) == set(Report.model_fields) | {"best"}
+    assert set(example["best"]) == set(rep.best.model_dump())
