@@ -1,6 +1,7 @@
 """Per-token MACs of an HF causal LM, in SD²'s accounting. Used by derive, prune and evaluate.
 
-- Decoder linear layers count one MAC per **nonzero** weight (effective) or per weight (dense).
+- Decoder linear layers (``sd2.sparsity.decoder_linears``) count one MAC per **nonzero** weight
+  (effective) or per weight (dense).
 - lm_head counts dense (SD² keeps it dense); a trimmed-vocabulary head counts its K rows.
 - Embedding lookups are not multiply-accumulates and count zero. That is how the Llama-3.2-3B
   figure of 3.213 G dense linear MACs per token comes out (28 decoder layers of 100.66 M plus a
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from sd2.modeling import decoder_layers
+from sd2.sparsity import decoder_linears, nonzeros
 
 
 @dataclass
@@ -53,27 +55,13 @@ class MacCount:
         return out
 
 
-def _linear_weights(module: nn.Module):
-    """Weights of every linear map in a module: nn.Linear and GPT-2's Conv1D alike."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear) or type(sub).__name__ == "Conv1D":
-            yield sub.weight
-
-
-def _nonzero(w: torch.Tensor) -> int:
-    if w.is_meta:
-        return w.numel()
-    return int(torch.count_nonzero(w).item())
-
-
 def count_macs(model: nn.Module, context_len: int = 1024, decoder_sparsity: float | None = None) -> MacCount:
     """Count per-token MACs. ``decoder_sparsity`` overrides the measured sparsity (for configs)."""
     _, _, layers = decoder_layers(model)
     dense = eff = 0
-    for block in layers:
-        for w in _linear_weights(block):
-            dense += w.numel()
-            eff += _nonzero(w)
+    for _, mod in decoder_linears(model):
+        dense += mod.weight.numel()
+        eff += nonzeros(mod.weight)
     if decoder_sparsity is not None:
         eff = round(dense * (1.0 - decoder_sparsity))
     head = model.get_output_embeddings()

@@ -1,6 +1,8 @@
-"""Architecture-generic surgery on HF causal LMs: find the decoder layers, keep a subset of them.
+"""Architecture-generic surgery on HF causal LMs: find the decoder layers, keep a subset of them,
+give lm_head its own weights.
 
-Used by the derive stage (a drafter from a subset of the target's layers) and by layer pruning.
+Used by the derive stage (a drafter from a subset of the target's layers), layer pruning, vocabulary
+trimming (and its undoing in publish) and finetune's untie_embeddings.
 """
 
 from __future__ import annotations
@@ -57,4 +59,27 @@ def keep_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     layer_types = getattr(cfg, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == n:
         cfg.layer_types = [layer_types[i] for i in keep]
+    return model
+
+
+def untie_lm_head(model: nn.Module, head: nn.Module | None = None) -> nn.Module:
+    """Give the model an lm_head of its own, in place: ``head`` when given (a trimmed or rebuilt
+    head), else a trainable copy of the weights it shares with the input embeddings. Returns the model.
+
+    Setting ``tie_word_embeddings = False`` is not enough in transformers 5.x: it re-ties on
+    save/load through ``model._tied_weights_keys`` (a dict there, a list before), and a
+    multimodal config keeps the flag on its text config too; all three are cleared here.
+    """
+    import torch
+
+    if head is None:
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    else:
+        model.set_output_embeddings(head)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    if getattr(model, "_tied_weights_keys", None):
+        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
     return model

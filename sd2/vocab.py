@@ -58,13 +58,9 @@ def trim_lm_head(model, keep_ids) -> nn.Module:
         new.weight.copy_(head.weight[rows])
         if head.bias is not None:
             new.bias.copy_(head.bias[rows])
-    model.set_output_embeddings(new)
-    model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
-    # transformers 5.x re-ties on save/load through this mapping; a trimmed head must never be tied.
-    if getattr(model, "_tied_weights_keys", None):
-        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+    from sd2.modeling import untie_lm_head
+
+    untie_lm_head(model, new)   # a trimmed head must never be re-tied to the full embeddings
     setattr(model.config, CONFIG_KEY, {"draft_vocab_size": int(keep.numel()), "full_vocab_size": int(full_v)})
     setattr(model, _ATTR, keep)
     return model

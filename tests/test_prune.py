@@ -16,7 +16,7 @@ from sd2.core.context import StageInputs, standalone_context
 from sd2.core.errors import RecipeError
 from sd2.core.models import ModelSource
 from sd2.stages import prune
-from sd2.stages.prune.sparsity import decoder_linears
+from sd2.sparsity import decoder_linears
 from tiny import CORPUS, make_model
 
 

@@ -384,3 +384,31 @@ def test_report_snippet_for_a_trimmed_best_drafter_exports_then_loads_with_plain
     assisted = full.generate(ids, assistant_model=drafter, num_assistant_tokens=3,
                              num_assistant_tokens_schedule="constant", do_sample=False, max_new_tokens=12)
     assert torch.equal(plain, assisted)                                         # the snippet's use is lossless
+
+
+def test_a_pruned_gpt2_drafter_publishes_its_sparsity(tmp_path, tokenizer):
+    """GPT-2 keeps its blocks under transformer.h.N and its linear maps are Conv1D: publish measures
+    them with the definition prune uses (a regex on 'layers.N' once measured 0% here)."""
+    from sd2.core.context import StageInputs, standalone_context
+    from sd2.core.models import ModelSource
+    from sd2.publish import publish
+    from sd2.stages import prune
+
+    src = make_model(tmp_path / "gpt2", "gpt2", n_layers=2, seed=6, tokenizer=tokenizer)
+    pruned = tmp_path / "01_sparse.prune"
+    pruned.mkdir()
+    metrics = prune.run(prune.Config(method="magnitude", sparsity=0.5), StageInputs(model=ModelSource(str(src), "g")),
+                        pruned, standalone_context(pruned))
+    assert metrics["decoder_sparsity"] == pytest.approx(0.5, abs=0.01)
+    out = tmp_path / "export"
+    res = publish(pruned, REPO, dry_run=True, out=out, say=lambda s: None)
+    assert res.drafter
+    card = (out / "README.md").read_text()
+    assert "Measured decoder sparsity: 0.5" in card
+    assert json.loads((out / "sparsity.json").read_text())["decoder_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+    from sd2.publish.export import measure_sparsity
+
+    overall, per = measure_sparsity(out)
+    assert overall == pytest.approx(0.5, abs=0.01)
+    assert per and all(k.startswith("transformer.h.") for k in per)

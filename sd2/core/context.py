@@ -50,6 +50,14 @@ class StageContext:
                     mininterval=0.5 if tty else 10.0, dynamic_ncols=True, leave=tty, **kw)
 
 
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the world size, as torchrun and accelerate launch set them
+    (``RANK``, ``WORLD_SIZE``); (0, 1) for a plain single process."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def standalone_context(tmp: Path | None = None, seed: int = 0, stage_id: str = "test") -> StageContext:
     """A context for calling a stage's run() directly (tests, benchmarks, `sd2 eval`)."""
     return StageContext(seed=seed, device="cpu", log=logging.getLogger("sd2"), stage_id=stage_id,

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from sd2.core import artifacts as art
-from sd2.core.context import PeakRSS, StageContext, StageInputs
+from sd2.core.context import PeakRSS, StageContext, StageInputs, rank_world
 from sd2.core.errors import Sd2Error, did_you_mean
 from sd2.core.models import ModelSource, load_tokenizer, resolve, same_tokenizer
 from sd2.core.report import RAW
@@ -142,7 +142,7 @@ class Runner:
 
     # -- execution ------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        rank, world = _rank_world()
+        rank, world = rank_world()
         if world > 1 and rank != 0:
             return self._follow(rank)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,13 +290,6 @@ class Runner:
                     log.warning("the drafter's tokenizer differs from the target's: cross-tokenizer mode "
                                 "(drafts are translated through text; greedy stays lossless)")
         return self._cross_tokenizer
-
-
-def _rank_world() -> tuple[int, int]:
-    """This process's rank and the world size, as torchrun / accelerate launch set them."""
-    import os
-
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def print_summary(results: list[dict], stream=None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ ALLOW = ["*.safetensors", "model.safetensors.index.json", "config.json", "genera
          "tokenizer.model", "chat_template.jinja", "chat_template.json", "sparsity.json"]
 SPARSITY = "sparsity.json"
 VOCAB_INFO = "sd2_vocab.json"
-_DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
 
 
 @dataclass
@@ -99,24 +97,13 @@ def _fill(sel: Selection, tmp: Path) -> Exported:
 
 
 def measure_sparsity(folder: Path) -> tuple[float, dict[str, float]]:
-    """Share of exact zeros over the decoder's linear weights (lm_head and embeddings excluded)."""
-    from safetensors import safe_open
+    """Decoder-linear sparsity of the weights in ``folder`` (sd2.sparsity, the definition prune and
+    evaluate use, whatever the layout: Llama's ``model.layers.N``, GPT-2's ``transformer.h.N``, ...)."""
+    from sd2.core.models import load_model
+    from sd2.sparsity import measure
 
-    zeros = total = 0
-    per: dict[str, float] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                if not _DECODER_LINEAR.search(key) or "norm" in key:
-                    continue
-                t = sf.get_tensor(key)
-                if t.dim() != 2:
-                    continue
-                z = int((t == 0).sum())
-                per[key] = round(z / t.numel(), 6)
-                zeros += z
-                total += t.numel()
-    return (zeros / total if total else 0.0), per
+    m = measure(load_model(folder))
+    return round(m["decoder_sparsity"], 6), m["layers"]
 
 
 def _restore_dtype(model, src: Path) -> None:

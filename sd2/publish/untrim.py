@@ -53,6 +53,7 @@ def untrim(model, tokenizer) -> dict:
     import torch.nn as nn
 
     from sd2 import vocab
+    from sd2.modeling import untie_lm_head
 
     ids = vocab.draft_to_target(model)
     full_v = int(model.config.sd2_vocab["full_vocab_size"])
@@ -68,14 +69,13 @@ def untrim(model, tokenizer) -> dict:
     new = nn.Linear(w.shape[1], full_v, bias=False, dtype=head.weight.dtype, device=head.weight.device)
     with torch.no_grad():
         new.weight.copy_(full.to(head.weight.dtype))
-    model.set_output_embeddings(new)
+    untie_lm_head(model, new)
     if hasattr(model, vocab._ATTR):
         delattr(model, vocab._ATTR)        # so save_model writes no draft_to_target.json
     cfg = model.config
     if hasattr(cfg, vocab.CONFIG_KEY):
         delattr(cfg, vocab.CONFIG_KEY)
     cfg.vocab_size = full_v
-    cfg.tie_word_embeddings = False
 
     with torch.no_grad():
         logits = model(probe).logits[0].float()               # [T, V]

@@ -51,9 +51,10 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     import json
     import time
 
+    from sd2.core.artifacts import write_json_atomic
+    from sd2.core.errors import Sd2Error
     from sd2.data.dataset import DISTILL_JSON, features
     from sd2.data.prompts import load_prompts
-    from sd2.core.errors import Sd2Error
     from sd2.stages.distill import shards
     from sd2.stages.distill.chat import ChatFormat, converse
     from sd2.stages.distill.generate import topk_on_responses
@@ -124,7 +125,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     if fmt.rewrites:
         ctx.log.warning("distill: the chat template rewrites earlier turns; %d turn(s) were re-tokenized and keep "
                         "the loss mask on their last answer only", fmt.rewrites)
-    shards.write_json_atomic(out_dir / DISTILL_JSON, {
+    write_json_atomic(out_dir / DISTILL_JSON, {
         "tokenizer": inputs.target.ref, "vocab_size": _vocab_size(inputs.target, tok),
         "topk": config.topk_logits, "policy": config.policy, "stats": metrics})
     ctx.log.info("distill: %d rows, %d tokens (%.1f per answer, %d truncated) at %.1f tok/s", metrics["rows"],

@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sd2.core.artifacts import write_json_atomic
+
 SHARDS = "shards"
 STATS = "stats.json"
 
@@ -99,9 +101,3 @@ def combine(folder: Path, n_shards: int, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     os.rename(tmp, dest)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

@@ -81,7 +81,9 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
     from sd2 import vocab
     from sd2.core.errors import Sd2Error
+    from sd2.core.context import rank_world
     from sd2.core.models import load_model, load_tokenizer, save_model
+    from sd2.modeling import untie_lm_head
 
     from . import checkpoint, train as training
     from .batches import load_rows, split_rows
@@ -112,7 +114,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
     tied = _tied(model)
     if config.untie_embeddings and tied:
-        _untie(model)
+        untie_lm_head(model)
         ctx.log.info("untied lm_head from the input embeddings (the saved model is untied)")
     if config.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
@@ -124,7 +126,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
                           kd_weight=(1.0 - config.ce_weight) if kd else 0.0, temperature=config.temperature,
                           beta=config.jsd_beta, teacher=config.teacher, draft_to_target=d2t,
                           target_to_draft=target_to_draft_map(d2t, full_vocab))
-    world = _world_size()
+    rank, world = rank_world()
     if len(rows_train) < config.batch_size * config.grad_accum * world:
         raise Sd2Error(f"the training split has {len(rows_train)} conversations, fewer than one global batch "
                        f"({config.batch_size} x {config.grad_accum} x {world} processes); lower finetune.batch_size "
@@ -137,7 +139,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     if not metrics.get("mask_exact", True):
         raise Sd2Error(f"finetune broke the sparsity mask: {metrics['mask_violations']} pruned entries are nonzero")
 
-    if _is_main():
+    if rank == 0:
         model.eval()
         save_model(model, tok, out_dir)
         src = Path(inputs.model.ref) / "sparsity.json"
@@ -152,31 +154,6 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     return {k: v for k, v in metrics.items() if v is None or isinstance(v, (bool, int, float, str))}
 
 
-def _world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_main() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _tied(model) -> bool:
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     return head is not None and head.weight is emb.weight
-
-
-def _untie(model) -> None:
-    import torch
-
-    head = model.get_output_embeddings()
-    head.weight = torch.nn.Parameter(head.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
-    # transformers 5.x re-ties on save/load through this mapping (as in sd2/vocab.py).
-    if getattr(model, "_tied_weights_keys", None):
-        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []

@@ -1,7 +1,7 @@
 """The sparsity mask, held exactly while training.
 
-The mask is read from the weights themselves: every exact zero in a 2-D weight inside the decoder
-layers (the Linear layers SD² prunes; embeddings and lm_head stay dense) is pruned. A sparse model
+The mask is read from the weights themselves: every exact zero in a decoder linear weight
+(sd2/sparsity.py: the layers SD² prunes; embeddings and lm_head stay dense) is pruned. A sparse model
 is stored dense with zeros (docs/CONTRACTS.md), so no side file is needed.
 
 Holding it costs one in-place element-wise pass per masked tensor and step: before the optimizer
@@ -34,16 +34,11 @@ class SparsityMask:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "SparsityMask":
-        """Masks for the 2-D trainable weights inside the decoder layers that hold at least one zero."""
-        from sd2.modeling import decoder_layers
+        """Masks for the trainable decoder linear weights (sd2.sparsity) that hold at least one zero."""
+        from sd2.sparsity import decoder_linears
 
-        _, _, layers = decoder_layers(model)
-        chosen = {}
-        for i, block in enumerate(layers):
-            for name, p in block.named_parameters():
-                if p.dim() == 2 and p.requires_grad and bool((p.detach() == 0).any()):
-                    chosen[f"layers.{i}.{name}"] = p
-        return cls(chosen)
+        return cls({name: mod.weight for name, mod in decoder_linears(model)
+                    if mod.weight.requires_grad and bool((mod.weight.detach() == 0).any())})
 
     def __bool__(self) -> bool:
         return bool(self.params)

@@ -141,6 +141,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.core.context import PeakRSS
     from sd2.core.errors import Sd2Error
     from sd2.core.models import load_model, load_tokenizer, save_model
+    from sd2.sparsity import measure as measure_sparsity
     from sd2.stages.prune import sparsity as sp
 
     if inputs.model is None:
@@ -174,7 +175,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
             model = run_oneshot(model, tok, samples, config, out_dir, existing_recipe=_recipe_of(inputs.model.ref))
             report["recipe"] = "recipe.yaml"
     guard.check(model)
-    measured = sp.measure(model)
+    measured = measure_sparsity(model)
     if config.method in ("sparsegpt", "wanda") and config.sparsity and measured["decoder_sparsity"] < config.sparsity / 2:
         raise Sd2Error(f"llm-compressor pruned only {measured['decoder_sparsity']:.1%} of the decoder weights "
                        f"(asked {config.sparsity:.0%}); its SparseGPT/Wanda handle nn.Linear only, so for models "

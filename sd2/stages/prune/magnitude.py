@@ -40,7 +40,7 @@ def magnitude_prune(model, sparsity: float, nm: tuple[int, int] | None = None) -
     import torch
 
     from sd2.core.errors import Sd2Error
-    from sd2.stages.prune.sparsity import decoder_linears
+    from sd2.sparsity import decoder_linears
 
     with torch.no_grad():
         for name, mod in decoder_linears(model):

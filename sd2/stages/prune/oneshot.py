@@ -54,7 +54,7 @@ def run_oneshot(model, tokenizer, samples: list[list[int]], config, out_dir: Pat
 
     recipe = config.recipe if config.recipe is not None else modifiers(config)
     if config.nm is not None and config.recipe is None:
-        from sd2.stages.prune.sparsity import decoder_linears
+        from sd2.sparsity import decoder_linears
 
         m = config.nm[1]
         bad = [n for n, mod in decoder_linears(model) if mod.weight.shape[-1] % m]

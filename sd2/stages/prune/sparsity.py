@@ -1,7 +1,7 @@
-"""Measure what pruning did and write ``sparsity.json``.
+"""Check what pruning did and write ``sparsity.json`` (the measurement itself: sd2/sparsity.py).
 
-"Decoder linear" means every nn.Linear (and GPT-2's Conv1D) inside the decoder blocks: the layers
-pruning targets and sd2.macs counts by their nonzeros. lm_head and the embeddings must stay dense;
+"Decoder linear" is defined once, in sd2/sparsity.py: the layers pruning targets and sd2.macs counts
+by their nonzeros. lm_head and the embeddings must stay dense;
 ``DenseGuard`` checks that nothing leaked into them (with tied embeddings they are one tensor).
 """
 
@@ -11,32 +11,6 @@ import json
 from pathlib import Path
 
 SPARSITY_FILE = "sparsity.json"
-
-
-def decoder_linears(model) -> list[tuple[str, object]]:
-    """(parameter name, module) for every linear map inside the decoder blocks, in model order."""
-    import torch.nn as nn
-
-    from sd2.modeling import decoder_layers
-
-    _, _, layers = decoder_layers(model)
-    in_blocks = {id(m) for block in layers for m in block.modules()}
-    return [(f"{name}.weight", mod) for name, mod in model.named_modules()
-            if id(mod) in in_blocks and (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D")]
-
-
-def measure(model) -> dict:
-    """Per-layer and overall sparsity (share of exact zeros) of the decoder's linear weights."""
-    import torch
-
-    layers, zeros, total = {}, 0, 0
-    for name, mod in decoder_linears(model):
-        w = mod.weight.detach()
-        z = w.numel() - int(torch.count_nonzero(w))
-        layers[name] = round(z / w.numel(), 6)
-        zeros += z
-        total += w.numel()
-    return {"decoder_sparsity": zeros / total if total else 0.0, "layers": layers}
 
 
 class DenseGuard:
