@@ -6,7 +6,9 @@ Definitions (pinned; the field argues about them):
   length limit). DistillSpec calls it block efficiency; EAGLE calls it tau.
 - acceptance rate = accepted draft tokens / drafted tokens.
 - acceptance_per_position[i-1] = among rounds that drafted at least i tokens, the fraction in which
-  draft token i was accepted (so it is non-increasing in i, and position 1 is the first-token rate).
+  draft token i was accepted; position 1 is the first-token rate. It need not fall with i: rounds
+  near the end of a response (or the length limit) draft fewer tokens and drop out of the later
+  positions' denominators. tests/test_mal.py counts [2/3, 1.0, 0.5] by hand for one response.
 - mal_per_request = the mean over requests of each request's own MAL.
 
 Greedy MAL needs no drafting: one drafter forward over prompt + the target's greedy response gives

@@ -151,3 +151,23 @@ def test_runner_times_verify_forwards_apart_from_prefill_and_decode(tiny_target)
         r.forward([9, 10, 11], keep=3)        # a verify of 2 drafts
     assert len(r.step_times) == 1 and list(r.verify_times) == [3] and len(r.verify_times[3]) == 1
     assert r.forwards == 3 and r.held == [3, 4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_sd2_eval_device_and_dtype(tmp_path, tiny_target, tiny_drafter, mtbench_file):
+    from typer.testing import CliRunner
+
+    from sd2.pipeline.cli import app
+
+    common = ["eval", "--target", str(tiny_target), "--drafter", str(tiny_drafter), "--prompts", str(mtbench_file),
+              "--limit", "1", "--gamma", "2", "--max-new-tokens", "4"]
+    res = CliRunner().invoke(app, common + ["--device", "cpu", "--dtype", "bfloat16", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert rep["settings"]["dtype"] == "bfloat16" and rep["settings"]["device"] == "cpu"
+    res = CliRunner().invoke(app, common + ["--dtype", "float8", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 1 and "--dtype" in res.output, res.output
+    res = CliRunner().invoke(app, common + ["--device", "tpu", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 1 and "not one of auto, cpu, cuda" in res.output, res.output
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(app, common + ["--device", "cuda", "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 1 and "no CUDA device" in res.output, res.output

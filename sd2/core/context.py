@@ -50,6 +50,24 @@ class StageContext:
                     mininterval=0.5 if tty else 10.0, dynamic_ncols=True, leave=tty, **kw)
 
 
+def pick_device(want: str = "auto") -> str:
+    """``auto``: cuda when available, else cpu. ``cpu``, ``cuda`` or ``cuda:N`` as given; a cuda
+    device on a machine without one is an Sd2Error (not a traceback from the first .to())."""
+    import re
+
+    import torch
+
+    from sd2.core.errors import Sd2Error
+
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", want):
+        raise Sd2Error(f"device {want!r} is not one of auto, cpu, cuda, cuda:N")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise Sd2Error(f"device {want!r} was asked for, but torch sees no CUDA device here; use cpu or auto")
+    return want
+
+
 def rank_world() -> tuple[int, int]:
     """This process's rank and the world size, as torchrun and accelerate launch set them
     (``RANK``, ``WORLD_SIZE``); (0, 1) for a plain single process."""

@@ -5,6 +5,9 @@
     sd2 stages
     sd2 show RUN_DIR
     sd2 publish RUN_OR_MODEL_DIR --repo-id ORG/NAME [--drafter BRANCH] [--private] [--dry-run --out DIR] [--exist-ok]
+    sd2 eval --target MODEL --drafter [NAME=]MODEL [...] [--prompts SRC] [--limit N] [--gamma G ...]
+             [--temperature T ...] [--max-new-tokens N] [--repeats N] [--device D] [--dtype T] [--out DIR]
+    sd2 compare NEW BASELINE [--max-mal-drop 0.05]      (exit 0 ok, 1 regression, 2 unusable input)
 """
 
 from __future__ import annotations
@@ -159,11 +162,14 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
           temperature: List[float] = typer.Option([0.0], "--temperature", help="repeatable: a sweep"),
           max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
           repeats: int = typer.Option(1, "--repeats", help="timed passes; wall-clock is the median"),
+          device: str = typer.Option("auto", "--device", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
+          dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16, for both models"),
           out: Path = typer.Option(Path("artifacts/eval"), "--out", help="where report.json/.md go")):
     """Evaluate any drafter against a target, without a recipe."""
     from sd2.pipeline.commands import eval_command
 
-    metrics = eval_command(target, drafter, prompts, limit, skip, gamma, temperature, max_new_tokens, repeats, out)
+    metrics = eval_command(target, drafter, prompts, limit, skip, gamma, temperature, max_new_tokens, repeats, out,
+                           device=device, dtype=dtype)
     report = out / "report.md"
     typer.echo(report.read_text() if report.is_file() else json.dumps(metrics))
 

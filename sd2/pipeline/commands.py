@@ -47,11 +47,11 @@ def drafter_names(specs: list[str]) -> dict[str, str]:
 
 def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list[int],
                  temperature: list[float], max_new_tokens: int, repeats: int, out: Path, seed: int = 0,
-                 device: str = "cpu") -> dict:
+                 device: str = "auto", dtype: str = "float32") -> dict:
     from pydantic import ValidationError
 
     from sd2.data.prompts import PromptsConfig
-    from sd2.core.context import StageInputs, standalone_context
+    from sd2.core.context import StageInputs, pick_device, standalone_context
     from sd2.core.models import resolve
     from sd2.stages.evaluate import Config, run
 
@@ -59,9 +59,10 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
         cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1),
                      gamma=gamma if len(gamma) > 1 else gamma[0],
                      temperature=temperature if len(temperature) > 1 else temperature[0],
-                     max_new_tokens=max_new_tokens, repeats=repeats)
+                     max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype)
     except ValidationError as e:
         raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+    device = pick_device(device)
     srcs = {name: resolve(model_ref(ref)) for name, ref in drafter_names(drafters).items()}
     inputs = StageInputs(target=resolve(model_ref(target)), drafters=srcs)
     out = Path(out)

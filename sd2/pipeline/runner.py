@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from sd2.core import artifacts as art
-from sd2.core.context import PeakRSS, StageContext, StageInputs, rank_world
+from sd2.core.context import PeakRSS, StageContext, StageInputs, pick_device, rank_world
 from sd2.core.errors import Sd2Error, did_you_mean
 from sd2.core.models import ModelSource, load_tokenizer, resolve, same_tokenizer
 from sd2.core.report import RAW
@@ -270,12 +270,7 @@ class Runner:
         return {"status": "ran", **manifest}
 
     def _device(self) -> str:
-        want = self.recipe.recipe.device
-        if want != "auto":
-            return want
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return pick_device(self.recipe.recipe.device)
 
     def _check_tokenizers(self) -> bool:
         """Compare the target's and the drafter's tokenizers once; a mismatch means cross-tokenizer mode."""

@@ -3,7 +3,7 @@
 K is set directly (``k``) or by ``coverage``: the smallest K whose most frequent tokens cover that
 share of the target's generated tokens in the distilled data. Special tokens are always kept.
 Counts come from a deterministic share of the rows; coverage is also measured on the held-apart
-rest, because coverage on the counting set itself overstates what K will see (DESIGN.md: 86-100%
+rest, because coverage on the counting set itself overstates what K will see (docs/design.md, "Calibrations": 86-100%
 on the training set vs 67-76% held apart).
 """
 

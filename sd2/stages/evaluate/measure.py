@@ -159,7 +159,7 @@ def c_measured(drafter: Runner, target: Runner) -> float | None:
 @torch.inference_mode()
 def teacher_forced_mal(d: Drafter, requests: list[Request], greedy_ref: dict[str, list[int]],
                        gammas: list[int]) -> dict[int, float]:
-    """Exact greedy MAL without drafting (DESIGN.md): one drafter forward over prompt + the target's
+    """Exact greedy MAL without drafting (docs/design.md): one drafter forward over prompt + the target's
     greedy response gives the drafter's argmax at every response position."""
     stats = {g: MalStats() for g in gammas}
     model = d.runner.model

@@ -4,7 +4,7 @@ One drafter forward per validation batch gives its argmax at every response posi
 target's prefix. ``top1`` is the share of response tokens where that argmax is the target's token;
 ``mal`` pools ``sd2.mal.teacher_forced_rounds`` over every assistant turn (each contiguous run of
 loss positions is one request), which is the greedy speculative-decoding MAL exactly
-(DESIGN.md, "Greedy MAL without drafting"), if the data holds the target's greedy output.
+(docs/design.md, "Greedy MAL without drafting"), if the data holds the target's greedy output.
 For a trimmed drafter the argmax is mapped to a target id, and a target token outside the kept set
 is never matched.
 """
