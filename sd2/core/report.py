@@ -54,6 +54,12 @@ def modeled_speedup(mal: float, gamma: int, c: float | None, verify_cost: float 
     return mal / (gamma * c + verify_cost) if c is not None and verify_cost is not None else None
 
 
+def lookup_modeled_speedup(mal: float, draft_cost: float | None, verify_cost_mean: float | None) -> float | None:
+    """MAL / (d + v̄) for a proposer without a model (prompt lookup): d = its measured drafting time per
+    round and v̄ = the mean verification cost per round (its draft length varies), in target decode steps."""
+    return mal / (draft_cost + verify_cost_mean) if draft_cost is not None and verify_cost_mean else None
+
+
 def mac_speedup(mal: float, gamma: int, mac_ratio: float | None) -> float | None:
     """MAL / (γ·MAC ratio + 1): the theoretical speedup with c modelled by drafter ÷ target MACs."""
     return mal / (gamma * mac_ratio + 1) if mac_ratio is not None else None
@@ -63,12 +69,17 @@ def mac_speedup(mal: float, gamma: int, mac_ratio: float | None) -> float | None
 # The report
 
 
+Kind = Literal["drafter", "cross_tokenizer", "prompt_lookup"]
+
+
 class Result(_Model):
-    """One (drafter, γ, temperature) setting. Definitions: docs/evaluate.md "Metrics"."""
+    """One (drafter, γ, width, temperature) setting. Definitions: docs/evaluate.md "Metrics"."""
 
     drafter: str
-    gamma: int
+    gamma: int = Field(description="draft depth per round (the chain length for a chain)")
     temperature: float
+    width: int = Field(1, description="tree width: nodes per depth (1 = chain)")
+    kind: Kind = "drafter"
     mal: float = Field(description="tokens committed ÷ target forwards, pooled")
     mal_per_request: float | None = None
     acceptance_rate: float | None = None
@@ -77,15 +88,19 @@ class Result(_Model):
     greedy_mal_teacher_forced: float | None = None
     tokens: int | None = None
     requests: int | None = None
-    drafted: int | None = None
-    accepted: int | None = None
+    drafted: int | None = Field(None, description="draft tokens (tree nodes) over all rounds")
+    accepted: int | None = Field(None, description="accepted depth summed over all rounds")
+    drafted_depth: int | None = Field(None, description="draft depth summed over all rounds")
+    nodes_per_round: float | None = None
     target_forwards: int | None = None
     drafter_forwards: int | None = None
     wall_s: float | None = Field(None, description="speculative wall-clock, s (median over passes)")
     walls: list[float] = Field(default_factory=list)
     target_wall_s: float | None = Field(None, description="target-only wall-clock, s (median over passes)")
     c_measured: float | None = Field(None, description="drafter ÷ target single-token decode forward time")
-    verify_cost: float | None = Field(None, description="target (γ+1)-token forward ÷ its decode step")
+    verify_cost: float | None = Field(None, description="v(n): target forward over n = 1 + γ·width tokens ÷ its decode step")
+    draft_cost: float | None = Field(None, description="time in propose per round ÷ target decode step")
+    verify_cost_mean: float | None = Field(None, description="target round forward per round ÷ its decode step")
     mac_ratio: float | None = Field(None, description="drafter ÷ target effective MACs per token")
     macs_per_token: int | None = None
     dense_macs_per_token: int | None = None
@@ -94,8 +109,13 @@ class Result(_Model):
     lossless_mismatches: list[str] = Field(default_factory=list)
 
     @property
+    def label(self) -> str:
+        """The drafter's name, with "/wW" for a tree of width W (one entry per shape in tables and compare)."""
+        return self.drafter + (f"/w{self.width}" if self.width > 1 else "")
+
+    @property
     def key(self) -> tuple[str, int, float]:
-        return (self.drafter, int(self.gamma), float(self.temperature))
+        return (self.label, int(self.gamma), float(self.temperature))
 
     @computed_field
     @property
@@ -115,6 +135,8 @@ class Result(_Model):
     @computed_field
     @property
     def modeled_speedup(self) -> float | None:
+        if self.kind == "prompt_lookup":
+            return _r(lookup_modeled_speedup(self.mal, self.draft_cost, self.verify_cost_mean))
         return _r(modeled_speedup(self.mal, self.gamma, self.c_measured, self.verify_cost))
 
     @computed_field
@@ -133,7 +155,9 @@ class VocabInfo(_Model):
 
 
 class DrafterInfo(_Model):
-    path: str
+    path: str = Field("", description="the model folder or id; empty for prompt lookup (no model)")
+    kind: Kind = "drafter"
+    settings: dict[str, Any] = Field(default_factory=dict, description="prompt lookup: its n-gram settings")
     fingerprint: str = ""
     macs: dict[str, Any] = Field(default_factory=dict, description="sd2.macs.MacCount.to_dict()")
     mac_ratio: float | None = None
@@ -160,7 +184,11 @@ class Baseline(_Model):
 
 class Settings(_Model):
     gammas: list[int] = Field(default_factory=list)
+    widths: list[int] = Field(default_factory=lambda: [1])
     temperatures: list[float] = Field(default_factory=list)
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
     max_new_tokens: int | None = None
     n_prompts: int | None = None
     turns: int | None = None
@@ -179,6 +207,7 @@ class Best(_Model):
     drafter: str
     gamma: int
     temperature: float
+    width: int = 1
     by: Literal["speedup", "mac_speedup"]
     value: float
 
@@ -194,8 +223,10 @@ def pick_best(results: list[Result]) -> Best | None:
     3. ties go to the higher MAL, then to the name.
     Every drafter competes, ``raw`` (the drafter before any branch) included: if no branch beats it,
     that is the honest recommendation. Not MAL per MAC, which favours a tiny drafter at MAL 1.0 that
-    makes decoding slower. None when there is no candidate.
+    makes decoding slower. Prompt lookup has no model to recommend: it is shown beside the drafters,
+    never picked. None when there is no candidate.
     """
+    results = [r for r in results if r.kind != "prompt_lookup"]
     if not results:
         return None
     t0 = min(r.temperature for r in results)
@@ -205,7 +236,8 @@ def pick_best(results: list[Result]) -> Best | None:
     if not pool:
         return None
     top = max(pool, key=lambda r: (getattr(r, by), r.mal, r.drafter))
-    return Best(drafter=top.drafter, gamma=top.gamma, temperature=top.temperature, by=by, value=getattr(top, by))
+    return Best(drafter=top.drafter, gamma=top.gamma, temperature=top.temperature, width=top.width, by=by,
+                value=getattr(top, by))
 
 
 class Report(_Model):
@@ -233,13 +265,14 @@ class Report(_Model):
         return pick_best(self.results)
 
     def rows(self, drafter: str | None = None, gamma: int | None = None,
-             temperature: float | None = None) -> list[Result]:
+             temperature: float | None = None, width: int | None = None) -> list[Result]:
         return [r for r in self.results if (drafter is None or r.drafter == drafter)
-                and (gamma is None or r.gamma == gamma) and (temperature is None or r.temperature == temperature)]
+                and (gamma is None or r.gamma == gamma) and (temperature is None or r.temperature == temperature)
+                and (width is None or r.width == width)]
 
     def best_row(self) -> Result | None:
         b = self.best
-        return next(iter(self.rows(b.drafter, b.gamma, b.temperature)), None) if b else None
+        return next(iter(self.rows(b.drafter, b.gamma, b.temperature, b.width)), None) if b else None
 
     def main_gamma(self) -> int | None:
         """The γ the report recommends (best's), else the first evaluated."""

@@ -154,12 +154,17 @@ def compare(new: Path = typer.Argument(..., help="the new report.json, evaluate 
 @app.command("eval")
 @user_errors
 def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .gguf or PACKAGE:FILE.gguf"),
-          drafter: List[str] = typer.Option(..., "--drafter", help="drafter model, or NAME=MODEL to name it in the report (repeatable)"),
+          drafter: List[str] = typer.Option(..., "--drafter", help="drafter model, or NAME=MODEL to name it in the report "
+                                            "(repeatable); MODEL 'prompt_lookup' is n-gram prompt lookup (no model)"),
           prompts: str = typer.Option("mtbench", "--prompts", help="prompt source (sd2.data.prompts)"),
           limit: Optional[int] = typer.Option(20, "--limit", help="number of prompts"),
           skip: int = typer.Option(0, "--skip", help="skip the first N prompts"),
           gamma: List[int] = typer.Option([4], "--gamma", help="draft length (repeatable: a sweep)"),
+          width: List[int] = typer.Option([1], "--width", help="tree width (nodes per depth) for proposers that branch; 1 = chain (repeatable)"),
           temperature: List[float] = typer.Option([0.0], "--temperature", help="repeatable: a sweep"),
+          top_k: int = typer.Option(0, "--top-k", help="sampling filter, target and drafters alike (0 = off)"),
+          top_p: float = typer.Option(1.0, "--top-p", help="sampling filter (1 = off)"),
+          min_p: float = typer.Option(0.0, "--min-p", help="sampling filter (0 = off)"),
           max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
           repeats: int = typer.Option(1, "--repeats", help="timed passes; wall-clock is the median"),
           device: str = typer.Option("auto", "--device", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
@@ -169,7 +174,7 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
     from sd2.pipeline.commands import eval_command
 
     metrics = eval_command(target, drafter, prompts, limit, skip, gamma, temperature, max_new_tokens, repeats, out,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype, width=width, top_k=top_k, top_p=top_p, min_p=min_p)
     report = out / "report.md"
     typer.echo(report.read_text() if report.is_file() else json.dumps(metrics))
 

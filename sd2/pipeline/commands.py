@@ -45,9 +45,13 @@ def drafter_names(specs: list[str]) -> dict[str, str]:
     return out
 
 
+PROMPT_LOOKUP = "prompt_lookup"   # the --drafter MODEL that selects prompt lookup decoding (no model)
+
+
 def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list[int],
                  temperature: list[float], max_new_tokens: int, repeats: int, out: Path, seed: int = 0,
-                 device: str = "auto", dtype: str = "float32") -> dict:
+                 device: str = "auto", dtype: str = "float32", width: list[int] | None = None, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0) -> dict:
     from pydantic import ValidationError
 
     from sd2.data.prompts import PromptsConfig
@@ -55,15 +59,23 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     from sd2.core.models import resolve
     from sd2.stages.evaluate import Config, run
 
+    names = drafter_names(drafters)
+    lookup = [n for n, ref in names.items() if ref == PROMPT_LOOKUP and not Path(ref).exists()]
+    if len(lookup) > 1:
+        raise Sd2Error(f"--drafter: prompt lookup is given twice ({', '.join(lookup)}); give it once")
+    width = width or [1]
     try:
         cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1),
-                     gamma=gamma if len(gamma) > 1 else gamma[0],
+                     gamma=gamma if len(gamma) > 1 else gamma[0], width=width if len(width) > 1 else width[0],
                      temperature=temperature if len(temperature) > 1 else temperature[0],
+                     top_k=top_k, top_p=top_p, min_p=min_p,
+                     prompt_lookup={"name": lookup[0]} if lookup else None,
                      max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype)
     except ValidationError as e:
-        raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+                                 for err in e.errors())) from None
     device = pick_device(device)
-    srcs = {name: resolve(model_ref(ref)) for name, ref in drafter_names(drafters).items()}
+    srcs = {name: resolve(model_ref(ref)) for name, ref in names.items() if name not in lookup}
     inputs = StageInputs(target=resolve(model_ref(target)), drafters=srcs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

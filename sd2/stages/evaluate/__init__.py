@@ -5,8 +5,9 @@ acceptance per position, MAL per category, wall-clock speedup over target-only d
 theoretical and MAC-based speedups, MACs and sparsity, and losslessness; then writes report.json,
 report.md and plots. Metric definitions: docs/evaluate.md and sd2/mal.py.
 
-Modules: engine (the decoding loop), sampling (accept/resample), crosstok (different tokenizers),
-measure (timing protocol, c, teacher-forced MAL), report (report.json/.md, snippets), plots.
+The decoding itself is sd2.engine (one round loop over proposers: drafters, cross-tokenizer
+drafters, prompt lookup). Modules here: measure (timing protocol, c, v(n), teacher-forced MAL),
+collect (load, measure, assemble), report (report.json/.md, snippets), plots.
 The commands `sd2 eval` and `sd2 compare` (the CI gate) live in sd2.pipeline.commands/compare.
 """
 
@@ -15,9 +16,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sd2.data.prompts import PromptsConfig
+
+
+class PromptLookup(BaseModel):
+    """Prompt lookup decoding (n-gram drafting from the prompt and the output, training-free; the
+    Spec-Bench PLD baseline) evaluated as one more drafter named ``name``."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("prompt_lookup", pattern=r"^[A-Za-z0-9_.-]+$", description="its name in the report")
+    max_ngram: int = Field(3, ge=1, le=16, description="longest n-gram matched (tried first)")
+    min_ngram: int = Field(1, ge=1, le=16, description="shortest n-gram matched")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"prompt_lookup.min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+        return self
 
 
 class Config(BaseModel):
@@ -25,8 +42,14 @@ class Config(BaseModel):
 
     prompts: PromptsConfig | list[PromptsConfig] = Field(
         description="evaluation prompts (sd2.data.prompts); hold them apart from training prompts with skip")
-    gamma: int | list[int] = Field(4, description="draft length per round; a list is a sweep")
+    gamma: int | list[int] = Field(4, description="draft length (tree depth) per round; a list is a sweep")
+    width: int | list[int] = Field(1, description="tree width: nodes per depth for proposers that branch (a drafter's "
+                                                  "top-k siblings, prompt lookup's distinct matches); 1 = chain; a list is a sweep")
     temperature: float | list[float] = Field(0.0, description="0 = greedy (checked lossless token for token); a list is a sweep")
+    top_k: int = Field(0, ge=0, description="sampling: keep the k most likely tokens (0 = off); target and drafters alike")
+    top_p: float = Field(1.0, gt=0, le=1, description="sampling: nucleus mass (1 = off); target and drafters alike")
+    min_p: float = Field(0.0, ge=0, lt=1, description="sampling: drop tokens below min_p x the top probability (0 = off)")
+    prompt_lookup: PromptLookup | None = Field(None, description="also evaluate prompt lookup decoding (training-free baseline)")
     max_new_tokens: int = Field(128, ge=1, le=8192, description="new tokens per request")
     turns: int = Field(1, ge=1, description="evaluate the first N user turns of each conversation; later turns "
                                             "see the target's greedy answers as history")
@@ -43,6 +66,14 @@ class Config(BaseModel):
             raise ValueError(f"gamma must be an integer in [1, 64] or a non-empty list of them, got {v}")
         return v
 
+    @field_validator("width")
+    @classmethod
+    def _width(cls, v):
+        vals = v if isinstance(v, list) else [v]
+        if not vals or any(w < 1 or w > 16 for w in vals):
+            raise ValueError(f"width must be an integer in [1, 16] or a non-empty list of them, got {v}")
+        return v
+
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v):
@@ -54,6 +85,15 @@ class Config(BaseModel):
     @property
     def gammas(self) -> list[int]:
         return sorted(set(self.gamma if isinstance(self.gamma, list) else [self.gamma]))
+
+    @property
+    def widths(self) -> list[int]:
+        return sorted(set(self.width if isinstance(self.width, list) else [self.width]))
+
+    def samplings(self):
+        from sd2.engine.proposer import Sampling
+
+        return [Sampling(t, self.top_k, self.top_p, self.min_p) for t in self.temperatures]
 
     @property
     def temperatures(self) -> list[float]:

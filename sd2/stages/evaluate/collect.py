@@ -44,14 +44,18 @@ def load_target(config, inputs, ctx) -> Setup:
     from sd2.core.models import load_model, load_tokenizer, model_eos_ids
     from sd2.data.prompts import load_prompts
     from sd2.macs import count_macs
+    from sd2.engine.cached import CachedLM
     from sd2.stages.evaluate import measure as M
-    from sd2.stages.evaluate.engine import Runner
 
-    if inputs.target is None or not inputs.drafters:
-        raise Sd2Error("evaluate needs a target and at least one drafter (inputs.target, inputs.drafters)")
+    if inputs.target is None or not (inputs.drafters or config.prompt_lookup):
+        raise Sd2Error("evaluate needs a target and at least one drafter (inputs.target, inputs.drafters, "
+                       "or evaluate.prompt_lookup)")
+    if config.prompt_lookup and config.prompt_lookup.name in (inputs.drafters or {}):
+        raise Sd2Error(f"evaluate.prompt_lookup.name {config.prompt_lookup.name!r} is also a drafter's name; "
+                       "choose another")
     model = load_model(inputs.target, device=ctx.device, dtype=getattr(torch, config.dtype))
     tok = load_tokenizer(inputs.target)
-    target = Runner(model)
+    target = CachedLM(model)
     eos = set(model_eos_ids(model, tok))
     convs = load_prompts(config.prompts)
     if not convs:
@@ -61,33 +65,47 @@ def load_target(config, inputs, ctx) -> Setup:
 
 
 def load_drafters(config, inputs, setup: Setup, ctx):
-    """(engine drafters, {name: DrafterInfo}, {name: draft-to-target map or None})."""
+    """(drafters under evaluation, {name: DrafterInfo}, {name: draft-to-target map or None}). Each model
+    becomes a proposer (sd2.engine): a drafter, or a cross-tokenizer drafter when the tokenizers
+    differ; ``evaluate.prompt_lookup`` adds prompt lookup decoding (no model)."""
     import torch
 
     from sd2.core.models import load_model, load_tokenizer, model_eos_ids, same_tokenizer
     from sd2.core.report import DrafterInfo
     from sd2.macs import count_macs
+    from sd2.engine.cached import CachedLM
+    from sd2.engine.crosstok import CrossTokenizerProposer
+    from sd2.engine.drafter import DrafterProposer
+    from sd2.engine.lookup import PromptLookupProposer
+    from sd2.engine.sampling import DraftVocab
     from sd2.stages.evaluate import measure as M
-    from sd2.stages.evaluate.engine import Runner
-    from sd2.stages.evaluate.sampling import DraftVocab
     from sd2.vocab import draft_to_target
 
     drafters, infos, maps = [], {}, {}
-    for name, src in inputs.drafters.items():
+    for name, src in (inputs.drafters or {}).items():
         model = load_model(src, device=ctx.device, dtype=getattr(torch, config.dtype))
         tok = load_tokenizer(src)
         cross = bool(inputs.cross_tokenizer) or not same_tokenizer(setup.tokenizer, tok)
         maps[name] = draft_to_target(model)
-        vocab = DraftVocab(setup.vocab_size, maps[name]).to(setup.target.device)
-        d = M.Drafter(name, Runner(model), tok, vocab, cross, set(model_eos_ids(model, tok)))
+        lm, vocab = CachedLM(model), DraftVocab(setup.vocab_size, maps[name]).to(setup.target.device)
         if cross:
-            d.prompts = {r.id: M.chat_ids(tok, r.messages) for r in setup.requests}
+            prompts = {tuple(r.ids): M.chat_ids(tok, r.messages) for r in setup.requests}
+            proposer = CrossTokenizerProposer(name, lm, setup.tokenizer, tok, set(model_eos_ids(model, tok)),
+                                              setup.eos, prompts)
             ctx.log.info("drafter %s: different tokenizer, drafts are translated through text", name)
-        drafters.append(d)
+        else:
+            proposer = DrafterProposer(name, lm, vocab, setup.eos)
+        drafters.append(M.Drafter(name, proposer, lm, vocab, cross))
         macs = count_macs(model)
-        infos[name] = DrafterInfo(path=src.ref, fingerprint=src.fingerprint, macs=macs.to_dict(),
+        infos[name] = DrafterInfo(path=src.ref, kind="cross_tokenizer" if cross else "drafter",
+                                  fingerprint=src.fingerprint, macs=macs.to_dict(),
                                   mac_ratio=_r(macs.ratio_to(setup.macs)), sparsity=_r(macs.decoder_sparsity),
                                   cross_tokenizer=cross, lineage=_lineage(src.ref))
+    if config.prompt_lookup:
+        pl = config.prompt_lookup
+        drafters.append(M.Drafter(pl.name, PromptLookupProposer(pl.name, setup.eos, pl.max_ngram, pl.min_ngram)))
+        infos[pl.name] = DrafterInfo(kind="prompt_lookup", mac_ratio=0.0, settings=pl.model_dump())
+        maps[pl.name] = None
     return drafters, infos, maps
 
 
@@ -113,36 +131,43 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref) -> di
     tf = {}
     for d in drafters:
         info = infos[d.name]
-        info.c_measured = _r(M.c_measured(d.runner, setup.target))
+        info.c_measured = _r(M.c_measured(d.lm, setup.target)) if d.lm is not None else None
         info.vocab = vocab_info(info.path, maps[d.name], greedy_tokens)
-        if config.teacher_forced and greedy_ref and not d.cross:
+        if config.teacher_forced and greedy_ref and d.lm is not None and not d.cross:
             tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, config.gammas)
     return tf
 
 
 def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
-    """One Result per (drafter, γ, temperature): stored measurements only; derived figures are
+    """One Result per (drafter, γ, width, temperature): stored measurements only; derived figures are
     computed by the Result class."""
     from sd2.core.report import Result
     from sd2.stages.evaluate import measure as M
 
-    verify = {g: M.verify_cost(setup.target, g) for g in config.gammas}   # the target's alone: once per gamma
+    target = setup.target
+    step = statistics.median(target.step_times) if target.step_times else None
     rows = []
-    for (name, gamma, temp), cell in cells.items():
+    for (name, gamma, width, temp), cell in cells.items():
         info = infos[name]
         s = cell.stats.summary(gamma)
+        n = s["target_forwards"]
+        # v(n) at the full shape, 1 + gamma*width nodes (a model drafter's rounds are full but near the end)
+        v = M.verify_cost(target, 1 + gamma * width) if info.kind != "prompt_lookup" else None
         rows.append(Result(
-            drafter=name, gamma=gamma, temperature=temp,
+            drafter=name, kind=info.kind, gamma=gamma, width=width, temperature=temp,
+            drafted_depth=s["drafted_depth"], nodes_per_round=_r(s["drafted"] / n) if n else None,
+            draft_cost=_r(cell.propose_s / n / step) if n and step else None,
+            verify_cost_mean=_r(cell.verify_s / n / step) if n and step else None,
             **{k: _r(s[k]) for k in ("mal", "mal_per_request", "acceptance_rate")},
             acceptance_per_position=[_r(x) for x in s["acceptance_per_position"]],
             mal_per_category={k: _r(v) for k, v in s["mal_per_category"].items()},
-            greedy_mal_teacher_forced=_r(tf[name][gamma]) if temp == 0 and name in tf else None,
+            greedy_mal_teacher_forced=_r(tf[name][gamma]) if temp == 0 and name in tf and width == 1 else None,
             tokens=s["tokens"], requests=s["requests"], drafted=s["drafted"], accepted=s["accepted"],
             target_forwards=s["target_forwards"], drafter_forwards=cell.drafter_forwards,
             wall_s=_r(statistics.median(cell.walls)), walls=[_r(w) for w in cell.walls],
-            target_wall_s=_r(baseline[temp]["wall_s"]), c_measured=info.c_measured, verify_cost=_r(verify[gamma]),
-            mac_ratio=info.mac_ratio, macs_per_token=info.macs["effective"],
-            dense_macs_per_token=info.macs["dense"], sparsity=info.sparsity,
+            target_wall_s=_r(baseline[temp]["wall_s"]), c_measured=info.c_measured, verify_cost=_r(v),
+            mac_ratio=info.mac_ratio, macs_per_token=info.macs.get("effective", 0),
+            dense_macs_per_token=info.macs.get("dense", 0), sparsity=info.sparsity,
             lossless=cell.lossless if temp == 0 else None, lossless_mismatches=cell.mismatches))
     return rows
 
@@ -160,7 +185,7 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
                  len(drafters), len(setup.requests), config.gammas, config.temperatures, config.max_new_tokens,
                  config.repeats)
     baseline, cells, greedy_ref = M.measure(
-        setup.target, setup.tokenizer, drafters, setup.requests, config.gammas, config.temperatures,
+        setup.target, drafters, setup.requests, config.gammas, config.widths, config.samplings(),
         config.max_new_tokens, config.repeats, config.warmup, ctx.seed, setup.eos,
         progress=lambda it, **kw: ctx.progress(it, total=len(setup.requests), **kw))
     tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref)
@@ -171,7 +196,8 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
     report = Report(
         sd2_version=__version__,
         target=TargetInfo(ref=inputs.target.ref, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict()),
-        settings=Settings(gammas=config.gammas, temperatures=config.temperatures,
+        settings=Settings(gammas=config.gammas, widths=config.widths, temperatures=config.temperatures,
+                          top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
                           max_new_tokens=config.max_new_tokens, n_prompts=len(setup.requests), turns=config.turns,
                           prompts=config.model_dump(mode="json")["prompts"], repeats=config.repeats,
                           warmup=config.warmup, seed=ctx.seed, device=str(ctx.device), dtype=config.dtype,

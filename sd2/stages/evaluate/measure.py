@@ -1,7 +1,7 @@
 """Measurements: prompts as token ids, the interleaved timing loop, c, and teacher-forced greedy MAL.
 
 Timing protocol (Spec-Bench): batch size 1, warm-up first, then ``repeats`` passes over the prompts;
-in each pass every prompt runs target-only first, then every (drafter, gamma) on the same prompt, so
+in each pass every prompt runs target-only first, then every (drafter, shape) on the same prompt, so
 slow phases of a shared machine hit every contender alike. Wall-clock is summed over the prompts of
 a pass; the reported wall is the median over passes. MAL and acceptance come from the first pass
 (with a fixed seed they are deterministic).
@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sd2.engine.cached import CachedLM
+from sd2.engine.loop import Generation, generate, target_generate
+from sd2.engine.proposer import Proposer, Sampling
+from sd2.engine.sampling import DraftVocab
 from sd2.mal import MalStats, teacher_forced_rounds
-from sd2.stages.evaluate.crosstok import crosstok_generate
-from sd2.stages.evaluate.engine import Generation, Runner, speculative_generate, target_generate
-from sd2.stages.evaluate.sampling import DraftVocab
 
 
 @dataclass
@@ -30,13 +31,17 @@ class Request:
 
 @dataclass
 class Drafter:
+    """A named proposer under evaluation, with its model when it has one (for c and teacher forcing)."""
     name: str
-    runner: Runner
-    tokenizer: object
-    vocab: DraftVocab
-    cross: bool                      # a different tokenizer: drafts travel through text
-    eos: set[int]
-    prompts: dict[str, list[int]] = field(default_factory=dict)   # cross only: request id -> drafter ids
+    proposer: Proposer
+    lm: CachedLM | None = None
+    vocab: DraftVocab | None = None
+    cross: bool = False              # a different tokenizer: drafts travel through text
+
+    @property
+    def widths(self) -> bool:
+        """Whether the proposer can branch (has a ``width``): only those are run at width > 1."""
+        return hasattr(self.proposer, "width")
 
 
 def chat_ids(tok, messages: list[dict]) -> list[int]:
@@ -47,7 +52,7 @@ def chat_ids(tok, messages: list[dict]) -> list[int]:
     return tok.encode(text)
 
 
-def build_requests(convs, tok, turns: int, target: Runner, max_new_tokens: int, eos: set[int]) -> list[Request]:
+def build_requests(convs, tok, turns: int, target: CachedLM, max_new_tokens: int, eos: set[int]) -> list[Request]:
     """One request per evaluated user turn. Turn t > 1 sees the target's greedy answers to the turns
     before it as history (what target-only greedy decoding would have said)."""
     out = []
@@ -64,12 +69,11 @@ def build_requests(convs, tok, turns: int, target: Runner, max_new_tokens: int, 
     return out
 
 
-def run_drafter(target: Runner, d: Drafter, t_tok, req: Request, gamma: int, max_new_tokens: int,
-                eos: set[int], temperature: float, gen) -> Generation:
-    if d.cross:
-        return crosstok_generate(target, d.runner, t_tok, d.tokenizer, req.ids, d.prompts[req.id], gamma,
-                                 max_new_tokens, eos, d.eos, temperature, gen)
-    return speculative_generate(target, d.runner, d.vocab, req.ids, gamma, max_new_tokens, eos, temperature, gen)
+def run_drafter(target: CachedLM, d: Drafter, req: Request, gamma: int, width: int, max_new_tokens: int,
+                eos: set[int], sampling: Sampling, gen) -> Generation:
+    if d.widths:
+        d.proposer.width = width
+    return generate(target, d.proposer, req.ids, gamma, max_new_tokens, eos, sampling, gen)
 
 
 def _gen(device, seed: int, *parts: int) -> torch.Generator:
@@ -80,53 +84,67 @@ def _gen(device, seed: int, *parts: int) -> torch.Generator:
 
 @dataclass
 class Cell:
-    """One (drafter, gamma, temperature) setting."""
+    """One (drafter, gamma, width, temperature) setting."""
     stats: MalStats = field(default_factory=MalStats)
     walls: list[float] = field(default_factory=list)
     drafter_forwards: int = 0
+    propose_s: float = 0.0           # first pass: time inside propose
+    verify_s: float = 0.0            # first pass: time inside the target's round forwards
     lossless: bool = True
     mismatches: list[str] = field(default_factory=list)
 
 
-def measure(target: Runner, t_tok, drafters: list[Drafter], requests: list[Request], gammas: list[int],
-            temperatures: list[float], max_new_tokens: int, repeats: int, warmup: int, seed: int, eos: set[int],
+def shapes(d: Drafter, gammas: list[int], widths: list[int]) -> list[tuple[int, int]]:
+    """(gamma, width) settings a drafter runs: every width for a proposer that branches, else width 1."""
+    return [(g, w) for g in gammas for w in (widths if d.widths else [1])]
+
+
+def measure(target: CachedLM, drafters: list[Drafter], requests: list[Request], gammas: list[int], widths: list[int],
+            samplings: list[Sampling], max_new_tokens: int, repeats: int, warmup: int, seed: int, eos: set[int],
             progress=None) -> tuple[dict, dict, dict]:
-    """Returns (baseline per temperature, cells per (name, gamma, temperature), greedy target outputs)."""
+    """Returns (baseline per temperature, cells per (name, gamma, width, temperature), greedy target outputs)."""
     dev = target.device
     progress = progress or (lambda it, **kw: it)
     for _ in range(warmup):   # first calls allocate and pick kernels: keep them out of the timings
         w = requests[0]
         target_generate(target, w.ids, min(16, max_new_tokens), eos)
         for d in drafters:
-            run_drafter(target, d, t_tok, w, gammas[0], min(16, max_new_tokens), eos, 0.0, None)
-    for r in [target] + [d.runner for d in drafters]:
+            for g, wd in shapes(d, gammas[:1], widths):
+                run_drafter(target, d, w, g, wd, min(16, max_new_tokens), eos, Sampling(), None)
+    for r in [target] + [d.lm for d in drafters if d.lm is not None]:
         r.step_times.clear()
         r.verify_times.clear()
     baseline: dict = {}
-    cells: dict = {(d.name, g, t): Cell() for d in drafters for g in gammas for t in temperatures}
+    cells: dict = {(d.name, g, wd, s.temperature): Cell() for d in drafters for g, wd in shapes(d, gammas, widths)
+                   for s in samplings}
     greedy_ref: dict[str, list[int]] = {}
-    for temp in temperatures:
+    for s in samplings:
+        temp = s.temperature
         passes, tokens = [], 0
         for rep in range(repeats):
-            wall = {key: 0.0 for key in cells if key[2] == temp}
+            wall = {key: 0.0 for key in cells if key[3] == temp}
             base_wall = 0.0
             for i, req in enumerate(progress(requests, desc=f"T={temp} pass {rep + 1}/{repeats}", unit="prompt")):
-                base = target_generate(target, req.ids, max_new_tokens, eos, temp, _gen(dev, seed, i, rep, 0))
+                base = target_generate(target, req.ids, max_new_tokens, eos, s, _gen(dev, seed, i, rep, 0))
                 base_wall += base.seconds
                 if rep == 0:
                     tokens += len(base.tokens)
                 if temp == 0:
                     greedy_ref.setdefault(req.id, base.tokens)
                 for d in drafters:
-                    for gamma in gammas:
-                        cell = cells[(d.name, gamma, temp)]
-                        before = d.runner.forwards
-                        out = run_drafter(target, d, t_tok, req, gamma, max_new_tokens, eos, temp,
-                                          _gen(dev, seed, i, rep, 1 + gamma))
-                        wall[(d.name, gamma, temp)] += out.seconds
+                    for gamma, width in shapes(d, gammas, widths):
+                        key = (d.name, gamma, width, temp)
+                        cell = cells[key]
+                        before = d.lm.forwards if d.lm is not None else 0
+                        t_before = target.seconds
+                        out = run_drafter(target, d, req, gamma, width, max_new_tokens, eos, s,
+                                          _gen(dev, seed, i, rep, 1 + gamma, width))
+                        wall[key] += out.seconds
                         if rep == 0:
                             cell.stats.add_request(out.rounds, req.category)
-                            cell.drafter_forwards += d.runner.forwards - before
+                            cell.drafter_forwards += (d.lm.forwards - before) if d.lm is not None else 0
+                            cell.propose_s += out.propose_seconds
+                            cell.verify_s += target.seconds - t_before
                         if temp == 0 and out.tokens != base.tokens:
                             cell.lossless = False
                             cell.mismatches.append(req.id)
@@ -139,17 +157,19 @@ def measure(target: Runner, t_tok, drafters: list[Drafter], requests: list[Reque
     return baseline, cells, greedy_ref
 
 
-def verify_cost(target: Runner, gamma: int) -> float | None:
-    """Median target forward over gamma+1 tokens (a full verification) / median target decode step.
-    MAL/(gamma*c + 1) assumes 1; at batch 1 on a CPU a multi-token forward costs more, and
-    MAL/(gamma*c + verify_cost) is the speedup the engine can reach on this machine."""
-    times = target.verify_times.get(gamma + 1)
+def verify_cost(target: CachedLM, n: int) -> float | None:
+    """v(n): median target forward over n tokens or tree nodes (a verification of n-1 drafts plus the
+    root) / median target decode step. MAL/(gamma*c + 1) assumes 1; at batch 1 on a CPU a multi-token
+    forward costs more, and MAL/(gamma*c + v) is the speedup the engine can reach on this machine."""
+    times = target.verify_times.get(n)
+    if n == 1:
+        return 1.0 if target.step_times else None
     if not times or not target.step_times:
         return None
     return statistics.median(times) / statistics.median(target.step_times)
 
 
-def c_measured(drafter: Runner, target: Runner) -> float | None:
+def c_measured(drafter: CachedLM, target: CachedLM) -> float | None:
     """Median single-token decode forward of the drafter / the same of the target."""
     if not drafter.step_times or not target.step_times:
         return None
@@ -159,15 +179,15 @@ def c_measured(drafter: Runner, target: Runner) -> float | None:
 @torch.inference_mode()
 def teacher_forced_mal(d: Drafter, requests: list[Request], greedy_ref: dict[str, list[int]],
                        gammas: list[int]) -> dict[int, float]:
-    """Exact greedy MAL without drafting (docs/design.md): one drafter forward over prompt + the target's
-    greedy response gives the drafter's argmax at every response position."""
+    """Exact greedy chain MAL without drafting (docs/design.md): one drafter forward over prompt + the
+    target's greedy response gives the drafter's argmax at every response position."""
     stats = {g: MalStats() for g in gammas}
-    model = d.runner.model
+    model = d.lm.model
     for req in requests:
         resp = greedy_ref[req.id]
         if not resp:
             continue
-        ids = torch.tensor([req.ids + resp[:-1]], device=d.runner.device)
+        ids = torch.tensor([req.ids + resp[:-1]], device=d.lm.device)
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(resp)).logits[0]
         idx = torch.argmax(d.vocab.cut(logits), dim=-1)
         pred = (d.vocab.map[idx] if d.vocab.map is not None else idx).tolist()

@@ -57,29 +57,36 @@ def markdown(report: Report, plots: list[str]) -> str:
              f"{s.device} {s.dtype}.", ""]
     for temp, b in report.baseline.items():
         lines.append(f"- target alone at T={temp}: {b.tokens} tokens in {b.wall_s:.2f} s ({b.tokens_per_s:.1f} tok/s)")
-    lines += ["", "| drafter | γ | T | sparsity | MACs/token | MAC ratio | MAL | MAL (TF) | acc. rate | speedup | theoretical | MAC-based | c | lossless |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    filters = ([f"top-k {s.top_k}"] if s.top_k else []) + ([f"top-p {s.top_p:g}"] if s.top_p < 1 else []) \
+        + ([f"min-p {s.min_p:g}"] if s.min_p > 0 else [])
+    if filters:
+        lines.append(f"- sampling at T>0 filtered by {', '.join(filters)} (target and drafters alike)")
+    lines += ["", "| drafter | γ | width | T | sparsity | MACs/token | MAC ratio | MAL | MAL (TF) | acc. rate | speedup | "
+              "theoretical | MAC-based | modeled | c | lossless |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.results:
         ll = {True: "yes", False: "**NO**", None: "n/a (T>0)"}[r.lossless]
-        lines.append(f"| {r.drafter} | {r.gamma} | {r.temperature:g} | "
+        lines.append(f"| {r.drafter} | {r.gamma} | {r.width} | {r.temperature:g} | "
                      f"{_fmt(100 * r.sparsity if r.sparsity is not None else None, 1, '%')} | "
-                     f"{_macs(r.macs_per_token)} | {_fmt(r.mac_ratio, 3)} | {_fmt(r.mal, 3)} | "
+                     f"{_macs(r.macs_per_token or 0)} | {_fmt(r.mac_ratio, 3)} | {_fmt(r.mal, 3)} | "
                      f"{_fmt(r.greedy_mal_teacher_forced, 3)} | {_fmt(r.acceptance_rate, 3)} | "
                      f"{_fmt(r.speedup, 2, '×')} | {_fmt(r.theoretical_speedup, 2, '×')} | "
-                     f"{_fmt(r.mac_speedup, 2, '×')} | {_fmt(r.c_measured, 3)} | {ll} |")
+                     f"{_fmt(r.mac_speedup, 2, '×')} | {_fmt(r.modeled_speedup, 2, '×')} | {_fmt(r.c_measured, 3)} | {ll} |")
     gmax = max(s.gammas)
     lines += ["", "## Acceptance per position", "",
-              "| drafter | γ | T | " + " | ".join(str(i) for i in range(1, gmax + 1)) + " |",
-              "|---|---|---|" + "---|" * gmax]
+              "Defined on depth: among rounds whose draft reached depth i, the share whose accepted path reached "
+              "depth i (for a chain, depth i is draft token i).", "",
+              "| drafter | γ | width | T | " + " | ".join(str(i) for i in range(1, gmax + 1)) + " |",
+              "|---|---|---|---|" + "---|" * gmax]
     for r in report.results:
         cells = [_fmt(a, 3) for a in r.acceptance_per_position] + [""] * (gmax - r.gamma)
-        lines.append(f"| {r.drafter} | {r.gamma} | {r.temperature:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.drafter} | {r.gamma} | {r.width} | {r.temperature:g} | " + " | ".join(cells) + " |")
     cats = sorted({c for r in report.results for c in r.mal_per_category})
     if len(cats) > 1:
-        lines += ["", "## MAL per category", "", "| drafter | γ | T | " + " | ".join(cats) + " |",
-                  "|---|---|---|" + "---|" * len(cats)]
+        lines += ["", "## MAL per category", "", "| drafter | γ | width | T | " + " | ".join(cats) + " |",
+                  "|---|---|---|---|" + "---|" * len(cats)]
         for r in report.results:
-            lines.append(f"| {r.drafter} | {r.gamma} | {r.temperature:g} | "
+            lines.append(f"| {r.drafter} | {r.gamma} | {r.width} | {r.temperature:g} | "
                          + " | ".join(_fmt(r.mal_per_category.get(c), 3) for c in cats) + " |")
     lines += ["", "MAL = tokens committed ÷ target forwards. MAL (TF) = greedy MAL by teacher forcing. speedup = "
               "target-only wall ÷ speculative wall (median over passes). theoretical = MAL/(γc+1) with c measured; "
@@ -87,11 +94,16 @@ def markdown(report: Report, plots: list[str]) -> str:
     verify = {}
     for r in report.results:
         if r.verify_cost is not None:
-            verify.setdefault(r.gamma, r.verify_cost)
-    if verify:   # why measured speedup falls short of MAL/(γc+1): a (γ+1)-token verify is not free
-        lines += ["Verification cost v (one target forward over γ+1 tokens ÷ one target decode step; "
-                  "MAL/(γc+1) assumes 1): " + ", ".join(f"γ={g}: {v:.2f}" for g, v in sorted(verify.items()))
-                  + ". `modeled_speedup` = MAL/(γc+v) in report.json.", ""]
+            verify.setdefault(1 + r.gamma * r.width, r.verify_cost)
+    if verify:   # why measured speedup falls short of MAL/(γc+1): an n-token verify is not free
+        lines += ["Verification cost v(n) (one target forward over n = 1 + γ·width tokens ÷ one target decode step; "
+                  "MAL/(γc+1) assumes 1): " + ", ".join(f"n={n}: {v:.2f}" for n, v in sorted(verify.items()))
+                  + ". modeled = MAL/(γc+v(n)).", ""]
+    pl = [r for r in report.results if r.kind == "prompt_lookup"]
+    if pl:
+        lines += [f"`{pl[0].drafter}` is prompt lookup decoding (n-gram drafts from the prompt and the output; no "
+                  "model, no training): the free baseline a trained drafter has to beat. Its modeled speedup is "
+                  "MAL/(d+v̄) with its measured drafting time d and mean verification cost v̄ per round.", ""]
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     snip = best_snippets(report)

@@ -1,0 +1,54 @@
+"""The standalone drafter: a small causal LM with the target's tokenizer (full or trimmed vocabulary).
+
+Each round it drafts a main chain of up to ``max_depth`` tokens with its own KV cache. With
+``width`` > 1 the draft is a tree: at every depth of the main chain the drafter's next-token
+distribution also yields ``width - 1`` sibling leaves (greedy: its next most likely tokens; sampling:
+further independent draws from the same q). The siblings cost no drafter forward; the target
+verifies all nodes in one forward and a sibling that matches saves the round when the main token
+does not. (EAGLE-2-style dynamic trees that extend siblings need drafter forwards over a tree; the
+round loop verifies any tree, so such a proposer is a new file, not a new loop.)
+
+A trimmed drafter (``sd2.vocab``, K-row lm_head + d2t map) proposes ``map[argmax]``; its q over the
+target's vocabulary is zero outside the kept tokens. The drafter stops a branch after an EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sd2.engine.cached import CachedLM
+from sd2.engine.proposer import Context, Draft, Sampling
+from sd2.engine.sampling import DraftVocab
+
+
+class DrafterProposer:
+    wants_features = False
+
+    def __init__(self, name: str, lm: CachedLM, vocab: DraftVocab, eos: set[int], width: int = 1):
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        self.name, self.lm, self.vocab, self.eos, self.width = name, lm, vocab, set(eos), int(width)
+
+    def reset(self) -> None:
+        self.lm.reset()
+
+    def propose(self, ctx: Context, max_depth: int, sampling: Sampling, gen: torch.Generator | None) -> Draft:
+        tokens: list[int] = []
+        parents: list[int] = []
+        qs: list[torch.Tensor] = []
+        feed = self.lm.sync_to(ctx.tokens)
+        parent = -1
+        for _ in range(max_depth):
+            logits = self.lm.forward(feed)[-1]
+            if sampling.greedy:
+                cands = self.vocab.top(logits, self.width) if self.width > 1 else [self.vocab.greedy(logits)]
+            else:
+                cands, q = self.vocab.sample(logits, sampling, gen, self.width)
+                qs.extend([q] * len(cands))
+            main = len(tokens)
+            tokens.extend(cands)
+            parents.extend([parent] * len(cands))
+            if cands[0] in self.eos:
+                break
+            parent, feed = main, [cands[0]]
+        return Draft(tokens, parents, torch.stack(qs) if qs else None)
