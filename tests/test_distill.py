@@ -280,3 +280,66 @@ def test_stage_module_import_is_cheap():
     code = "import sys, sd2.stages.distill; print(any(m in sys.modules for m in ('torch', 'transformers', 'datasets')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
     assert distill.Config is Config
+
+
+def test_dataset_answers_keep_the_recorded_turns_with_the_mask_on_them_alone(tmp_path, eos_target, tokenizer):
+    """answers: dataset (the SD² ablation baseline): each row holds the source's own assistant turns,
+    the sequence is the chat template's rendering, and loss_mask is 1 exactly on the answers' tokens
+    (their end-of-turn token included); an answer over max_new_tokens is cut there, like a generated
+    one; a record without an answer to its first turn is dropped and counted, and a conversation is
+    cut before its first unanswered turn."""
+    records = [
+        {"id": "a", "conversations": [{"from": "human", "value": "what is the capital of france?"},
+                                      {"from": "gpt", "value": "paris is the capital of france"},
+                                      {"from": "human", "value": "and 7 * 6?"},
+                                      {"from": "gpt", "value": "42"}]},
+        {"id": "b", "conversations": [{"from": "system", "value": "be brief"},
+                                      {"from": "human", "value": "hello world"},
+                                      {"from": "gpt", "value": "the quick brown fox jumps over the lazy dog " * 3}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "no answer recorded"}]},
+        {"id": "d", "conversations": [{"from": "human", "value": "write a story"},
+                                      {"from": "gpt", "value": "a robot learns to paint"},
+                                      {"from": "human", "value": "unanswered follow-up"}]},
+    ]
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps(records))
+    metrics, out = distill_run(tmp_path, eos_target, {"source": str(path)}, answers="dataset", max_new_tokens=16)
+    ds = load_distilled(out)
+    assert metrics["no_recorded_answer"] == 1 and metrics["rows"] == len(ds) == 3
+    rows = {r["id"]: r for r in ds}
+    assert set(rows) == {"chats-a", "chats-b", "chats-d"}
+    eos = tokenizer.eos_token_id
+    expected = {"chats-a": ["paris is the capital of france", "42"],
+                "chats-b": [None],     # cut at 16 tokens
+                "chats-d": ["a robot learns to paint"]}
+    truncated = 0
+    for rid, row in rows.items():
+        ids, mask = row["input_ids"], row["loss_mask"]
+        assert tokenizer.decode(ids) == tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        spans = mask_spans(mask)
+        assert len(spans) == len(answers) == len(expected[rid])
+        for (a, b), answer, want in zip(spans, answers, expected[rid]):
+            assert tokenizer.decode(ids[:a]).endswith("<|im_start|>assistant\n")
+            span = ids[a:b]
+            if want is None:
+                truncated += 1
+                assert len(span) == 16 and eos not in span
+                assert (records[1]["conversations"][2]["value"]).startswith(answer)
+                assert tokenizer.decode(span) == answer
+            else:
+                assert answer == want
+                assert span[-1] == eos and tokenizer.decode(span) == want + EOS_TEXT
+        assert sum(mask) == sum(b - a for a, b in spans)
+    assert rows["chats-b"]["messages"][0] == {"role": "system", "content": "be brief"}
+    assert [m["content"] for m in rows["chats-d"]["messages"] if m["role"] == "user"] == ["write a story"]
+    assert metrics["truncated"] == truncated == 1
+    assert metrics["tokens"] == sum(sum(r["loss_mask"]) for r in ds)
+    assert json.loads((out / "distill.json").read_text())["answers"] == "dataset"
+
+
+def test_dataset_answers_errors(tmp_path, eos_target, mtbench_file):
+    with pytest.raises(Sd2Error, match="no selected conversation has a recorded assistant answer"):
+        distill_run(tmp_path, eos_target, {"source": str(mtbench_file)}, answers="dataset")
+    with pytest.raises(ValueError, match="policy 'drafter' does not apply"):
+        Config(prompts={"source": str(mtbench_file)}, answers="dataset", policy="drafter")

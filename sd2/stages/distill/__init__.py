@@ -6,6 +6,10 @@ on vLLM (vllm_backend.py). Rows are flushed to shards every ``flush_every`` prom
 run resumes from its last complete shard (shards.py). The output is the distilled dataset of
 docs/CONTRACTS.md in ``out_dir/dataset`` and ``out_dir/distill.json``.
 
+The SD² ablation baseline: ``answers: dataset`` keeps the source's own recorded assistant turns
+(ShareGPT's answers) instead of generating; nothing is generated, the rows have the same layout
+and mask rule, and conversations without a recorded answer are dropped and counted.
+
 On-policy (DistillSpec): ``policy: drafter`` has the drafter write the answers, and with
 ``topk_logits: k`` the target's top-k logits are recorded on them, one target forward per batch.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sd2.data.prompts import Prompts
 
@@ -40,9 +44,21 @@ class Config(BaseModel):
     flush_every: int = Field(256, ge=1, description="prompts per shard: a killed run resumes from the last shard")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype while generating")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model")
+    answers: Literal["generate", "dataset"] = Field(
+        "generate", description="generate: the target (or drafter) writes every assistant turn; dataset: keep the "
+                                "source's own recorded answers (ShareGPT, messages files), cut at max_new_tokens; "
+                                "conversations without one are dropped and counted (no_recorded_answer)")
+
+    @model_validator(mode="after")
+    def _answers(self) -> "Config":
+        if self.answers == "dataset" and self.policy == "drafter":
+            raise ValueError("answers 'dataset' keeps the source's answers, so no model writes them; "
+                             "policy 'drafter' does not apply (leave policy: target)")
+        return self
 
 
 def consumes(config: Config) -> tuple[str, ...]:
+    """The target gives the tokenizer (and writes or scores the answers); the drafter only on-policy."""
     return ("target",) if config.policy == "target" else ("target", "model")
 
 
@@ -56,18 +72,29 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.data.dataset import DISTILL_JSON, features
     from sd2.data.prompts import load_prompts
     from sd2.stages.distill import shards
-    from sd2.stages.distill.chat import ChatFormat, converse
+    from sd2.stages.distill.chat import ChatFormat, RecordedAnswers, converse, with_recorded_answers
     from sd2.stages.distill.generate import topk_on_responses
 
     convs = [c for c in load_prompts(config.prompts) if c.turns]
     if not convs:
         raise Sd2Error("distill.prompts selected no conversation with a user turn; check source, skip and limit")
+    no_answer = 0
+    if config.answers == "dataset":
+        convs, no_answer = with_recorded_answers(convs)
+        if not convs:
+            raise Sd2Error("distill.answers is 'dataset' but no selected conversation has a recorded assistant "
+                           "answer (MT-bench, HumanEval, gsm_symbolic and text files have none); use a ShareGPT or "
+                           "messages source, or answers: generate")
+        if no_answer:
+            ctx.log.warning("distill: dropped %d conversation(s) without a recorded answer to their first turn",
+                            no_answer)
     if inputs.target is None:
         raise Sd2Error("distill needs the target model")
     if config.policy == "drafter" and inputs.model is None:
         raise Sd2Error("distill.policy is 'drafter' but the run has no drafter; set `drafter:` or policy: target")
     generator, tok, teacher, writer_name = _backend(config, inputs, ctx)
     fmt = ChatFormat(tok, generator.sampling.stop_ids)
+    recorded = RecordedAnswers(fmt, config.max_new_tokens) if config.answers == "dataset" else None
     dropped = 0
     if config.max_prompt_tokens is not None:
         kept = [c for c in convs if len(fmt.start(c).ids) <= config.max_prompt_tokens]
@@ -100,7 +127,8 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
             bar.update(sum(len(c.turns) for c in chunk))
             continue
         t0 = time.perf_counter()
-        states = converse(chunk, fmt, generator.generate, seed=ctx.seed * 100_003 + i, progress=bar)
+        states = converse(chunk, fmt, generator.generate, seed=ctx.seed * 100_003 + i, progress=bar,
+                          recorded=recorded)
         gen_s = time.perf_counter() - t0
         rows = [{"id": s.conv.id, "category": s.conv.category, "messages": s.messages,
                  "response": s.messages[-1]["content"], "input_ids": s.ids, "loss_mask": s.mask} for s in states]
@@ -119,6 +147,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
              for k in ("rows", "tokens", "responses", "truncated", "generate_s")}
     shards.combine(folder, n_shards, out_dir / "dataset")
     metrics = {"rows": total["rows"], "tokens": total["tokens"], "dropped_long_prompts": dropped,
+               "no_recorded_answer": no_answer,
                "mean_response_tokens": round(total["tokens"] / max(total["responses"], 1), 2),
                "truncated": total["truncated"],
                "tokens_per_s": round(total["tokens"] / max(total["generate_s"], 1e-9), 2)}
@@ -127,7 +156,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
                         "the loss mask on their last answer only", fmt.rewrites)
     write_json_atomic(out_dir / DISTILL_JSON, {
         "tokenizer": inputs.target.ref, "vocab_size": _vocab_size(inputs.target, tok),
-        "topk": config.topk_logits, "policy": config.policy, "stats": metrics})
+        "topk": config.topk_logits, "policy": config.policy, "answers": config.answers, "stats": metrics})
     ctx.log.info("distill: %d rows, %d tokens (%.1f per answer, %d truncated) at %.1f tok/s", metrics["rows"],
                  metrics["tokens"], metrics["mean_response_tokens"], metrics["truncated"], metrics["tokens_per_s"])
     return metrics
@@ -142,6 +171,19 @@ def _backend(config: Config, inputs, ctx):
     from sd2.stages.distill.generate import HFGenerator, Sampling
 
     tok = load_tokenizer(inputs.target)
+    if config.answers == "dataset":   # nothing generates: only the stop tokens, and the target for top-k
+        from transformers import AutoConfig, GenerationConfig
+
+        cfg = AutoConfig.from_pretrained(inputs.target.ref, trust_remote_code=inputs.target.trust_remote_code)
+        try:
+            gcfg = GenerationConfig.from_pretrained(inputs.target.ref)
+        except OSError:
+            gcfg = None
+        generator = _Recorded(Sampling(config.max_new_tokens, 0.0, 1.0, stop_ids(tok, cfg, gcfg)))
+        teacher = None
+        if config.topk_logits is not None:
+            teacher = load_model(inputs.target, device=ctx.device, dtype=getattr(torch, config.dtype))
+        return generator, tok, teacher, "the source's recorded answers"
     writer_src, writer_name = (inputs.target, "the target") if config.policy == "target" else (inputs.model, "the drafter")
     if config.policy == "drafter" and not same_tokenizer(tok, load_tokenizer(inputs.model)):
         raise Sd2Error("distill.policy 'drafter' needs the drafter to share the target's tokenizer "
@@ -167,6 +209,16 @@ def _backend(config: Config, inputs, ctx):
         if config.topk_logits is not None:
             teacher = load_model(inputs.target, device=ctx.device, dtype=dtype)
     return generator, tok, teacher, writer_name
+
+
+class _Recorded:
+    """The generator slot with ``answers: dataset``: stop tokens only; converse never calls generate."""
+
+    def __init__(self, sampling):
+        self.sampling = sampling
+
+    def generate(self, prompts, seed=0, progress=None):
+        raise AssertionError("answers: dataset generates nothing")
 
 
 def _vocab_size(target, tok) -> int:

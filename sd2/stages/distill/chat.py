@@ -14,6 +14,11 @@ only the last answer keeps its mask.
 
 Without a chat template (a base model), the prompt is the raw text; later turns are joined with a
 blank line.
+
+With ``answers: dataset`` the same carrying runs on the source's recorded answers instead of
+generated ones (``RecordedAnswers``): each is tokenized, cut at ``max_new_tokens`` like a generated
+answer, and closed with the template's end-of-turn token when it fits, so rows of both kinds have
+one layout and one mask rule.
 """
 
 from __future__ import annotations
@@ -126,9 +131,63 @@ class ChatFormat:
         s.mask = [0] * len(s.ids)
 
 
-def converse(convs: list[Conversation], fmt: ChatFormat, generate, seed: int, progress=None) -> list[ConvState]:
+class RecordedAnswers:
+    """The source's own answers as if generated: turn k of a conversation gets ``conv.answers[k]``,
+    tokenized without special tokens, cut at ``max_new_tokens`` (then ``stopped`` is False, as for a
+    generated answer that ran out), else closed with ``end_id``, the template's end-of-turn token."""
+
+    def __init__(self, fmt: ChatFormat, max_new_tokens: int):
+        self.fmt = fmt
+        self.max_new_tokens = max_new_tokens
+        self.end_id = end_of_turn_id(fmt)
+
+    def __call__(self, states: list[ConvState], k: int, progress=None) -> list[Generated]:
+        out = []
+        for s in states:
+            ids = self.fmt._encode(s.conv.answers[k])
+            if len(ids) + 1 <= self.max_new_tokens:
+                out.append(Generated(ids + [self.end_id], True))
+            else:
+                out.append(Generated(ids[: self.max_new_tokens], False))
+        if progress is not None:
+            progress.update(len(states))
+        return out
+
+
+def end_of_turn_id(fmt: ChatFormat) -> int:
+    """The token that closes an assistant turn: the first token of the template's text after an
+    answer when it is a stop token (ChatML's ``<|im_end|>``), else the tokenizer's eos."""
+    tok = fmt.tok
+    if fmt.templated:
+        rendered = fmt._render([{"role": "user", "content": "?"}, {"role": "assistant", "content": SENTINEL}], False)
+        tail = fmt._encode(rendered[rendered.rfind(SENTINEL) + len(SENTINEL):])
+        if tail and tail[0] in fmt.stop_ids:
+            return tail[0]
+    if tok.eos_token_id is None:
+        from sd2.pipeline.errors import Sd2Error
+
+        raise Sd2Error("distill.answers 'dataset' needs an end-of-turn token: the tokenizer has no eos and the chat "
+                       "template closes no turn with a stop token")
+    return int(tok.eos_token_id)
+
+
+def with_recorded_answers(convs: list[Conversation]) -> tuple[list[Conversation], int]:
+    """Each conversation cut before its first user turn without a recorded answer; those left with
+    no turn at all are dropped. Returns (kept, how many were dropped)."""
+    kept = []
+    for c in convs:
+        answers = c.answers or []
+        n = next((k for k, a in enumerate(answers[: len(c.turns)]) if a is None), min(len(answers), len(c.turns)))
+        if n:
+            kept.append(Conversation(c.id, c.category, c.turns[:n], c.system, answers[:n]))
+    return kept, len(convs) - len(kept)
+
+
+def converse(convs: list[Conversation], fmt: ChatFormat, generate, seed: int, progress=None,
+             recorded: RecordedAnswers | None = None) -> list[ConvState]:
     """Every conversation answered turn by turn: turn k of all conversations that have it is one
-    ``generate(prompts, seed)`` call (batched and length-bucketed there)."""
+    ``generate(prompts, seed)`` call (batched and length-bucketed there), or, with ``recorded``,
+    the source's own answers."""
     states = [fmt.start(c) for c in convs]
     max_turns = max((len(c.turns) for c in convs), default=0)
     for k in range(max_turns):
@@ -136,7 +195,10 @@ def converse(convs: list[Conversation], fmt: ChatFormat, generate, seed: int, pr
         if k > 0:
             for s in live:
                 fmt.next_turn(s, k)
-        answers = generate([s.ids for s in live], seed * 1009 + k, progress)
+        if recorded is not None:
+            answers = recorded(live, k, progress)
+        else:
+            answers = generate([s.ids for s in live], seed * 1009 + k, progress)
         for s, g in zip(live, answers):
             fmt.add_answer(s, g)
     for s in states:
