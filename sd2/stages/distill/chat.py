@@ -164,7 +164,7 @@ def end_of_turn_id(fmt: ChatFormat) -> int:
         if tail and tail[0] in fmt.stop_ids:
             return tail[0]
     if tok.eos_token_id is None:
-        from sd2.pipeline.errors import Sd2Error
+        from sd2.core.errors import Sd2Error
 
         raise Sd2Error("distill.answers 'dataset' needs an end-of-turn token: the tokenizer has no eos and the chat "
                        "template closes no turn with a stop token")
