@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sd2.core.errors import Sd2Error
+from sd2.data.prompts import Prompts
 
 log = logging.getLogger("sd2")
 
@@ -48,8 +49,15 @@ class ModelRef(BaseModel):
     package: str | None = Field(None, description="installed Python package that ships the gguf file")
     tokenizer: str | None = Field(None, description="gguf only: a folder or hub id with the tokenizer, if the gguf's own is not wanted")
     derive: Literal["target"] | None = Field(None, description="derive the drafter from the target by keeping a subset of layers")
-    keep_layers: int | None = Field(None, ge=1, description="derive: keep the first K-2 and the last 2 layers")
+    keep_layers: int | None = Field(None, ge=1, description="derive: keep K layers (which: see select)")
     layers: list[int] | None = Field(None, description="derive: the exact layer indices to keep")
+    select: Literal["first_last", "angular"] | None = Field(
+        None, description="derive with keep_layers: first_last (default) keeps the first K-2 and the last 2 layers; "
+                          "angular removes the contiguous block of L-K layers whose input and output hidden states "
+                          "are closest in angular distance (Gromov et al. 2024), measured on calibration prompts")
+    calibration: Prompts | None = Field(
+        None, description="derive with select: angular: the prompts (chat template applied) the distances are "
+                          "measured on; default: the recipe's distill prompts")
     trust_remote_code: bool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
 
     @model_validator(mode="before")
@@ -71,6 +79,10 @@ class ModelRef(BaseModel):
             raise ValueError("keep_layers/layers only go with derive: target")
         if self.derive is not None and (self.keep_layers is None) == (self.layers is None):
             raise ValueError("derive needs exactly one of keep_layers or layers")
+        if (self.select is not None or self.calibration is not None) and self.keep_layers is None:
+            raise ValueError("select and calibration only go with derive: target and keep_layers")
+        if self.calibration is not None and self.select != "angular":
+            raise ValueError("calibration prompts are for select: angular")
         if self.package is not None and self.gguf is None:
             raise ValueError("package only goes with gguf")
         if self.revision is not None and self.hub is None:

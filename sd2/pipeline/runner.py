@@ -54,7 +54,11 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
     r = recipe.recipe
     drafter_src = "drafter"
     if r.drafter.derive is not None:
-        derive_cfg = get_stage("derive").config_cls(keep_layers=r.drafter.keep_layers, layers=r.drafter.layers)
+        calibration = r.drafter.calibration
+        if r.drafter.select == "angular" and calibration is None and recipe.distill is not None:
+            calibration = recipe.distill.prompts   # the schema checks one of the two is there
+        derive_cfg = get_stage("derive").config_cls(keep_layers=r.drafter.keep_layers, layers=r.drafter.layers,
+                                                    select=r.drafter.select or "first_last", calibration=calibration)
         add("drafter.derive", "derive", derive_cfg, target="target")
         drafter_src = "drafter.derive"
     dataset_src = None

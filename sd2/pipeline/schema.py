@@ -251,6 +251,11 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
 
 def _check_cross(recipe: Recipe, data: dict, branches: dict) -> list[Issue]:
     issues = []
+    d = recipe.drafter
+    if d.select == "angular" and d.calibration is None and recipe.distill is None:
+        issues.append(Issue("drafter.calibration", "select: angular measures layer distances on prompts: give "
+                            "drafter.calibration (e.g. {source: mtbench, limit: 32}) or a top-level distill section "
+                            "(its prompts are the default)"))
     for bname, steps in branches.items():
         for i, (sname, cfg) in enumerate(steps):
             k = getattr(cfg, "k", None) if sname == "trim_vocab" else None
