@@ -81,3 +81,23 @@ def count_macs_from_config(config, context_len: int = 1024, decoder_sparsity: fl
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return count_macs(model, context_len=context_len, decoder_sparsity=decoder_sparsity)
+
+
+def layers_for_sparsity(model: nn.Module, sparsity: float) -> tuple[int, dict]:
+    """How many decoder layers to keep so that a layer-pruned model has the decoder MACs of this
+    model at ``sparsity`` (SD²'s equal-MACs comparison of layer pruning with unstructured sparsity).
+
+    The budget is ``(1 - sparsity)`` times the model's effective decoder MACs; the layers are
+    assumed alike (each the mean per-layer count), and the kept count is the one whose decoder MACs
+    are nearest the budget (ties keep more layers). Returns (layers to keep, a record of the budget
+    and the MACs reached). lm_head is outside the budget: both drafters keep it dense.
+    """
+    if not 0.0 < sparsity < 1.0:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    macs = count_macs(model)
+    n = macs.n_layers
+    per_layer = macs.decoder_effective / n
+    budget = (1.0 - sparsity) * macs.decoder_effective
+    keep = min(range(1, n + 1), key=lambda k: (abs(k * per_layer - budget), -k))
+    return keep, {"match_sparsity": sparsity, "decoder_macs_budget": round(budget),
+                  "decoder_macs_kept": round(keep * per_layer), "source_layers": n, "keep_layers": keep}

@@ -203,6 +203,35 @@ def test_keep_layers_and_padding_do_not_change_distances(tokenizer, distilled, t
     assert report["removed_layers"] == [int(min(report["angular_distances"], key=report["angular_distances"].get)) + i for i in range(2)]
 
 
+def test_layer_pruning_to_the_decoder_macs_of_a_sparsity(tokenizer, distilled, tmp_path):
+    """match_sparsity s keeps the layer count whose decoder MACs are nearest (1 - s) x the model's:
+    on SmolLM2's shape with 20 layers, SparseGPT 30/50/70% and 2:4 map to 14, 10, 6 and 10 layers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sd2.macs import count_macs, layers_for_sparsity
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=20, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    with torch.device("meta"):
+        smol20 = AutoModelForCausalLM.from_config(cfg)
+    assert [layers_for_sparsity(smol20, s)[0] for s in (0.3, 0.5, 0.7)] == [14, 10, 6]
+    keep, rec = layers_for_sparsity(smol20, 0.5)
+    assert rec["decoder_macs_kept"] == rec["decoder_macs_budget"] == count_macs(smol20).decoder_dense // 2
+    assert layers_for_sparsity(smol20, 0.66)[0] == 7            # 6.8 layers of budget: the nearest count
+
+    src = identity_layer_model(tmp_path / "src", tokenizer, layer=2)
+    metrics = run_prune(src, tmp_path / "out", distilled, method="layer", match_sparsity=0.5,
+                        calibration={"samples": 6, "seq_len": 40})
+    report = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert metrics["layers"] == 2 and len(report["removed_layers"]) == 2
+    assert report["mac_budget"]["keep_layers"] == 2 and report["mac_budget"]["match_sparsity"] == 0.5
+    dense = count_macs(load(src)).decoder_dense
+    assert metrics["macs_per_token"] - count_macs(load(src)).lm_head == dense // 2   # the sparse-50% decoder's MACs
+    with pytest.raises(Exception, match="keeps them all"):
+        run_prune(src, tmp_path / "out2", distilled, method="layer", match_sparsity=0.1,
+                  calibration={"samples": 6, "seq_len": 40})
+
+
 def test_saved_folder_reloads_equal(llama, tokenizer, tmp_path):
     from sd2.core.models import save_model
     from sd2.stages.prune.magnitude import magnitude_prune
@@ -222,7 +251,10 @@ def test_saved_folder_reloads_equal(llama, tokenizer, tmp_path):
     ({"method": "wanda", "sparsity": 0.5, "mask_structure": "half"}, "'unstructured' or 'N:M'"),
     ({"method": "wanda", "sparsity": 0.6, "mask_structure": "2:4"}, "does not match mask_structure"),
     ({"method": "wanda"}, "needs a sparsity"),
-    ({"method": "layer"}, "exactly one of n_remove or keep_layers"),
+    ({"method": "layer"}, "exactly one of n_remove, keep_layers or match_sparsity"),
+    ({"method": "layer", "keep_layers": 2, "match_sparsity": 0.5}, "(got keep_layers, match_sparsity)"),
+    ({"method": "layer", "match_sparsity": 1.0}, "match_sparsity must be in (0, 1)"),
+    ({"method": "sparsegpt", "sparsity": 0.5, "match_sparsity": 0.5}, "only go with method layer"),
     ({"method": "layer", "n_remove": 1, "sparsity": 0.5}, "do not apply"),
     ({"method": "magnitude", "sparsity": 0.5, "recipe": "a: {}"}, "recipe excludes method, sparsity"),
     ({"recipe": "not: [valid"}, "neither a .yaml path nor valid YAML"),

@@ -44,6 +44,9 @@ class Config(BaseModel):
                                     "input dimension are zero (llm-compressor's convention; '2:4' is 50%)")
     n_remove: int | None = Field(None, ge=1, description="layer: remove this many consecutive decoder layers")
     keep_layers: int | None = Field(None, ge=1, description="layer: keep this many decoder layers (n_remove = L - K)")
+    match_sparsity: float | None = Field(
+        None, description="layer: keep the number of layers whose decoder MACs are nearest those of this model at "
+                          "this unstructured sparsity (e.g. 0.5, as SparseGPT 50% or 2:4), computed by sd2/macs.py")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig,
                                            description="calibration samples from the distilled dataset")
     recipe: str | None = Field(None, description="expert: a raw llm-compressor recipe (YAML text or a .yaml path), "
@@ -93,7 +96,8 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         if self.recipe is not None:
-            extra = [k for k in ("method", "sparsity", "n_remove", "keep_layers") if getattr(self, k) is not None]
+            extra = [k for k in ("method", "sparsity", "n_remove", "keep_layers", "match_sparsity")
+                     if getattr(self, k) is not None]
             if self.mask_structure != "unstructured":
                 extra.append("mask_structure")
             if extra:
@@ -101,14 +105,18 @@ class Config(BaseModel):
             return self
         if self.method is None:
             raise ValueError(f"give a method ({' | '.join(METHODS)}) or a raw llm-compressor recipe")
+        if self.match_sparsity is not None and not 0.0 < self.match_sparsity < 1.0:
+            raise ValueError(f"match_sparsity must be in (0, 1), e.g. 0.5; got {self.match_sparsity}")
         if self.method == "layer":
-            if (self.n_remove is None) == (self.keep_layers is None):
-                raise ValueError("method layer needs exactly one of n_remove or keep_layers")
+            given = [k for k in ("n_remove", "keep_layers", "match_sparsity") if getattr(self, k) is not None]
+            if len(given) != 1:
+                raise ValueError("method layer needs exactly one of n_remove, keep_layers or match_sparsity"
+                                 + (f" (got {', '.join(given)})" if given else ""))
             if self.sparsity is not None or self.mask_structure != "unstructured":
                 raise ValueError("method layer removes whole layers: sparsity and mask_structure do not apply")
             return self
-        if self.n_remove is not None or self.keep_layers is not None:
-            raise ValueError(f"n_remove and keep_layers only go with method layer, not {self.method}")
+        if self.n_remove is not None or self.keep_layers is not None or self.match_sparsity is not None:
+            raise ValueError(f"n_remove, keep_layers and match_sparsity only go with method layer, not {self.method}")
         nm = self.nm
         if nm is None and self.sparsity is None:
             raise ValueError(f"method {self.method} needs a sparsity in (0, 1), e.g. 0.5")
@@ -165,7 +173,17 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
             from sd2.stages.prune.layers import prune_layers
 
             samples = calibration_samples(inputs.dataset, config.calibration.samples, config.calibration.seq_len, seed, ctx)
-            n_remove = config.n_remove if config.n_remove is not None else n_before - config.keep_layers
+            if config.match_sparsity is not None:
+                from sd2.macs import layers_for_sparsity
+
+                keep, budget = layers_for_sparsity(model, config.match_sparsity)
+                if keep == n_before:
+                    raise Sd2Error(f"prune.match_sparsity = {config.match_sparsity}: the nearest decoder-MAC budget on "
+                                   f"{n_before} layers keeps them all; raise match_sparsity or use a deeper model")
+                report["mac_budget"] = budget
+                n_remove = n_before - keep
+            else:
+                n_remove = config.n_remove if config.n_remove is not None else n_before - config.keep_layers
             report.update(prune_layers(model, samples, n_remove, ctx))
         else:
             from sd2.stages.prune.calibration import calibration_samples
