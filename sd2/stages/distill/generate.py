@@ -5,8 +5,9 @@ by the rows still running, so a row that reached EOS or ``max_new_tokens`` is dr
 batch and from the KV cache at once (``Cache.batch_select_indices``), instead of being carried as
 padding until the longest answer ends. Prompts are sorted by length before batching, so a batch
 pads little. The KV cache is written in place (sd2/kvcache.py): transformers' DynamicCache copies
-the whole cache on every step, which measured a third of a batch-32 decode step on CPU. At
-temperature 0 decoding is greedy (argmax) and deterministic for a given batch.
+the whole cache on every step, which measured a third of a batch-32 decode step on CPU. Attention
+runs as "sd2_sdpa" (sd2/attention.py): transformers' sdpa copies a grouped-query model's KV cache
+per head group whenever there is a padding mask. At temperature 0 decoding is greedy (argmax) and deterministic for a given batch.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class HFGenerator:
     """Generates answers to token prompts with a transformers causal LM."""
 
     def __init__(self, model, pad_id: int, sampling: Sampling, batch_size: int):
+        from sd2.attention import use_grouped_sdpa
+
+        use_grouped_sdpa(model)   # in place: padded batches otherwise copy the KV cache per head group (sd2/attention.py)
         self.model = model
         self.pad_id = pad_id
         self.sampling = sampling
