@@ -76,3 +76,30 @@ def test_recipe_angular_calibrates_on_the_distill_prompts_by_default(tmp_path, p
     with pytest.raises(RecipeError, match="select and calibration only go with derive: target and keep_layers"):
         validate_recipe({**base, "evaluate": {"prompts": {"source": str(mtbench_file)}},
                          "drafter": {"derive": "target", "layers": [0, 5], "select": "angular"}})
+
+
+def test_a_branch_can_start_from_an_earlier_branch(tmp_path, planted, mtbench_file):
+    """{from: dense} as a branch's first step: its steps continue from the dense branch's model and
+    dataset (the SD² sweep prunes the fine-tuned dense drafter, not the raw one)."""
+    prompts = {"source": str(mtbench_file)}
+    data = {"name": "r", "target": {"path": str(planted)}, "drafter": {"derive": "target", "keep_layers": 4},
+            "distill": {"prompts": prompts},
+            "branches": {"dense": [{"finetune": {"max_steps": 1}}],
+                         "sparse": [{"from": "dense"}, {"prune": {"method": "magnitude", "sparsity": 0.5}},
+                                    {"finetune": {"max_steps": 1}}],
+                         "own": [{"distill": {"prompts": prompts, "answers": "generate", "max_new_tokens": 4}}],
+                         "after_own": [{"from": "own"}, {"finetune": {"max_steps": 1}}]},
+            "evaluate": {"prompts": prompts}}
+    recipe = validate_recipe(data)
+    steps = {s.id: s for s in plan(recipe)}
+    assert steps["sparse.prune"].sources["model"] == "dense.finetune"
+    assert steps["sparse.finetune"].sources["dataset"] == "distill"
+    assert steps["after_own.finetune"].sources == {"target": "target", "model": "drafter.derive", "dataset": "own.distill"}
+    assert steps["evaluate"].sources["drafters"]["sparse"] == "sparse.finetune"
+    assert recipe.resolved()["branches"]["sparse"][0] == {"from": "dense"}
+    assert validate_recipe(recipe.resolved()).branch_from == {"sparse": "dense", "after_own": "own"}
+    bad = {**data, "branches": {"a": [{"from": "b"}], "b": [{"finetune": {}}, {"from": "a"}]}}
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(bad)
+    assert "branches.a[0].from: must name an earlier branch (there is none)" in str(err.value)
+    assert "branches.b[1].from: from: only goes first in a branch" in str(err.value)

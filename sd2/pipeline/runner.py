@@ -66,8 +66,11 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
         add("distill", "distill", recipe.distill, target="target", model=drafter_src)
         dataset_src = "distill"
     finals = {RAW: drafter_src}
+    data_finals: dict[str, str | None] = {}
     for bname, bsteps in recipe.branches.items():
         model_src, data_src = drafter_src, dataset_src
+        if bname in recipe.branch_from:   # {from: earlier}: continue from that branch's model and dataset
+            model_src, data_src = finals[recipe.branch_from[bname]], data_finals[recipe.branch_from[bname]]
         seen: dict[str, int] = {}
         for sname, cfg in bsteps:
             seen[sname] = seen.get(sname, 0) + 1
@@ -79,6 +82,7 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
             elif produces == "dataset":
                 data_src = sid
         finals[bname] = model_src
+        data_finals[bname] = data_src
     if recipe.evaluate is not None:
         add("evaluate", "evaluate", recipe.evaluate, target="target", drafters=finals)
     return steps

@@ -152,12 +152,14 @@ def _validate_stage(name: str, raw: Any, path: str, issues: list[Issue]):
 class ValidatedRecipe:
     """A recipe whose every section has been validated; stage configs are their typed models."""
 
-    def __init__(self, recipe: Recipe, distill, branches: dict[str, list[tuple[str, BaseModel]]], evaluate, raw: dict):
+    def __init__(self, recipe: Recipe, distill, branches: dict[str, list[tuple[str, BaseModel]]], evaluate, raw: dict,
+                 branch_from: dict[str, str] | None = None):
         self.recipe = recipe
         self.distill = distill
         self.branches = branches
         self.evaluate = evaluate
         self.raw = raw
+        self.branch_from = branch_from or {}   # branch -> the earlier branch whose model and dataset it starts from
 
     @property
     def name(self) -> str:
@@ -170,7 +172,8 @@ class ValidatedRecipe:
         out["drafter"] = self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
         if self.distill is not None:
             out["distill"] = self.distill.model_dump(mode="json")
-        out["branches"] = {b: [{s: c.model_dump(mode="json")} for s, c in steps] for b, steps in self.branches.items()}
+        out["branches"] = {b: ([{"from": self.branch_from[b]}] if b in self.branch_from else [])
+                           + [{s: c.model_dump(mode="json")} for s, c in steps] for b, steps in self.branches.items()}
         if self.evaluate is not None:
             out["evaluate"] = self.evaluate.model_dump(mode="json")
         return out
@@ -194,6 +197,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         evaluate = _validate_stage("evaluate", data["evaluate"], "evaluate", issues)
 
     branches: dict[str, list[tuple[str, BaseModel]]] = {}
+    branch_from: dict[str, str] = {}
     raw_branches = data.get("branches") or {}
     if isinstance(raw_branches, dict):
         for bname, steps in raw_branches.items():
@@ -212,6 +216,16 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
                     issues.append(Issue(spath, f"each step is a mapping with one stage name, e.g. {{finetune: {{epochs: 1}}}}; got {short(step)}"))
                     continue
                 (sname, sconf), = step.items()
+                if sname == "from":      # {from: <earlier branch>}: start from that branch's model and dataset
+                    earlier = [str(b) for b in list(raw_branches)[:list(raw_branches).index(bname)]]
+                    if i != 0:
+                        issues.append(Issue(f"{spath}.from", "from: only goes first in a branch"))
+                    elif sconf not in earlier:
+                        issues.append(Issue(f"{spath}.from", f"must name an earlier branch{did_you_mean(str(sconf), earlier)}"
+                                                             f" ({', '.join(earlier) or 'there is none'}); got {short(sconf)}"))
+                    else:
+                        branch_from[str(bname)] = str(sconf)
+                    continue
                 if sname not in STAGES or not STAGES[sname].in_branch:
                     issues.append(Issue(f"{spath}.{sname}", f"unknown stage{did_you_mean(sname, BRANCH_STAGES)}; stages allowed in a branch: {', '.join(BRANCH_STAGES)}"))
                     continue
@@ -225,10 +239,10 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
 
     if recipe is not None:
         issues.extend(_check_paths(recipe))
-        issues.extend(_check_cross(recipe, data, branches))
+        issues.extend(_check_cross(recipe, data, branches, branch_from))
     if issues:
         raise RecipeError(issues, source)
-    return ValidatedRecipe(recipe, distill, branches, evaluate, data)
+    return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from)
 
 
 def _check_paths(recipe: Recipe) -> list[Issue]:
@@ -249,7 +263,7 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
     return issues
 
 
-def _check_cross(recipe: Recipe, data: dict, branches: dict) -> list[Issue]:
+def _check_cross(recipe: Recipe, data: dict, branches: dict, branch_from: dict | None = None) -> list[Issue]:
     issues = []
     d = recipe.drafter
     if d.select == "angular" and d.calibration is None and recipe.distill is None:
@@ -264,13 +278,16 @@ def _check_cross(recipe: Recipe, data: dict, branches: dict) -> list[Issue]:
                 if vocab is not None and k > vocab:
                     issues.append(Issue(f"branches.{bname}[{i}].trim_vocab.k",
                                         f"must be at most the drafter's vocabulary size {vocab} (got {k})"))
+    data_at_end: dict[str, bool] = {}
     for bname, steps in branches.items():
-        has_data = recipe.distill is not None
+        start = (branch_from or {}).get(bname)
+        has_data = data_at_end.get(start, False) if start else recipe.distill is not None
         for i, (sname, cfg) in enumerate(steps):
             if sname == "distill":
                 has_data = True
             elif "dataset" in consumed_inputs(STAGES[sname], cfg) and not has_data:
                 issues.append(Issue(f"branches.{bname}[{i}].{sname}", "needs a distilled dataset: add a top-level `distill:` section or a distill step before it"))
+        data_at_end[bname] = has_data
     if not branches and recipe.evaluate is None and recipe.distill is None:
         issues.append(Issue("", "the recipe does nothing: add distill, branches or evaluate"))
     return issues
