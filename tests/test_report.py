@@ -94,3 +94,35 @@ def test_the_documented_schema_lists_exactly_the_classes_fields():
     assert documented_row == set(Result.model_fields) | set(Result.model_computed_fields)
     assert set(example) == set(Report.model_fields) | {"best"}
     assert set(example["best"]) == set(rep.best.model_dump())
+
+
+def test_sparse_vs_layer_table_pairs_equal_mac_drafters(tmp_path):
+    """The Pareto section: every sparse drafter beside the layer-pruned drafter of nearest MACs, with
+    the MAL ratio; drafters are told apart by the last prune step of their lineage."""
+    from sd2.core.report import DrafterInfo, Report, Result
+    from sd2.stages.evaluate.plots import write_plots
+    from sd2.stages.evaluate.report import markdown, pruning_kind, sparse_vs_layer
+
+    def lineage(*prunes):
+        return [{"id": "dense.finetune", "stage": "finetune", "config": {}}] + [
+            {"id": f"p{i}", "stage": "prune", "config": c} for i, c in enumerate(prunes)]
+
+    drafters = {"dense": DrafterInfo(path="d", lineage=lineage()),
+                "sparse50": DrafterInfo(path="s50", lineage=lineage({"method": "sparsegpt", "sparsity": 0.5})),
+                "sparse70": DrafterInfo(path="s70", lineage=lineage({"method": "sparsegpt", "sparsity": 0.7})),
+                "layer50": DrafterInfo(path="l50", lineage=lineage({"method": "layer", "match_sparsity": 0.5})),
+                "layer70": DrafterInfo(path="l70", lineage=lineage({"method": "sparsegpt", "sparsity": 0.3},
+                                                                   {"method": "layer", "match_sparsity": 0.7}))}
+    macs = {"dense": 100, "sparse50": 64, "sparse70": 46, "layer50": 65, "layer70": 47}
+    mal = {"dense": 2.2, "sparse50": 2.0, "sparse70": 1.6, "layer50": 1.5, "layer70": 1.6}
+    report = Report(target={"macs": {"effective": 134 * 10**6}}, drafters=drafters, results=[
+        Result(drafter=n, gamma=4, temperature=0.0, mal=mal[n], macs_per_token=macs[n] * 10**6) for n in drafters])
+    assert [pruning_kind(drafters[n]) for n in drafters] == [None, "sparse", "sparse", "layer", "layer"]
+    rows = {(r.drafter, q.drafter): ratio for r, q, ratio in sparse_vs_layer(report)}
+    assert rows == {("sparse50", "layer50"): pytest.approx(2.0 / 1.5), ("sparse70", "layer70"): pytest.approx(1.0)}
+    md = markdown(report, [])
+    assert "## Sparse vs layer pruning at equal MACs" in md
+    assert "| 4 | 0 | sparse50 | 64.0 M | 2.000 | layer50 | 65.0 M | 1.500 | 1.333× |" in md
+    assert "mal_vs_macs.png" in write_plots(report, tmp_path) and (tmp_path / "mal_vs_macs.png").stat().st_size > 0
+    no_layer = Report(target=report.target, drafters={"dense": drafters["dense"]}, results=report.results[:1])
+    assert sparse_vs_layer(no_layer) == [] and "Sparse vs layer" not in markdown(no_layer, [])

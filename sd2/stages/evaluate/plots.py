@@ -12,9 +12,12 @@ def write_plots(report, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sd2.stages.evaluate.report import pruning_kind
+
     results = report.results
     if not results:
         return []
+    kinds = {name: pruning_kind(d) for name, d in report.drafters.items()}
     names = []
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for (gamma, temp) in sorted({(r.gamma, r.temperature) for r in results}):
@@ -24,6 +27,11 @@ def write_plots(report, out_dir: Path) -> list[str]:
         ax.scatter(xs, ys, label=f"γ={gamma}, T={temp:g}")
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(r.drafter, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        for kind, style in (("sparse", "-"), ("layer", "--")):   # SD²'s two curves, when the run has them
+            curve = sorted((r.macs_per_token / 1e6, r.mal) for r in rows if kinds.get(r.drafter) == kind)
+            if len(curve) > 1 or (curve and any(kinds.get(r.drafter) not in (kind, None) for r in rows)):
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], style, alpha=0.6,
+                        label=f"{kind} pruned, γ={gamma}, T={temp:g}")
     ax.set_xlabel("drafter MACs per token (M, effective)")
     ax.set_ylabel("MAL (tokens per target forward)")
     ax.set_title("MAL vs drafter MACs (up and left is better)")

@@ -49,6 +49,30 @@ def snippets(target: str, d: DrafterInfo, gamma: int) -> dict[str, str]:
     return {"transformers": hf, "vllm": vllm}
 
 
+def pruning_kind(d: DrafterInfo) -> str | None:
+    """'layer' or 'sparse' by the drafter's last prune step (its lineage), None when never pruned."""
+    prunes = [step.get("config") or {} for step in d.lineage if step.get("stage") == "prune"]
+    if not prunes:
+        return None
+    return "layer" if prunes[-1].get("method") == "layer" else "sparse"
+
+
+def sparse_vs_layer(report: Report) -> list[tuple]:
+    """SD²'s comparison at equal MACs: every sparse drafter's result beside the layer-pruned drafter's
+    of nearest effective MACs, at the same γ and T. Rows: (sparse Result, layer Result, MAL ratio)."""
+    kinds = {name: pruning_kind(d) for name, d in report.drafters.items()}
+    rows = []
+    for r in report.results:
+        if kinds.get(r.drafter) != "sparse" or r.macs_per_token is None:
+            continue
+        peers = [q for q in report.results if kinds.get(q.drafter) == "layer" and q.gamma == r.gamma
+                 and q.temperature == r.temperature and q.macs_per_token is not None]
+        if peers:
+            q = min(peers, key=lambda q: abs(q.macs_per_token - r.macs_per_token))
+            rows.append((r, q, r.mal / q.mal if q.mal else None))
+    return rows
+
+
 def markdown(report: Report, plots: list[str]) -> str:
     s, t = report.settings, report.target
     lines = ["# sd2 evaluation", "",
@@ -88,6 +112,16 @@ def markdown(report: Report, plots: list[str]) -> str:
         for r in report.results:
             lines.append(f"| {r.drafter} | {r.gamma} | {r.width} | {r.temperature:g} | "
                          + " | ".join(_fmt(r.mal_per_category.get(c), 3) for c in cats) + " |")
+    pairs = sparse_vs_layer(report)
+    if pairs:
+        lines += ["", "## Sparse vs layer pruning at equal MACs", "",
+                  "Each sparse drafter beside the layer-pruned drafter of nearest effective MACs (SD²: sparse "
+                  "drafters lie above layer-pruned ones at every budget).", "",
+                  "| γ | T | sparse | MACs/token | MAL | layer-pruned | MACs/token | MAL | MAL ratio sparse ÷ layer |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r, q, ratio in pairs:
+            lines.append(f"| {r.gamma} | {r.temperature:g} | {r.drafter} | {_macs(r.macs_per_token)} | {_fmt(r.mal, 3)} | "
+                         f"{q.drafter} | {_macs(q.macs_per_token)} | {_fmt(q.mal, 3)} | {_fmt(ratio, 3, '×')} |")
     lines += ["", "MAL = tokens committed ÷ target forwards. MAL (TF) = greedy MAL by teacher forcing. speedup = "
               "target-only wall ÷ speculative wall (median over passes). theoretical = MAL/(γc+1) with c measured; "
               "MAC-based = MAL/(γ·MAC ratio+1). Definitions: docs/evaluate.md.", ""]
