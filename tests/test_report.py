@@ -115,7 +115,7 @@ def test_sparse_vs_layer_table_pairs_equal_mac_drafters(tmp_path):
                                                                    {"method": "layer", "match_sparsity": 0.7}))}
     macs = {"dense": 100, "sparse50": 64, "sparse70": 46, "layer50": 65, "layer70": 47}
     mal = {"dense": 2.2, "sparse50": 2.0, "sparse70": 1.6, "layer50": 1.5, "layer70": 1.6}
-    report = Report(target={"macs": {"effective": 134 * 10**6}}, drafters=drafters, results=[
+    report = Report(target={"macs": {"effective": 134 * 10**6}}, settings={"gammas": [4]}, drafters=drafters, results=[
         Result(drafter=n, gamma=4, temperature=0.0, mal=mal[n], macs_per_token=macs[n] * 10**6) for n in drafters])
     assert [pruning_kind(drafters[n]) for n in drafters] == [None, "sparse", "sparse", "layer", "layer"]
     rows = {(r.drafter, q.drafter): ratio for r, q, ratio in sparse_vs_layer(report)}
@@ -124,5 +124,5 @@ def test_sparse_vs_layer_table_pairs_equal_mac_drafters(tmp_path):
     assert "## Sparse vs layer pruning at equal MACs" in md
     assert "| 4 | 0 | sparse50 | 64.0 M | 2.000 | layer50 | 65.0 M | 1.500 | 1.333× |" in md
     assert "mal_vs_macs.png" in write_plots(report, tmp_path) and (tmp_path / "mal_vs_macs.png").stat().st_size > 0
-    no_layer = Report(target=report.target, drafters={"dense": drafters["dense"]}, results=report.results[:1])
+    no_layer = Report(target=report.target, settings=report.settings, drafters={"dense": drafters["dense"]}, results=report.results[:1])
     assert sparse_vs_layer(no_layer) == [] and "Sparse vs layer" not in markdown(no_layer, [])
