@@ -343,3 +343,35 @@ def test_dataset_answers_errors(tmp_path, eos_target, mtbench_file):
         distill_run(tmp_path, eos_target, {"source": str(mtbench_file)}, answers="dataset")
     with pytest.raises(ValueError, match="policy 'drafter' does not apply"):
         Config(prompts={"source": str(mtbench_file)}, answers="dataset", policy="drafter")
+
+
+def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(tmp_path, eos_target, tokenizer, monkeypatch):
+    """Prompts that all start with one system prompt: the generator runs the shared tokens once and
+    starts every row's cache from them (chunks of 2 rows, joined). Answers equal one-prompt-at-a-time
+    transformers generate, token for token, and the no-sharing path."""
+    from transformers import AutoModelForCausalLM
+
+    from sd2.stages.distill import generate as gen_mod
+
+    model = AutoModelForCausalLM.from_pretrained(eos_target).eval()
+    system = tokenizer("the quick brown fox jumps over the lazy dog, a small sparse drafter",
+                       add_special_tokens=False)["input_ids"]
+    tails = ["what is the capital of france?", "compute 12 + 30", "hello", "write a short story about a robot",
+             "def add(a, b):"]
+    prompts = [system + tokenizer(t, add_special_tokens=False)["input_ids"] for t in tails]
+    assert gen_mod._shared_prefix(prompts) == len(system) >= gen_mod.MIN_SHARED_PREFIX
+    monkeypatch.setattr(gen_mod, "PREFILL_ROWS", 2)
+    shared_seen = []
+    real = gen_mod._shared_prefix
+    monkeypatch.setattr(gen_mod, "_shared_prefix", lambda p: shared_seen.append(real(p)) or shared_seen[-1])
+    sampling = gen_mod.Sampling(12, 0.0, 1.0, (tokenizer.eos_token_id,))
+    out = gen_mod.HFGenerator(model, tokenizer.pad_token_id, sampling, batch_size=5).generate(prompts)
+    assert shared_seen == [len(system)]
+    unshared = gen_mod.HFGenerator(model, tokenizer.pad_token_id, sampling, batch_size=5)
+    monkeypatch.setattr(gen_mod, "MIN_SHARED_PREFIX", 10**6)
+    assert [o.ids for o in unshared.generate(prompts)] == [o.ids for o in out]
+    with torch.no_grad():
+        for p, o in zip(prompts, out):
+            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            assert o.ids == ref[0, len(p):].tolist()
