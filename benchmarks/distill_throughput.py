@@ -20,6 +20,7 @@ also splits its wall time into prefill and decode. Writes the JSON after every m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -27,14 +28,17 @@ import statistics
 import time
 from pathlib import Path
 
-VARIANTS = {  # name: (batch_size, dtype, attention); attention "hf_sdpa" = transformers' own (before sd2_sdpa)
-    "batch32_fp32": (32, "float32", "sd2"),
-    "batch64_fp32": (64, "float32", "sd2"),
-    "batch128_fp32": (128, "float32", "sd2"),
-    "batch64_fp32_hf_sdpa": (64, "float32", "hf_sdpa"),
-    "batch32_fp32_hf_sdpa": (32, "float32", "hf_sdpa"),
-    "batch32_bf16": (32, "bfloat16", "sd2"),
-    "batch64_bf16": (64, "bfloat16", "sd2"),
+VARIANTS = {  # name: (batch_size, dtype, attention, shared prefix); the ablations switch one change off:
+    # attention "hf_sdpa" = transformers' own sdpa (before sd2_sdpa); shared False = every row prefills its
+    # whole prompt (before the shared-prefix prefill)
+    "batch32_fp32": (32, "float32", "sd2", True),
+    "batch64_fp32": (64, "float32", "sd2", True),
+    "batch128_fp32": (128, "float32", "sd2", True),
+    "batch64_fp32_hf_sdpa": (64, "float32", "hf_sdpa", True),
+    "batch64_fp32_noshare": (64, "float32", "sd2", False),
+    "batch32_fp32_hf_sdpa_noshare": (32, "float32", "hf_sdpa", False),   # the generator as it was before
+    "batch32_bf16": (32, "bfloat16", "sd2", True),
+    "batch64_bf16": (64, "bfloat16", "sd2", True),
 }
 
 
@@ -73,10 +77,12 @@ def main() -> None:
     sampling = Sampling(args.new_tokens, 0.0, 1.0, stops)
     generators = {}
     for v in wanted:
-        batch, dtype, attn = VARIANTS[v]
+        batch, dtype, attn, share = VARIANTS[v]
         gen = HFGenerator(load_model(src, dtype=getattr(torch, dtype)), tok.pad_token_id, sampling, batch)
         if attn == "hf_sdpa":
             gen.model.set_attn_implementation("sdpa")
+        if not share:
+            gen._prefill = functools.partial(gen._prefill, share=False)
         generators[v] = gen
 
     state = {"args": vars(args), "n_prompts": len(prompts), "load_start": os.getloadavg(), "rounds": []}
@@ -120,7 +126,7 @@ def staged(gen, prompts):
     """Run the generator on all prompts; time its prefills (the rest of the wall time is decoding)."""
     load0 = os.getloadavg()[0]
     spent = {"prefill": 0.0}
-    inner = gen._prefill
+    inner = gen.__dict__.get("_prefill", gen._prefill)
 
     def timed(*a, **k):
         t = time.perf_counter()
@@ -135,7 +141,7 @@ def staged(gen, prompts):
         outs = gen.generate(prompts)
         wall = time.perf_counter() - t0
     finally:
-        del gen._prefill
+        gen._prefill = inner
     tokens = sum(len(o.ids) for o in outs)
     return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
             "prefill_s": round(spent["prefill"], 2), "decode_tokens_per_s": round(tokens / max(wall - spent["prefill"], 1e-9), 2),
@@ -153,11 +159,11 @@ def write_report(path: str, state: dict, wanted: list[str], dtypes: list[str]) -
         if vals:
             summary[f"naive_{d}"] = {"median_tokens_per_s": round(statistics.median(vals), 2), "per_round": vals}
     for v in wanted:
-        batch, dtype, attn = VARIANTS[v]
+        batch, dtype, attn, share = VARIANTS[v]
         pairs = [(r[v]["tokens_per_s"], r[f"naive_{dtype}"]["tokens_per_s"]) for r in rounds if v in r]
         if not pairs:
             continue
-        summary[v] = {"batch_size": batch, "dtype": dtype, "attention": attn,
+        summary[v] = {"batch_size": batch, "dtype": dtype, "attention": attn, "shared_prefix": share,
                       "median_tokens_per_s": round(statistics.median(p[0] for p in pairs), 2),
                       "speedup_vs_naive_same_dtype": round(statistics.median(p[0] / p[1] for p in pairs), 2),
                       "per_round_speedups": [round(a / b, 2) for a, b in pairs]}
