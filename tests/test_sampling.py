@@ -4,6 +4,7 @@ deliberately wrong acceptance rule fails the same test (negative control)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections import Counter
@@ -14,6 +15,7 @@ import torch
 from sd2.engine import sampling
 from sd2.engine.cached import CachedLM
 from sd2.engine.drafter import DrafterProposer
+from sd2.engine.lookup import PromptLookupProposer
 from sd2.engine.loop import generate
 from sd2.engine.proposer import Draft, Sampling
 from sd2.engine.sampling import DraftVocab, accept_greedy
@@ -121,3 +123,97 @@ def test_residual_distribution_is_normalised_positive_part():
     p = torch.tensor([0.5, 0.3, 0.2])
     q = torch.tensor([0.2, 0.6, 0.2])
     torch.testing.assert_close(sampling.residual_distribution(p, q), torch.tensor([1.0, 0.0, 0.0]))
+
+
+# --- trees with siblings, filtered sampling, trimmed vocabulary, deterministic drafts -------------------
+
+def _ref_filter(p: list[float], k: int, top_p: float, min_p: float) -> list[float]:
+    """top-k, then top-p, then min-p, written out plainly (independent of sd2.engine.sampling)."""
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    q = {i: p[i] for i in (order[:k] if k else order)}
+    z = sum(q.values())
+    q = {i: v / z for i, v in q.items()}
+    if top_p < 1:
+        kept, acc = {}, 0.0
+        for i in order:
+            if i in q:
+                kept[i] = q[i]
+                acc += q[i]
+                if acc >= top_p:
+                    break
+        q = kept
+    if min_p > 0:
+        m = max(q.values())
+        q = {i: v for i, v in q.items() if v >= min_p * m}
+    z = sum(q.values())
+    return [q.get(i, 0.0) / z for i in range(len(p))]
+
+
+@torch.inference_mode()
+def _exact_filtered(target, prompt: list[int], n_new: int, s: Sampling) -> dict[tuple, float]:
+    dist = {}
+    for seq in itertools.product(range(V), repeat=n_new):
+        logits = target(input_ids=torch.tensor([prompt + list(seq[:-1])])).logits[0, len(prompt) - 1:]
+        rows = [_ref_filter(torch.softmax(l.float() / s.temperature, -1).tolist(), s.top_k, s.top_p, s.min_p)
+                for l in logits]
+        dist[seq] = math.prod(rows[i][t] for i, t in enumerate(seq))
+    return dist
+
+
+def _run(target, proposer, prompt, n_new, n, seed, s):
+    T = CachedLM(target)
+    gen = torch.Generator().manual_seed(seed)
+    counts, rounds, accepted_deep = Counter(), 0, 0
+    for _ in range(n):
+        out = generate(T, proposer, prompt, GAMMA, n_new, set(), s, gen)
+        counts[tuple(out.tokens)] += 1
+        rounds += len(out.rounds)
+        accepted_deep += sum(r.accepted for r in out.rounds)
+    return counts, accepted_deep / rounds
+
+
+def _trimmed(drafter, keep):
+    from sd2.vocab import trim_lm_head
+
+    return trim_lm_head(copy.deepcopy(drafter), keep)
+
+
+CASES = {
+    # name: (proposer factory, prompt, filters); the wrong rule must fail every case
+    "tree_siblings": (lambda t, d: DrafterProposer("d", CachedLM(d), DraftVocab(V), set(), width=3),
+                      [1, 2], Sampling(1.0)),
+    "filtered_topk_topp_minp": (lambda t, d: DrafterProposer("d", CachedLM(d), DraftVocab(V), set(), width=2),
+                                [1, 2], Sampling(1.0, top_k=4, top_p=0.9, min_p=0.1)),
+    "trimmed_vocabulary": (lambda t, d: DrafterProposer("d", CachedLM(_trimmed(d, [0, 1, 3, 4])), DraftVocab(V, torch.tensor([0, 1, 3, 4])),
+                                                        set(), width=2), [1, 2], Sampling(1.0)),
+    "deterministic_lookup_tree": (lambda t, d: PromptLookupProposer(max_ngram=1, width=2),
+                                  [3, 1, 2, 4, 2], Sampling(1.0)),
+}
+
+
+@pytest.fixture(scope="module")
+def sharp(pair):
+    """The target with its lm_head doubled: q = softmax(2·logits) is sharper than p, so drafts are
+    often accepted (about 0.7 of rounds at depth 1) and often rejected, and the residual matters."""
+    d = copy.deepcopy(pair[0])
+    with torch.no_grad():
+        d.lm_head.weight.mul_(2.0)
+    return d
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trees_filters_trimmed_and_deterministic_drafts_match_the_target(pair, sharp, monkeypatch, case):
+    """Chi-square against the target's exact (filtered) distribution over its first 2 tokens (the first
+    round drafts one level, so siblings decide it); the negative control applies the chain rule to each
+    sibling against the unchanged p (no residual after a rejected sibling)."""
+    target = pair[0]
+    make, prompt, s = CASES[case]
+    dist = _exact_filtered(target, prompt, 2, s)
+    assert abs(sum(dist.values()) - 1) < 1e-5
+    n = 500
+    counts, acc = _run(target, make(target, sharp), prompt, 2, n, 0, s)
+    assert acc > 0.1                      # drafts are accepted, so the acceptance rule is exercised
+    assert _chi2_pvalue(counts, dist, n) > 1e-3
+    monkeypatch.setattr(sampling, "residual_distribution", lambda p, q: p)
+    bad, _ = _run(target, make(target, sharp), prompt, 2, n, 0, s)
+    assert _chi2_pvalue(bad, dist, n) < 1e-5
