@@ -100,6 +100,7 @@ class Result(_Model):
     c_measured: float | None = Field(None, description="drafter ÷ target single-token decode forward time")
     verify_cost: float | None = Field(None, description="v(n): target forward over n = 1 + γ·width tokens ÷ its decode step")
     draft_cost: float | None = Field(None, description="time in propose per round ÷ target decode step")
+    predicted_speedup: float | None = Field(None, description="gamma: auto's modeled speedup for this shape (greedy)")
     verify_cost_mean: float | None = Field(None, description="target round forward per round ÷ its decode step")
     mac_ratio: float | None = Field(None, description="drafter ÷ target effective MACs per token")
     macs_per_token: int | None = None
@@ -154,6 +155,14 @@ class VocabInfo(_Model):
     coverage_heldout_distill: float | None = None
 
 
+class ShapeChoice(_Model):
+    """What ``gamma: auto`` chose for a drafter (sd2.engine.shape), with the whole modeled table."""
+    gamma: int
+    width: int = 1
+    predicted_speedup: float | None = None
+    table: list[dict] = Field(default_factory=list, description="every candidate: gamma, width, predicted_speedup")
+
+
 class DrafterInfo(_Model):
     path: str = Field("", description="the model folder or id; empty for prompt lookup (no model)")
     kind: Kind = "drafter"
@@ -166,6 +175,7 @@ class DrafterInfo(_Model):
     lineage: list[dict] = Field(default_factory=list)
     c_measured: float | None = None
     vocab: VocabInfo | None = None
+    shape: ShapeChoice | None = Field(None, description="gamma: auto's choice, else null")
 
 
 class TargetInfo(_Model):
@@ -185,6 +195,8 @@ class Baseline(_Model):
 class Settings(_Model):
     gammas: list[int] = Field(default_factory=list)
     widths: list[int] = Field(default_factory=lambda: [1])
+    gamma_auto: bool = False
+    max_gamma: int | None = None
     temperatures: list[float] = Field(default_factory=list)
     top_k: int = 0
     top_p: float = 1.0

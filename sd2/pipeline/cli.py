@@ -159,7 +159,7 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
           prompts: str = typer.Option("mtbench", "--prompts", help="prompt source (sd2.data.prompts)"),
           limit: Optional[int] = typer.Option(20, "--limit", help="number of prompts"),
           skip: int = typer.Option(0, "--skip", help="skip the first N prompts"),
-          gamma: List[int] = typer.Option([4], "--gamma", help="draft length (repeatable: a sweep)"),
+          gamma: List[str] = typer.Option(["4"], "--gamma", help="draft length (repeatable: a sweep), or 'auto'"),
           width: List[int] = typer.Option([1], "--width", help="tree width (nodes per depth) for proposers that branch; 1 = chain (repeatable)"),
           temperature: List[float] = typer.Option([0.0], "--temperature", help="repeatable: a sweep"),
           top_k: int = typer.Option(0, "--top-k", help="sampling filter, target and drafters alike (0 = off)"),

@@ -48,7 +48,14 @@ def drafter_names(specs: list[str]) -> dict[str, str]:
 PROMPT_LOOKUP = "prompt_lookup"   # the --drafter MODEL that selects prompt lookup decoding (no model)
 
 
-def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list[int],
+def _int_option(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise Sd2Error(f"{flag} must be an integer or 'auto', got {text!r}") from None
+
+
+def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list,
                  temperature: list[float], max_new_tokens: int, repeats: int, out: Path, seed: int = 0,
                  device: str = "auto", dtype: str = "float32", width: list[int] | None = None, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0) -> dict:
@@ -64,6 +71,9 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     if len(lookup) > 1:
         raise Sd2Error(f"--drafter: prompt lookup is given twice ({', '.join(lookup)}); give it once")
     width = width or [1]
+    gamma = [g if g == "auto" else _int_option("--gamma", g) for g in map(str, gamma)]
+    if "auto" in gamma and len(gamma) > 1:
+        raise Sd2Error("--gamma auto picks the depth itself; give it alone, not with other --gamma values")
     try:
         cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1),
                      gamma=gamma if len(gamma) > 1 else gamma[0], width=width if len(width) > 1 else width[0],

@@ -42,7 +42,13 @@ class Config(BaseModel):
 
     prompts: PromptsConfig | list[PromptsConfig] = Field(
         description="evaluation prompts (sd2.data.prompts); hold them apart from training prompts with skip")
-    gamma: int | list[int] = Field(4, description="draft length (tree depth) per round; a list is a sweep")
+    gamma: int | list[int] | Literal["auto"] = Field(
+        4, description="draft length (tree depth) per round; a list is a sweep; 'auto' picks, per drafter, the "
+                       "depth (1..max_gamma) and width (among `width`) of highest modeled speedup from measured "
+                       "costs and pilot acceptance (sd2.engine.shape)")
+    max_gamma: int = Field(8, ge=1, le=64, description="gamma: auto searches depths 1..max_gamma")
+    pilot_prompts: int = Field(2, ge=1, le=64, description="gamma: auto measures acceptance on the first N prompts "
+                                                           "(greedy), before the timed passes")
     width: int | list[int] = Field(1, description="tree width: nodes per depth for proposers that branch (a drafter's "
                                                   "top-k siblings, prompt lookup's distinct matches); 1 = chain; a list is a sweep")
     temperature: float | list[float] = Field(0.0, description="0 = greedy (checked lossless token for token); a list is a sweep")
@@ -61,9 +67,11 @@ class Config(BaseModel):
     @field_validator("gamma")
     @classmethod
     def _gamma(cls, v):
+        if v == "auto":
+            return v
         vals = v if isinstance(v, list) else [v]
         if not vals or any(g < 1 or g > 64 for g in vals):
-            raise ValueError(f"gamma must be an integer in [1, 64] or a non-empty list of them, got {v}")
+            raise ValueError(f"gamma must be an integer in [1, 64], a non-empty list of them, or 'auto', got {v}")
         return v
 
     @field_validator("width")
@@ -83,7 +91,14 @@ class Config(BaseModel):
         return v
 
     @property
+    def auto(self) -> bool:
+        return self.gamma == "auto"
+
+    @property
     def gammas(self) -> list[int]:
+        """The fixed depths; with gamma: auto, 1..max_gamma (the depths it may choose)."""
+        if self.auto:
+            return list(range(1, self.max_gamma + 1))
         return sorted(set(self.gamma if isinstance(self.gamma, list) else [self.gamma]))
 
     @property

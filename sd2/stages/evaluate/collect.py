@@ -123,7 +123,7 @@ def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
     return VocabInfo(draft_vocab_size=len(kept), coverage=cov, coverage_heldout_distill=heldout)
 
 
-def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref) -> dict:
+def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gammas: list[int]) -> dict:
     """Fill c and the vocabulary of each DrafterInfo; return teacher-forced greedy MAL per drafter and γ."""
     from sd2.stages.evaluate import measure as M
 
@@ -134,7 +134,7 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref) -> di
         info.c_measured = _r(M.c_measured(d.lm, setup.target)) if d.lm is not None else None
         info.vocab = vocab_info(info.path, maps[d.name], greedy_tokens)
         if config.teacher_forced and greedy_ref and d.lm is not None and not d.cross:
-            tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, config.gammas)
+            tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, gammas)
     return tf
 
 
@@ -155,6 +155,7 @@ def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
         v = M.verify_cost(target, 1 + gamma * width) if info.kind != "prompt_lookup" else None
         rows.append(Result(
             drafter=name, kind=info.kind, gamma=gamma, width=width, temperature=temp,
+            predicted_speedup=info.shape.predicted_speedup if info.shape is not None and temp == 0 else None,
             drafted_depth=s["drafted_depth"], nodes_per_round=_r(s["drafted"] / n) if n else None,
             draft_cost=_r(cell.propose_s / n / step) if n and step else None,
             verify_cost_mean=_r(cell.verify_s / n / step) if n and step else None,
@@ -175,7 +176,7 @@ def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
 def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
     from sd2 import __version__
     from sd2.core.artifacts import machine
-    from sd2.core.report import Baseline, Report, Settings, TargetInfo
+    from sd2.core.report import Baseline, Report, Settings, ShapeChoice, TargetInfo
     from sd2.stages.evaluate import measure as M
     from sd2.stages.evaluate.report import write_report
 
@@ -184,11 +185,23 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
     ctx.log.info("evaluating %d drafter(s) on %d request(s): gamma %s, temperature %s, %d new tokens, %d pass(es)",
                  len(drafters), len(setup.requests), config.gammas, config.temperatures, config.max_new_tokens,
                  config.repeats)
+    if config.auto:
+        chosen = M.auto_shapes(setup.target, drafters, setup.requests, config.max_gamma, config.widths,
+                               config.max_new_tokens, setup.eos, config.pilot_prompts)
+        for name, shape in chosen.items():
+            infos[name].shape = ShapeChoice(gamma=shape.gamma, width=shape.width,
+                                            predicted_speedup=_r(shape.predicted_speedup), table=shape.table)
+            ctx.log.info("gamma auto: %s -> gamma %d, width %d (modeled speedup %.3f)", name, shape.gamma,
+                         shape.width, shape.predicted_speedup)
+        shapes = {name: [(s.gamma, s.width)] for name, s in chosen.items()}
+    else:
+        shapes = M.grid(drafters, config.gammas, config.widths)
     baseline, cells, greedy_ref = M.measure(
-        setup.target, drafters, setup.requests, config.gammas, config.widths, config.samplings(),
+        setup.target, drafters, setup.requests, shapes, config.samplings(),
         config.max_new_tokens, config.repeats, config.warmup, ctx.seed, setup.eos,
         progress=lambda it, **kw: ctx.progress(it, total=len(setup.requests), **kw))
-    tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref)
+    gammas = sorted({g for s in shapes.values() for g, _ in s})
+    tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref, gammas)
     results = result_rows(config, setup, infos, baseline, cells, tf)
     for row in results:
         ctx.log_metrics(**{k: v for k, v in row.model_dump().items() if not isinstance(v, (list, dict))})
@@ -196,7 +209,8 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
     report = Report(
         sd2_version=__version__,
         target=TargetInfo(ref=inputs.target.ref, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict()),
-        settings=Settings(gammas=config.gammas, widths=config.widths, temperatures=config.temperatures,
+        settings=Settings(gammas=gammas, widths=config.widths, gamma_auto=config.auto,
+                          max_gamma=config.max_gamma if config.auto else None, temperatures=config.temperatures,
                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
                           max_new_tokens=config.max_new_tokens, n_prompts=len(setup.requests), turns=config.turns,
                           prompts=config.model_dump(mode="json")["prompts"], repeats=config.repeats,

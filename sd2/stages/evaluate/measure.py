@@ -94,28 +94,58 @@ class Cell:
     mismatches: list[str] = field(default_factory=list)
 
 
-def shapes(d: Drafter, gammas: list[int], widths: list[int]) -> list[tuple[int, int]]:
-    """(gamma, width) settings a drafter runs: every width for a proposer that branches, else width 1."""
-    return [(g, w) for g in gammas for w in (widths if d.widths else [1])]
+def grid(drafters: list[Drafter], gammas: list[int], widths: list[int]) -> dict[str, list[tuple[int, int]]]:
+    """(gamma, width) settings per drafter: every width for a proposer that branches, else width 1."""
+    return {d.name: [(g, w) for g in gammas for w in (widths if d.widths else [1])] for d in drafters}
 
 
-def measure(target: CachedLM, drafters: list[Drafter], requests: list[Request], gammas: list[int], widths: list[int],
+def auto_shapes(target: CachedLM, drafters: list[Drafter], requests: list[Request], max_gamma: int,
+                widths: list[int], max_new_tokens: int, eos: set[int], pilot_prompts: int) -> dict:
+    """``gamma: auto``: per drafter, the (gamma, width) with the highest modeled speedup
+    (sd2.engine.shape), from greedy pilot rounds at depth max_gamma on the first ``pilot_prompts``
+    requests, the drafter's measured c (or drafting time per round) and the target's measured v(n)."""
+    from sd2.engine.shape import choose, measure_verify_costs
+
+    for r in [target] + [d.lm for d in drafters if d.lm is not None]:
+        r.step_times.clear()
+    pilot_reqs = requests[:pilot_prompts]
+    for d in drafters:   # warm-up: first calls allocate and pick kernels
+        run_drafter(target, d, pilot_reqs[0], 2, 1, min(8, max_new_tokens), eos, Sampling(), None)
+    v = measure_verify_costs(target, requests[0].ids, 1 + max_gamma * max(widths))
+    step = statistics.median(target.step_times)
+    out = {}
+    for d in drafters:
+        pilot, dcost = {}, {}
+        for w in (widths if d.widths else [1]):
+            rounds, spent = [], 0.0
+            for req in pilot_reqs:
+                g = run_drafter(target, d, req, max_gamma, w, max_new_tokens, eos, Sampling(), None)
+                rounds += g.rounds
+                spent += g.propose_seconds
+            pilot[w], dcost[w] = rounds, spent / max(len(rounds), 1) / step
+        c = c_measured(d.lm, target) if d.lm is not None else None
+        out[d.name] = choose(pilot, max_gamma, v, c, None if d.lm is not None else dcost)
+    return out
+
+
+def measure(target: CachedLM, drafters: list[Drafter], requests: list[Request], shapes: dict[str, list[tuple[int, int]]],
             samplings: list[Sampling], max_new_tokens: int, repeats: int, warmup: int, seed: int, eos: set[int],
             progress=None) -> tuple[dict, dict, dict]:
-    """Returns (baseline per temperature, cells per (name, gamma, width, temperature), greedy target outputs)."""
+    """``shapes``: the (gamma, width) settings of each drafter (``grid`` or ``auto_shapes``). Returns
+    (baseline per temperature, cells per (name, gamma, width, temperature), greedy target outputs)."""
     dev = target.device
     progress = progress or (lambda it, **kw: it)
     for _ in range(warmup):   # first calls allocate and pick kernels: keep them out of the timings
         w = requests[0]
         target_generate(target, w.ids, min(16, max_new_tokens), eos)
         for d in drafters:
-            for g, wd in shapes(d, gammas[:1], widths):
-                run_drafter(target, d, w, g, wd, min(16, max_new_tokens), eos, Sampling(), None)
+            g, wd = shapes[d.name][0]
+            run_drafter(target, d, w, g, wd, min(16, max_new_tokens), eos, Sampling(), None)
     for r in [target] + [d.lm for d in drafters if d.lm is not None]:
         r.step_times.clear()
         r.verify_times.clear()
     baseline: dict = {}
-    cells: dict = {(d.name, g, wd, s.temperature): Cell() for d in drafters for g, wd in shapes(d, gammas, widths)
+    cells: dict = {(d.name, g, wd, s.temperature): Cell() for d in drafters for g, wd in shapes[d.name]
                    for s in samplings}
     greedy_ref: dict[str, list[int]] = {}
     for s in samplings:
@@ -132,7 +162,7 @@ def measure(target: CachedLM, drafters: list[Drafter], requests: list[Request], 
                 if temp == 0:
                     greedy_ref.setdefault(req.id, base.tokens)
                 for d in drafters:
-                    for gamma, width in shapes(d, gammas, widths):
+                    for gamma, width in shapes[d.name]:
                         key = (d.name, gamma, width, temp)
                         cell = cells[key]
                         before = d.lm.forwards if d.lm is not None else 0

@@ -96,6 +96,14 @@ def markdown(report: Report, plots: list[str]) -> str:
                      f"{_fmt(r.greedy_mal_teacher_forced, 3)} | {_fmt(r.acceptance_rate, 3)} | "
                      f"{_fmt(r.speedup, 2, '×')} | {_fmt(r.theoretical_speedup, 2, '×')} | "
                      f"{_fmt(r.mac_speedup, 2, '×')} | {_fmt(r.modeled_speedup, 2, '×')} | {_fmt(r.c_measured, 3)} | {ll} |")
+    auto = [(name, d.shape) for name, d in report.drafters.items() if d.shape is not None]
+    if auto:   # gamma: auto: the chosen shape and the model's prediction next to the measurement
+        lines += ["", f"`gamma: auto` (sd2.engine.shape) chose, per drafter, the depth 1..{s.max_gamma} and width of highest "
+                  "modeled speedup (measured c, v(n) and pilot acceptance; greedy):", ""]
+        for name, sh in auto:
+            row = next(iter(report.rows(name, sh.gamma, 0.0, sh.width)), None)
+            meas = f", measured {row.speedup:.2f}×" if row is not None and row.speedup is not None else ""
+            lines.append(f"- {name}: γ={sh.gamma}, width {sh.width}: modeled {sh.predicted_speedup:.2f}×{meas}")
     gmax = max(s.gammas)
     lines += ["", "## Acceptance per position", "",
               "Defined on depth: among rounds whose draft reached depth i, the share whose accepted path reached "
