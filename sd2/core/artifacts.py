@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -44,11 +46,50 @@ def parse_folder(name: str) -> tuple[int, str] | None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary name in the same folder, fsync, then rename over the target."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a torn temporary behind
+        raise
+
+
+# errno values that mean "this location cannot take our output" (disk full, quota, read-only, denied)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write (disk full, read-only, permission), or None. Libraries wrap
+    it (datasets, safetensors), so the exception's cause/context chain is searched."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """Create the output folder ``path`` if needed and prove that a file can be written in it, before
+    any model loads. ``what`` names it in the error (e.g. "--out"). Returns the path."""
+    path = Path(path).expanduser()
+    for parent in [path, *path.parents]:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise Sd2Error(f"{what} {path}: {parent} is a file, not a folder; choose another location")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sd2-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise Sd2Error(f"{what} {path}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
+    return path
 
 
 def read_manifest(folder: Path) -> dict | None:

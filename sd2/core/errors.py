@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -41,4 +42,30 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 def short(value: Any, limit: int = 60) -> str:
     text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def reading(what: str, expected: str, fix: str):
+    """Turn a failure of a third-party reader (transformers, tokenizers, safetensors, gguf, datasets)
+    inside the block into an Sd2Error that names what was read, what was expected and the fix,
+    keeping the library's one-line reason. Those libraries raise many types (ValueError, OSError,
+    KeyError, their own), so every Exception is caught; MemoryError is not a bad input and passes.
+
+        with reading(f"the model folder {path}", "a save_pretrained folder with *.safetensors",
+                     "rebuild it with sd2, or point the recipe at another folder"):
+            model = AutoModelForCausalLM.from_pretrained(path)
+    """
+    try:
+        yield
+    except (Sd2Error, MemoryError):
+        raise
+    except Exception as e:
+        raise Sd2Error(f"cannot read {what}: {reason(e)}. Expected {expected}; {fix}") from e
+
+
+def reason(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

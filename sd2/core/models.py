@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sd2.core.errors import Sd2Error
+from sd2.core.errors import Sd2Error, reading, reason
 from sd2.data.prompts import Prompts
 
 log = logging.getLogger("sd2")
@@ -109,6 +110,98 @@ def locate_gguf(ref: ModelRef) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"gguf file not found: {path}")
     return path
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HF_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([A-Za-z0-9][\w.\-]*/[\w.\-]+?)/?$")
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    """What a GGUF file's header says, read without loading any tensor (gguf-py's GGUFReader)."""
+
+    path: Path
+    architecture: str | None   # general.architecture, e.g. "llama"
+    layers: int | None         # <architecture>.block_count
+    hub_id: str | None         # the Hub repo it was converted from, when the header names one
+
+
+def gguf_info(path: Path) -> GgufInfo:
+    """The header of a GGUF file. The Hub id comes from ``general.source.huggingface.repository``,
+    a huggingface.co ``general.source.url``, or else the single ``general.base_model.0.repo_url``
+    (the GGUF spec's provenance keys); converters often write none of them, and then it is None."""
+    import gguf
+
+    with reading(f"the GGUF file {path}", "a GGUF model file (llama.cpp's format, magic 'GGUF')",
+                 "check the file is complete (re-download it) and really a .gguf"):
+        fields = gguf.GGUFReader(str(path)).fields
+
+    def field(key):
+        f = fields.get(key)
+        try:
+            return f.contents() if f is not None else None
+        except Exception:  # a malformed value reads as absent
+            return None
+
+    arch = field("general.architecture")
+    arch = str(arch) if arch is not None else None
+    layers = field(f"{arch}.block_count") if arch else None
+    hub = None
+    for key in ("general.source.huggingface.repository", "general.source.url", "general.base_model.0.repo_url"):
+        value = str(field(key) or "")
+        m = _HF_URL.match(value)
+        hub = m.group(1) if m else (value if _HUB_ID.match(value) else None)
+        if hub:
+            break
+    if hub and field("general.base_model.count") not in (None, 1) and key.startswith("general.base_model"):
+        hub = None  # several base models: none of them is "the" source
+    return GgufInfo(Path(path), arch, int(layers) if isinstance(layers, int) else None, hub)
+
+
+def gguf_architectures() -> set[str]:
+    """The GGUF architectures transformers can load (its GGUF config mapping; importing it does not import torch)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    return set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}
+
+
+def gguf_problem(info: GgufInfo) -> str | None:
+    """Why transformers cannot load this GGUF, or None. transformers renames a few llama.cpp
+    architectures before its own check (qwen2moe -> qwen2_moe, gpt-oss -> gpt_oss, t5encoder -> t5, ...);
+    the same renames are applied here so that nothing it loads is refused."""
+    if info.architecture is None:
+        return (f"{info.path} has no general.architecture in its header; expected a GGUF model file written by "
+                f"llama.cpp's converter")
+    supported = gguf_architectures()
+    arch = info.architecture
+    names = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe"), "t5" if "t5" in arch else arch}
+    if names & supported:
+        return None
+    return (f"{info.path} is a GGUF of architecture '{arch}', which transformers cannot load (its GGUF loader "
+            f"supports: {', '.join(sorted(supported))}). Use a GGUF of one of those architectures, or the model's "
+            f"safetensors folder (`path:`) or Hub id (`hub:`)")
+
+
+def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | None:
+    """The number of decoder layers when it is cheap to know: a derived drafter's ``keep_layers`` /
+    ``layers``, a local folder's config.json, or a GGUF header. None otherwise (a Hub id)."""
+    if ref.derive is not None:
+        return ref.keep_layers if ref.keep_layers is not None else len(ref.layers or []) or None
+    if ref.path is not None:
+        cfg = Path(ref.path).expanduser() / "config.json"
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            return None
+        data = data.get("text_config") or data if isinstance(data, dict) else {}
+        n = next((data.get(k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(data.get(k), int)), None)
+        return n
+    if ref.gguf is not None:
+        try:
+            return gguf_info(locate_gguf(ref)).layers
+        except (OSError, Sd2Error):
+            return None
+    return None
 
 
 def known_vocab_size(ref: ModelRef, target: ModelRef | None = None) -> int | None:
@@ -202,7 +295,10 @@ def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
     if ref.path is not None:
         folder = Path(ref.path).expanduser().resolve()
         return ModelSource(str(folder), folder_fingerprint(folder), ref.trust_remote_code)
-    gguf_path = locate_gguf(ref)
+    try:
+        gguf_path = locate_gguf(ref)
+    except FileNotFoundError as e:
+        raise Sd2Error(f"{e}; give an existing .gguf file (a path, or a file name with `package:`)") from None
     digest = cached_sha256(gguf_path)
     folder = cache_root() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
     if convert and not (folder / "config.json").is_file():
@@ -214,13 +310,20 @@ def convert_gguf(gguf_path: Path, dest: Path, tokenizer: str | None = None) -> P
     """Dequantise a GGUF file into a safetensors folder (fp32), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    problem = gguf_problem(gguf_info(gguf_path))  # the header names the architecture: say so before loading
+    if problem:
+        raise Sd2Error(problem)
     log.info("converting %s to safetensors (once per machine) -> %s", gguf_path.name, dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else AutoTokenizer.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name)
+        with reading(f"the GGUF file {gguf_path}", "a GGUF model that transformers can dequantise",
+                     "use the model's safetensors folder (`path:`) or Hub id (`hub:`) instead"):
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        with reading(f"the tokenizer of {tokenizer or gguf_path}", "a tokenizer transformers can load",
+                     "give `tokenizer:` a folder or Hub id holding the model's tokenizer"):
+            tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else AutoTokenizer.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name)
         if not tokenizer:
             _fix_gguf_specials(tok, model.config)
         save_model(model, tok, tmp)
@@ -300,6 +403,12 @@ def load_model(source: ModelSource | str | Path, device: str = "cpu", dtype=None
         hint = ("; no network here? download it first and use `path:`" if not Path(src.ref).exists()
                 else "; expected a save_pretrained folder with *.safetensors (pickle .bin weights are refused)")
         raise Sd2Error(f"cannot load model '{src.ref}': {str(e).splitlines()[0]}{hint}") from None
+    except (Sd2Error, MemoryError):
+        raise
+    except Exception as e:  # a damaged config, an unknown architecture, torn weights: the library's many types
+        raise Sd2Error(f"cannot read the model '{src.ref}': {reason(e)}. Expected a causal LM as a save_pretrained "
+                       f"folder (config.json + *.safetensors) or a Hub id; check the folder is complete "
+                       f"(rebuild or re-download it)") from e
     return model.to(device).eval()
 
 
@@ -320,10 +429,9 @@ def load_tokenizer(source: ModelSource | str | Path):
     from transformers import AutoTokenizer
 
     src = _src(source)
-    try:
+    with reading(f"the tokenizer of '{src.ref}'", "tokenizer files (tokenizer.json / tokenizer_config.json) "
+                 "next to the model", "save the tokenizer there with tokenizer.save_pretrained, or fix the reference"):
         tok = AutoTokenizer.from_pretrained(src.ref, revision=src.revision, trust_remote_code=src.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise Sd2Error(f"cannot load tokenizer of '{src.ref}': {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

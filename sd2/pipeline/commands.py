@@ -62,6 +62,7 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     from pydantic import ValidationError
 
     from sd2.data.prompts import PromptsConfig
+    from sd2.core import artifacts as art
     from sd2.core.context import StageInputs, pick_device, standalone_context
     from sd2.core.models import resolve
     from sd2.stages.evaluate import Config, run
@@ -85,10 +86,9 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
         raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
                                  for err in e.errors())) from None
     device = pick_device(device)
+    out = art.writable_dir(Path(out), "--out")  # before any model loads
     srcs = {name: resolve(model_ref(ref)) for name, ref in names.items() if name not in lookup}
     inputs = StageInputs(target=resolve(model_ref(target)), drafters=srcs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ctx = standalone_context(out, seed=seed, stage_id="eval")
     ctx.device = device
     metrics = run(cfg, inputs, out, ctx)

@@ -153,7 +153,7 @@ class Runner:
         rank, world = rank_world()
         if world > 1 and rank != 0:
             return self._follow(rank)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        art.writable_dir(self.run_dir, "the run folder (--out)")  # before any model loads
         handler = logging.FileHandler(self.run_dir / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
@@ -162,7 +162,7 @@ class Runner:
                 resolved = self.recipe.resolved()
                 (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
                 self._adopt_renumbered()
-                return [self._run_step(step) for step in self.steps[: self.last + 1]]
+                return [self._run_step_safely(step) for step in self.steps[: self.last + 1]]
         finally:
             log.removeHandler(handler)
             handler.close()
@@ -223,6 +223,24 @@ class Runner:
                     cand.rename(target)
                     log.info("renumbered %s -> %s", cand.name, target.name)
                     break
+
+    def _run_step_safely(self, step: Step) -> dict:
+        """A stage whose output cannot be written (disk full, read-only, permission) ends in an
+        Sd2Error, not a traceback. Its folder stays marked unfinished, with whatever checkpoints it
+        wrote, and no manifest: the next run with the same recipe skips the finished stages and
+        resumes this one."""
+        try:
+            return self._run_step(step)
+        except Sd2Error:
+            raise
+        except Exception as e:
+            failed = art.write_failure(e)
+            if failed is None:
+                raise
+            where = failed.filename or self.run_dir / step.folder
+            raise Sd2Error(f"stage {step.id} could not write {where}: {failed.strerror or failed}. Nothing is "
+                           f"marked done for it; free space or fix the permissions, then run the same command "
+                           f"again: finished stages are skipped and {step.id} resumes") from e
 
     def _run_step(self, step: Step) -> dict:
         spec, sources, idents, fp = self._fingerprint(step)

@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sd2.core.errors import Issue, RecipeError, did_you_mean, short
-from sd2.core.models import ModelRef, known_vocab_size, locate_gguf
+from sd2.core.errors import Sd2Error
+from sd2.core.models import ModelRef, gguf_info, gguf_problem, known_layer_count, known_vocab_size, locate_gguf
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 
@@ -67,7 +68,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             issues.append(Issue(f"override {item!r}", "must look like key.path=value"))
             continue
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            issues.append(Issue(f"override {key}", f"the value is not valid YAML: {str(e).splitlines()[0]}"))
+            continue
         parts = key.strip().split(".")
         node: Any = data
         try:
@@ -240,6 +245,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
     if recipe is not None:
         issues.extend(_check_paths(recipe))
         issues.extend(_check_cross(recipe, data, branches, branch_from))
+        issues.extend(_check_layers(recipe, branches, branch_from))
     if issues:
         raise RecipeError(issues, source)
     return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from)
@@ -257,9 +263,47 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
                 issues.append(Issue(f"{role}.path", f"{p} has no config.json; expected a save_pretrained folder"))
         if ref.gguf is not None:
             try:
-                locate_gguf(ref)
-            except FileNotFoundError as e:
-                issues.append(Issue(f"{role}.gguf", str(e)))
+                problem = gguf_problem(gguf_info(locate_gguf(ref)))  # the header only: no model loads
+            except (FileNotFoundError, Sd2Error) as e:
+                problem = str(e)
+            if problem:
+                issues.append(Issue(f"{role}.gguf", problem))
+    return issues
+
+
+def _check_layers(recipe: Recipe, branches: dict, branch_from: dict | None = None) -> list[Issue]:
+    """Layer counts, where they are known before any model loads (a local folder's config.json, a
+    GGUF header, a derived drafter's keep_layers): derive within the target's layers, and each
+    branch's layer-pruning steps within the layers the drafter has at that step."""
+    issues = []
+    target_layers = known_layer_count(recipe.target)
+    d = recipe.drafter
+    if d.derive is not None and target_layers is not None:
+        if d.keep_layers is not None and d.keep_layers > target_layers:
+            issues.append(Issue("drafter.keep_layers", f"must be in [1, {target_layers}]: the target has "
+                                                       f"{target_layers} decoder layers (got {d.keep_layers})"))
+        if d.layers is not None and any(not 0 <= i < target_layers for i in d.layers):
+            issues.append(Issue("drafter.layers", f"layer indices must be in [0, {target_layers - 1}]: the target "
+                                                  f"has {target_layers} decoder layers (got {short(d.layers)})"))
+        if issues:
+            return issues
+    start = known_layer_count(d, recipe.target)
+    prune = STAGES["prune"].load()
+    ends: dict[str, int | None] = {}   # each branch's layer count after its last step (a `from:` branch starts there)
+    for bname, steps in branches.items():
+        n = ends.get((branch_from or {}).get(bname), start) if bname in (branch_from or {}) else start
+        for i, (sname, cfg) in enumerate(steps):
+            if n is None:
+                break
+            if sname == "prune" and getattr(cfg, "method", None) == "layer":
+                n_remove, problem = prune.layer_request(n, cfg)
+                if problem:
+                    field = next(f for f in ("keep_layers", "n_remove", "match_sparsity") if getattr(cfg, f, None) is not None)
+                    issues.append(Issue(f"branches.{bname}[{i}].prune.{field}", problem))
+                    n = None
+                    break
+                n = None if n_remove is None else n - n_remove
+        ends[bname] = n
     return issues
 
 
@@ -293,14 +337,29 @@ def _check_cross(recipe: Recipe, data: dict, branches: dict, branch_from: dict |
     return issues
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML of a recipe file. Anything that is not a readable UTF-8 YAML text file (a
+    folder, no permission, binary bytes, YAML that does not parse) is a RecipeError naming the file."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise RecipeError([Issue("", f"{p} is a folder; give the recipe's .yaml file")], str(p))
+    if not p.exists():
         raise RecipeError([Issue("", f"recipe file not found: {p}")])
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise RecipeError([Issue("", f"cannot read the recipe file: {e.strerror or e}; check its permissions")],
+                          str(p)) from None
+    except UnicodeDecodeError as e:
+        raise RecipeError([Issue("", f"not a text file: byte {e.start} is not UTF-8; a recipe is a YAML text "
+                                     f"file (see recipes/ for examples)")], str(p)) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError([Issue("", f"not valid YAML: {e}")], str(p)) from None
+    except RecursionError:
+        raise RecipeError([Issue("", "not valid YAML: nested too deeply")], str(p)) from None
+    return {} if data is None else data
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> ValidatedRecipe:

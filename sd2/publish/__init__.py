@@ -42,6 +42,10 @@ def publish(source: Path, repo_id: str, drafter: str | None = None, private: boo
     if dry_run and out is None:
         raise Sd2Error("--dry-run needs --out DIR: the folder that would be uploaded is written there")
     upload.check_repo_id(repo_id)
+    if out is not None:  # before any model loads (a trimmed drafter is loaded to untrim it)
+        from sd2.core.artifacts import writable_dir
+
+        writable_dir(Path(out).expanduser().parent, f"--out {out}: its parent folder")
     if not dry_run:
         upload.get_token()  # fail before any work when there is no token
     if is_export(Path(source)):

@@ -57,6 +57,9 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     info: dict = {"source_layers": n, "select": config.select if config.layers is None else "layers"}
     if config.layers is not None:
         keep = config.layers
+        if list(keep) != sorted(set(keep)) or not all(0 <= i < n for i in keep):
+            raise Sd2Error(f"drafter.layers = {keep}: layer indices must be distinct, increasing and in "
+                           f"[0, {n - 1}] (the target has {n} decoder layers)")
     elif config.keep_layers > n:
         raise Sd2Error(f"drafter.keep_layers = {config.keep_layers}, but the target has only {n} decoder layers")
     elif config.select == "angular" and config.keep_layers < n:

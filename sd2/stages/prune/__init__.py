@@ -136,6 +136,23 @@ class Config(BaseModel):
         return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def layer_request(n_layers: int, config: Config) -> tuple[int | None, str | None]:
+    """(layers to remove, None) for ``method: layer`` on a model with ``n_layers`` decoder layers, or
+    (0, why it is impossible). With ``match_sparsity`` the count depends on the model's MACs:
+    (None, None) when possible. Used at validation, when the drafter's layer count is known, and at run time."""
+    field = "keep_layers" if config.keep_layers is not None else "n_remove"
+    if n_layers < 2:
+        return 0, (f"a {n_layers}-layer drafter cannot be layer-pruned (it needs at least 2 decoder layers); "
+                   f"drop this step, or prune weights instead (method: magnitude, sparsegpt or wanda)")
+    if config.keep_layers is None and config.n_remove is None:
+        return None, None
+    n_remove = config.n_remove if config.n_remove is not None else n_layers - config.keep_layers
+    if not 1 <= n_remove < n_layers:
+        return 0, (f"the drafter has {n_layers} decoder layers at this step, so {field} must be in "
+                   f"[1, {n_layers - 1}]; got {getattr(config, field)}")
+    return n_remove, None
+
+
 def consumes(config: Config) -> tuple[str, ...]:
     """Magnitude pruning is data-free: it does not rerun when the distilled data changes."""
     return ("model",) if config.method == "magnitude" else ("model", "dataset")
@@ -176,6 +193,8 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
             if config.match_sparsity is not None:
                 from sd2.macs import layers_for_sparsity
 
+                if n_before < 2:
+                    raise Sd2Error(f"prune (method layer): {layer_request(n_before, config)[1]}")
                 keep, budget = layers_for_sparsity(model, config.match_sparsity)
                 if keep == n_before:
                     raise Sd2Error(f"prune.match_sparsity = {config.match_sparsity}: the nearest decoder-MAC budget on "
@@ -183,7 +202,9 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
                 report["mac_budget"] = budget
                 n_remove = n_before - keep
             else:
-                n_remove = config.n_remove if config.n_remove is not None else n_before - config.keep_layers
+                n_remove, problem = layer_request(n_before, config)
+                if problem:
+                    raise Sd2Error(f"prune (method layer): {problem}")
             report.update(prune_layers(model, samples, n_remove, ctx))
         else:
             from sd2.stages.prune.calibration import calibration_samples
