@@ -180,7 +180,8 @@ def test_card_holds_the_reports_numbers(run_dir, tmp_path):
     assert any(line.startswith(f"| {other} | 0 | {num(report.rows('dense', other, 0.0)[0].mal)} |")
                for line in card.splitlines())   # every setting is listed
     cpus = report.settings.machine["cpu_count"]
-    for needle in (report.target.fingerprint, report.target.ref, f"cpu_count {cpus}", f"| γ (main) | {g} |",
+    assert report.target.ref not in card                          # a local path means nothing on the Hub
+    for needle in (report.target.fingerprint, "a local model folder named target", f"cpu_count {cpus}", f"| γ (main) | {g} |",
                    "dense.finetune", "lr: 0.001", "drafter.derive", "assistant_model=drafter",
                    '"method": "draft_model"', f'"num_speculative_tokens": {g}', f'"{REPO}"', f"num_assistant_tokens = {g}"):
         assert needle in card, needle
@@ -412,3 +413,62 @@ def test_a_pruned_gpt2_drafter_publishes_its_sparsity(tmp_path, tokenizer):
     overall, per = measure_sparsity(out)
     assert overall == pytest.approx(0.5, abs=0.01)
     assert per and all(k.startswith("transformer.h.") for k in per)
+
+
+# -- no local paths in what is published -------------------------------------------------------------
+@pytest.mark.parametrize("source", [None, "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_published_folder_holds_no_local_paths(run_dir, tmp_path, tokenizer, monkeypatch, source):
+    """A GGUF target shipped in a Python package, a run under the publisher's home directory, a prompt
+    file and a prune recipe given by absolute path: no file of the published folder names any of them.
+    The target is named by its Hub id when the GGUF header gives one, else by package and file."""
+    from test_bad_input import write_gguf_header
+
+    from sd2.publish import publish
+    from sd2.publish.provenance import front_matter
+
+    home = tmp_path / "home" / "alice"
+    monkeypatch.setenv("HOME", str(home))
+    site = home / "site"
+    (site / "fakepkg").mkdir(parents=True)
+    (site / "fakepkg" / "__init__.py").write_text("")
+    write_gguf_header(site / "fakepkg" / "Tiny.Q4.gguf", "llama", layers=4, source=source)
+    monkeypatch.syspath_prepend(str(site))
+    cache_ref = str(home / ".cache" / "sd2" / "gguf" / "Tiny.Q4-0123456789abcdef")
+    prompts, prune_recipe = str(home / "data" / "q.jsonl"), str(home / "recipes" / "prune.yaml")
+
+    run = home / "work" / "artifacts" / "leak"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump({
+        "name": "leak", "target": {"gguf": "Tiny.Q4.gguf", "package": "fakepkg"},
+        "drafter": {"derive": "target", "keep_layers": 2},
+        "distill": {"prompts": {"source": prompts}}}))
+    lineage = _lineage(("drafter.derive", "derive", {"keep_layers": 2}),
+                       ("sparse.prune", "prune", {"method": None, "recipe": prune_recipe}))
+    model = make_model(run / "02_sparse.prune", "llama", n_layers=2, seed=3, tokenizer=tokenizer)
+    _manifest(model, "sparse.prune", "prune", lineage, "sparse")
+    ev = run / "03_evaluate"
+    ev.mkdir()
+    report = json.loads((run_dir / "04_evaluate" / "report.json").read_text())  # a real tiny evaluation's report
+    report["target"]["ref"] = cache_ref
+    report["settings"]["prompts"] = {"source": prompts, "limit": 2}
+    for entry in report["drafters"].values():
+        entry["path"], entry["lineage"] = str(model), lineage
+    (ev / "report.json").write_text(json.dumps(report))
+    _manifest(ev, "evaluate", "evaluate", [])
+
+    out = tmp_path / "pub"
+    publish(run, REPO, drafter="sparse", dry_run=True, out=out, say=lambda line: None)
+    card = (out / "README.md").read_text()
+    leaks = [str(home), "alice", str(run), cache_ref, str(tmp_path)]
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            text = f.read_bytes().decode("utf-8", errors="replace")
+            for leak in leaks:
+                assert leak not in text, f"{f.name} names {leak!r}"
+    if source:
+        assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+        assert 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in card
+    else:
+        assert "the GGUF file Tiny.Q4.gguf of the Python package fakepkg" in card
+        assert "base_model" not in front_matter(card)
+    assert "q.jsonl" in card and "prune.yaml" in card  # the file names stay, their folders go

@@ -124,6 +124,7 @@ class GgufInfo:
     architecture: str | None   # general.architecture, e.g. "llama"
     layers: int | None         # <architecture>.block_count
     hub_id: str | None         # the Hub repo it was converted from, when the header names one
+    license: str | None = None  # general.license
 
 
 def gguf_info(path: Path) -> GgufInfo:
@@ -155,7 +156,9 @@ def gguf_info(path: Path) -> GgufInfo:
             break
     if hub and field("general.base_model.count") not in (None, 1) and key.startswith("general.base_model"):
         hub = None  # several base models: none of them is "the" source
-    return GgufInfo(Path(path), arch, int(layers) if isinstance(layers, int) else None, hub)
+    lic = field("general.license")
+    return GgufInfo(Path(path), arch, int(layers) if isinstance(layers, int) else None, hub,
+                    str(lic) if lic is not None else None)
 
 
 def gguf_architectures() -> set[str]:

@@ -11,7 +11,7 @@ import json
 import yaml
 
 from sd2.publish.export import Exported
-from sd2.publish.provenance import Provenance
+from sd2.publish.provenance import Provenance, public_name
 from sd2.publish.select import Selection
 
 TAGS = ["speculative-decoding", "sparse", "sd2", "draft-model"]
@@ -33,26 +33,25 @@ def num(x) -> str:
 def render(sel: Selection, prov: Provenance, exp: Exported, repo_id: str) -> str:
     front = {"license": prov.license, **({"base_model": prov.base_model} if prov.base_model else {}),
              "library_name": "transformers", "pipeline_tag": "text-generation", "tags": TAGS}
-    target_ref = sel.report.target.ref if sel.report is not None else None
     parts = ["---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n",
              f"# {repo_id.split('/')[-1]}\n",
              f"A drafter for speculative decoding, built with sd2 (SD², Self-Distilled Sparse "
-             f"Drafters). It proposes tokens that the target model `{target_ref or prov.base_model or '?'}` "
+             f"Drafters). It proposes tokens that the target model `{prov.target}` "
              f"verifies; the target's output is unchanged, only faster. Published drafter: **{sel.name}** ({sel.why}).\n"]
-    parts.append(_metrics(sel, exp) if sel.results else
+    parts.append(_metrics(sel, exp, prov) if sel.results else
                  "## Metrics\n\nThis drafter was published from a model folder without an evaluation report: "
                  f"no acceptance or speedup numbers. Measured decoder sparsity: {num(exp.sparsity)}.\n")
     if exp.untrimmed:
         parts.append(_vocab_section(exp.untrimmed))
     parts.append(_lineage(sel.lineage))
-    parts.append(_usage(repo_id, target_ref if prov.base_model is None else prov.base_model, sel, exp))
+    parts.append(_usage(repo_id, prov.target_hub, prov.target, sel, exp))
     notes = prov.notes + exp.notes
     if notes:
         parts.append("## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
     return "\n".join(parts)
 
 
-def _metrics(sel: Selection, exp: Exported) -> str:
+def _metrics(sel: Selection, exp: Exported, prov: Provenance) -> str:
     rep, entry = sel.report, sel.entry
     target, settings = rep.target, rep.settings
     rows = sorted(sel.results, key=lambda r: (r.gamma != sel.main_gamma, r.gamma, r.temperature))
@@ -79,7 +78,7 @@ def _metrics(sel: Selection, exp: Exported) -> str:
     hw = ", ".join(f"{k} {v}" for k, v in settings.machine.items() if k != "host") or "-"
     vocab = entry.vocab if entry else None
     setup = [
-        ("target", f"`{target.ref or '-'}`"), ("target fingerprint", f"`{target.fingerprint or '-'}`"),
+        ("target", f"`{prov.target}`"), ("target fingerprint", f"`{target.fingerprint or '-'}`"),
         ("drafter fingerprint", f"`{(entry.fingerprint if entry else '') or '-'}`"),
         ("sparsity (decoder linear layers)", num(entry.sparsity if entry else None)),
         ("sparsity measured on the published weights", num(exp.sparsity)),
@@ -101,7 +100,8 @@ def _prompts(p) -> str:
     if isinstance(p, list):
         return "; ".join(_prompts(x) for x in p)
     if isinstance(p, dict):
-        return ", ".join(f"{k}={v}" for k, v in p.items() if v not in (None, False) and k in ("source", "limit", "skip"))
+        return ", ".join(f"{k}={public_name(v) if k == 'source' else v}" for k, v in p.items()
+                         if v not in (None, False) and k in ("source", "limit", "skip"))
     return str(p) if p else "-"
 
 
@@ -132,15 +132,25 @@ def _lineage(lineage: list[dict]) -> str:
         out.append(f"{i}. `{step.get('id')}` ({step.get('stage')}), fingerprint `{step.get('fingerprint')}`")
     out.append("\n<details><summary>stage configs</summary>\n")
     for step in lineage:
-        out += [f"`{step.get('id')}`:", "```yaml", yaml.safe_dump(step.get("config") or {}, sort_keys=False).rstrip(),
+        config = _public(step.get("config") or {})
+        out += [f"`{step.get('id')}`:", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(),
                 "```"]
     out.append("</details>\n")
     return "\n".join(out)
 
 
-def _usage(repo_id: str, target_id: str | None, sel: Selection, exp: Exported) -> str:
+def _public(value):
+    """A stage config with local paths (a prompt file, a prune recipe file) reduced to their names."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    return public_name(value) if isinstance(value, str) else value
+
+
+def _usage(repo_id: str, target_hub: str | None, target: str, sel: Selection, exp: Exported) -> str:
     gamma = sel.main_gamma or 4
-    target_id = target_id or "<the target model>"
+    target_id = target_hub or f"<the target: {target}>"
     return f"""## Usage
 
 The drafter shares the target's tokenizer. With transformers (assisted generation, greedy is lossless):

@@ -22,30 +22,34 @@ class Provenance:
     base_model: str | None                  # a Hub id, or None when the base is not on the Hub
     license: str                            # an SPDX-like id as the Hub uses them, or "other"
     notes: list[str] = field(default_factory=list)
+    target: str = "the target model"        # the target as a reader of the card can find it (never a local path)
+    target_hub: str | None = None           # the target's Hub id, when known
 
 
 def provenance(recipe: dict | None, model_dir: Path, target_ref: str | None) -> Provenance:
     notes: list[str] = []
     recipe = recipe or {}
+    if recipe.get("target"):
+        target_ref_dict = recipe["target"]
+    elif target_ref:  # no recipe: the report's target ref
+        target_ref_dict = {"path": target_ref} if Path(target_ref).exists() else {"hub": target_ref}
+    else:
+        target_ref_dict = {}
     if recipe.get("drafter") and not recipe["drafter"].get("derive"):
         base_ref, role = recipe["drafter"], "drafter"
-    elif recipe.get("target"):
-        base_ref, role = recipe["target"], "target"
-    elif target_ref:  # no recipe: the report's target ref
-        base_ref, role = ({"path": target_ref} if Path(target_ref).exists() else {"hub": target_ref}), "target"
+    elif target_ref_dict:
+        base_ref, role = target_ref_dict, "target"
     else:
         base_ref, role = {}, "base model"
 
-    base_model = base_ref.get("hub") if base_ref else None
-    if base_model and not _HUB_ID.match(base_model):
-        base_model = None
+    base_model = hub_id(base_ref)
     if base_model is None:
         what = _describe(base_ref) if base_ref else "unknown (no recipe.yaml next to the model)"
-        notes.append(f"base_model is left out: the {role} the drafter derives from is {what}, not a Hub id. "
+        notes.append(f"base_model is left out: the {role} the drafter derives from is {what}, not a known Hub id. "
                      f"Add `base_model: <hub id>` to the card's front matter by hand if you know it.")
 
     lic = _license_from_folder(model_dir)
-    source = f"the drafter folder {model_dir}"
+    source = f"the drafter folder {Path(model_dir).name}"
     if lic is None and base_ref:
         lic, source = _license_from_ref(base_ref), f"the {role} {_describe(base_ref)}"
     if lic is None:
@@ -55,15 +59,48 @@ def provenance(recipe: dict | None, model_dir: Path, target_ref: str | None) -> 
         lic = "other"
     else:
         notes.append(f"license '{lic}' inherited from {source}.")
-    return Provenance(base_model, lic, notes)
+    target_hub = hub_id(target_ref_dict)
+    target = target_hub or (_describe(target_ref_dict) if target_ref_dict else "the target model")
+    return Provenance(base_model, lic, notes, target, target_hub)
+
+
+def hub_id(ref: dict) -> str | None:
+    """The Hub id of a model reference: a ``hub:`` id, or the repo a GGUF's header says it was
+    converted from (general.source.* / general.base_model.0.*; sd2.core.models.gguf_info)."""
+    if not ref:
+        return None
+    if ref.get("hub"):
+        return ref["hub"] if _HUB_ID.match(ref["hub"]) else None
+    if ref.get("gguf"):
+        try:
+            from sd2.core.models import ModelRef, gguf_info, locate_gguf
+
+            return gguf_info(locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))).hub_id
+        except Exception:  # gguf missing or unreadable: no Hub id, and the card names the file instead
+            return None
+    return None
+
+
+def public_name(value: str) -> str:
+    """A local path as a reader of the card may see it: its last part only (the rest names the
+    publisher's folders and home directory). Anything else is returned unchanged."""
+    text = str(value)
+    if text.startswith(("/", "~", "./", "../")) or (len(text) > 2 and text[1] == ":" and text[2] in "/\\"):
+        return Path(text).name or text
+    return text
 
 
 def _describe(ref: dict) -> str:
-    for key in ("hub", "path", "gguf"):
-        if ref.get(key):
-            extra = f" (package {ref['package']})" if key == "gguf" and ref.get("package") else ""
-            return f"{key} {ref[key]}{extra}"
-    return json.dumps(ref)
+    """A model reference in words a reader can resolve, without local paths."""
+    if ref.get("hub"):
+        return f"the Hub model {ref['hub']}"
+    if ref.get("gguf"):
+        name = public_name(ref["gguf"])
+        return (f"the GGUF file {name} of the Python package {ref['package']}" if ref.get("package")
+                else f"the GGUF file {name}")
+    if ref.get("path"):
+        return f"a local model folder named {public_name(ref['path'])}"
+    return "an unnamed model"
 
 
 def _license_from_ref(ref: dict) -> str | None:
@@ -100,13 +137,9 @@ def _license_from_folder(folder: Path) -> str | None:
 
 def _license_from_gguf(ref: dict) -> str | None:
     try:
-        import gguf
+        from sd2.core.models import ModelRef, gguf_info, locate_gguf
 
-        from sd2.core.models import ModelRef, locate_gguf
-
-        path = locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))
-        field_ = gguf.GGUFReader(str(path)).fields.get("general.license")
-        return str(field_.contents()) if field_ is not None else None
+        return gguf_info(locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))).license
     except Exception:  # gguf missing or unreadable: no license found, said in the card
         return None
 

@@ -52,7 +52,7 @@ def select(source: Path, drafter: str | None = None) -> Selection:
 def _from_model_dir(folder: Path) -> Selection:
     manifest = art.read_manifest(folder) or {}
     run_dir = folder.parent if manifest else None
-    sel = Selection(model_dir=folder, name=manifest.get("branch") or folder.name, why=f"the model folder {folder}",
+    sel = Selection(model_dir=folder, name=manifest.get("branch") or folder.name, why=f"the model folder {folder.name}",
                     run_dir=run_dir, lineage=manifest.get("lineage", []))
     # A stage folder inside a run: attach the run's numbers for it when the report covers it.
     if run_dir is not None and (report_path := find_report(run_dir)) is not None:
