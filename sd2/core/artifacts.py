@@ -25,6 +25,7 @@ from typing import Any
 
 from sd2 import __version__
 from sd2.core.errors import Sd2Error
+from sd2.core.paths import expand
 
 MANIFEST = "manifest.json"
 PARTIAL = ".sd2-partial"  # holds the fingerprint of an unfinished stage, so its checkpoints can be resumed
@@ -76,7 +77,7 @@ def write_failure(exc: BaseException) -> OSError | None:
 def writable_dir(path: Path, what: str) -> Path:
     """Create the output folder ``path`` if needed and prove that a file can be written in it, before
     any model loads. ``what`` names it in the error (e.g. "--out"). Returns the path."""
-    path = Path(path).expanduser()
+    path = expand(path)
     for parent in [path, *path.parents]:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():

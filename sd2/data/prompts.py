@@ -31,6 +31,7 @@ from typing import Annotated, Iterator, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from sd2.core.errors import Sd2Error, did_you_mean
+from sd2.core.paths import expand
 
 BUILTINS = {
     # name: (python package, PyPI name)
@@ -70,7 +71,7 @@ class PromptsConfig(BaseModel):
             if close and self.format == "auto":
                 raise ValueError(f"unknown prompt source '{self.source}'{close}; built-in sets: {', '.join(BUILTINS)}")
             return self
-        path = Path(self.source).expanduser()
+        path = expand(self.source)
         if not path.exists():
             raise ValueError(f"prompt source '{self.source}' does not exist; give an existing file or "
                              f"folder, a Hub dataset id, or a built-in set: {', '.join(BUILTINS)}")
@@ -104,7 +105,7 @@ class Conversation:
 
 
 def looks_like_path(source: str) -> bool:
-    p = Path(source).expanduser()
+    p = expand(source)
     return (source.startswith((".", "/", "~")) or source.lower().endswith(FILE_SUFFIXES) or p.exists())
 
 
@@ -142,7 +143,7 @@ def _read(cfg: PromptsConfig):
     fmt = cfg.format
     if fmt == "hf" or not looks_like_path(cfg.source):
         return _hf(cfg)
-    path = Path(cfg.source).expanduser()
+    path = expand(cfg.source)
     if not path.exists():
         raise Sd2Error(f"prompt source '{cfg.source}' does not exist")
     if path.is_dir():
@@ -173,15 +174,23 @@ def _sniff(path: Path) -> str:
                    "expected 'turns' (MT-bench), 'messages' or 'conversations' (ShareGPT), or set format: text")
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _read_text(path: Path) -> str:
+    """The whole prompt file as text (gunzipped for .gz). Binary bytes, a damaged gzip or an unreadable
+    file are an Sd2Error naming the file."""
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise Sd2Error(f"prompt file {path}: byte {e.start} is not UTF-8 text; prompt files are UTF-8 JSON, JSONL "
+                       f"or text (one prompt per line)") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise Sd2Error(f"cannot read the prompt file {path}: {e}; check the file (a .gz must be gzip)") from None
 
 
 def _json_records(path: Path) -> Iterator[dict]:
     """Records of a JSONL file, or of a JSON array decoded one record at a time (which also reads
     a truncated file, such as the packaged ShareGPT, up to its last complete record)."""
-    with _open_text(path) as f:
-        text = f.read()
+    text = _read_text(path)
     dec = json.JSONDecoder()
     pos = _skip_ws(text, 0)
     if pos >= len(text):
@@ -222,10 +231,9 @@ def _truncated(text: str) -> bool:
 
 
 def _text(path: Path, stem: str) -> Iterator[Conversation]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield Conversation(f"{stem}-{lineno}", "none", [line.rstrip("\n")])
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if line.strip():
+            yield Conversation(f"{stem}-{lineno}", "none", [line])
 
 
 def _mtbench_record(r: dict, path, i: int, prefix: str) -> Conversation:
@@ -279,7 +287,7 @@ HF_COLUMNS = ("messages", "conversations", "prompt", "question", "instruction", 
 def _hf(cfg: PromptsConfig) -> Iterator[Conversation]:
     import datasets
 
-    path = Path(cfg.source).expanduser()
+    path = expand(cfg.source)
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))

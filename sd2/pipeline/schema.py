@@ -20,6 +20,7 @@ from sd2.core.errors import Sd2Error
 from sd2.core.models import ModelRef, gguf_info, gguf_problem, known_layer_count, known_vocab_size, locate_gguf
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
+from sd2.core.paths import expand
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # branch names: '.' separates branch and stage in step ids
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -256,7 +257,7 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
     for role in ("target", "drafter"):
         ref: ModelRef = getattr(recipe, role)
         if ref.path is not None:
-            p = Path(ref.path).expanduser()
+            p = expand(ref.path)
             if not p.is_dir():
                 issues.append(Issue(f"{role}.path", f"folder not found: {p}"))
             elif not (p / "config.json").is_file():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd2.core.errors import Sd2Error
+from sd2.core.paths import expand
 
 log = logging.getLogger("sd2")
 
@@ -45,7 +46,7 @@ def publish(source: Path, repo_id: str, drafter: str | None = None, private: boo
     if out is not None:  # before any model loads (a trimmed drafter is loaded to untrim it)
         from sd2.core.artifacts import writable_dir
 
-        writable_dir(Path(out).expanduser().parent, f"--out {out}: its parent folder")
+        writable_dir(expand(out).parent, f"--out {out}: its parent folder")
     if not dry_run:
         upload.get_token()  # fail before any work when there is no token
     if is_export(Path(source)):

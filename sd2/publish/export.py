@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sd2.core.errors import Sd2Error
 from sd2.publish.select import Selection
+from sd2.core.paths import expand
 
 # What a published model folder holds; everything else in a stage folder (manifest, checkpoints,
 # draft_to_target.json of a trimmed drafter, logs) stays behind.
@@ -39,7 +40,7 @@ class Exported:
 def build(sel: Selection, dest: Path, card_fn) -> Exported:
     """Write the folder for ``sel`` at ``dest`` (which must not exist, or be empty).
     ``card_fn(exported) -> str`` renders README.md once the weights are in place."""
-    dest = Path(dest).expanduser()
+    dest = expand(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise Sd2Error(f"--out {dest} exists and is not empty; give a new folder or delete it first")
     dest.parent.mkdir(parents=True, exist_ok=True)

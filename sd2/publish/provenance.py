@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from sd2.core.paths import expand
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -105,7 +106,7 @@ def _describe(ref: dict) -> str:
 
 def _license_from_ref(ref: dict) -> str | None:
     if ref.get("path"):
-        return _license_from_folder(Path(ref["path"]).expanduser())
+        return _license_from_folder(expand(ref["path"]))
     if ref.get("gguf"):
         return _license_from_gguf(ref)
     if ref.get("hub"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sd2.core import artifacts as art
 from sd2.core.errors import Sd2Error, did_you_mean
+from sd2.core.paths import expand
 from sd2.core.report import REPORT_FILE as REPORT
 from sd2.core.report import DrafterInfo, Report, Result
 
@@ -39,7 +40,7 @@ def is_model_dir(path: Path) -> bool:
 
 
 def select(source: Path, drafter: str | None = None) -> Selection:
-    source = Path(source).expanduser()
+    source = expand(source)
     if not source.is_dir():
         raise Sd2Error(f"{source} is not a folder; give a run folder (OUT/<name>) or a model folder")
     if is_model_dir(source):
@@ -141,7 +142,7 @@ def _read_recipe(run_dir: Path | None) -> dict | None:
 def _resolve_path(path: str | None, run_dir: Path) -> Path | None:
     if not path:
         return None
-    p = Path(path).expanduser()
+    p = expand(path)
     for cand in ([p] if p.is_absolute() else [run_dir / p, run_dir.parent / p, Path.cwd() / p]) + [run_dir / p.name]:
         if cand.is_dir():
             return cand.resolve()

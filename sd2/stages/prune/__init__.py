@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from sd2.core.paths import expand
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -82,7 +83,7 @@ class Config(BaseModel):
         import yaml
 
         if "\n" not in v and v.strip().endswith((".yaml", ".yml")):
-            if not Path(v).expanduser().is_file():
+            if not expand(v).is_file():
                 raise ValueError(f"recipe file not found: {v}")
             return v
         try:
