@@ -214,3 +214,22 @@ def test_write_failure_is_found_through_wrapping_exceptions():
         assert write_failure(outer) is inner
     assert write_failure(ValueError("no")) is None
     assert write_failure(FileNotFoundError(errno.ENOENT, "missing")) is None  # a bug, not a full disk
+
+
+def test_a_manifest_write_that_fails_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    """The manifest is written to a temporary name, fsynced and renamed: a failure at any point leaves the
+    previous manifest byte for byte and no temporary file."""
+    from sd2.core import artifacts as art
+
+    path = tmp_path / "manifest.json"
+    art.write_json_atomic(path, {"fingerprint": "old"})
+    before = path.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    for target in ("replace", "fsync"):
+        with monkeypatch.context() as m:
+            m.setattr(art.os, target, full)
+            with pytest.raises(OSError):
+                art.write_json_atomic(path, {"fingerprint": "new", "big": list(range(1000))})
+        assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

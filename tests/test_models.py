@@ -90,3 +90,35 @@ def test_first_last_layers():
 def test_tokenizer_comparison(tokenizer):
     assert same_tokenizer(tokenizer, make_tokenizer())
     assert not same_tokenizer(tokenizer, make_tokenizer(vocab_size=300))
+
+
+def test_remote_code_runs_only_when_the_recipe_sets_trust_remote_code(tmp_path, tokenizer, monkeypatch):
+    """A model folder that ships its own modelling code (config.json auto_map): with the default
+    trust_remote_code false, loading it is an Sd2Error and the code never runs; the recipe's
+    `trust_remote_code: true` is what reaches transformers, and nothing else turns it on."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    folder = make_model(tmp_path / "custom", n_layers=1, tokenizer=tokenizer)
+    marker = tmp_path / "remote-code-ran"
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="sd2-custom", auto_map={"AutoConfig": "custom.CustomConfig",
+                                                  "AutoModelForCausalLM": "custom.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                      "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                      "class CustomConfig(LlamaConfig):\n    model_type = 'sd2-custom'\n"
+                                      "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    source = resolve(ModelRef(path=str(folder)))
+    assert source.trust_remote_code is False
+    with pytest.raises(Sd2Error, match=r"custom code.*set `trust_remote_code: true` on this model in the recipe"):
+        load_model(source)
+    assert not marker.exists()
+
+    seen = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: seen.append(k["trust_remote_code"]) or torch.nn.Linear(1, 1))
+    load_model(resolve(ModelRef(path=str(folder))))
+    load_model(resolve(ModelRef.model_validate({"path": str(folder), "trust_remote_code": True})))
+    assert seen == [False, True]

@@ -410,9 +410,11 @@ def load_model(source: ModelSource | str | Path, device: str = "cpu", dtype=None
     except (Sd2Error, MemoryError):
         raise
     except Exception as e:  # a damaged config, an unknown architecture, torn weights: the library's many types
+        fix = ("check the folder is complete (rebuild or re-download it)" if "custom code" not in str(e) else
+               "this model ships its own modelling code, which sd2 does not run by default: read it, and only if "
+               "you trust it set `trust_remote_code: true` on this model in the recipe")
         raise Sd2Error(f"cannot read the model '{src.ref}': {reason(e)}. Expected a causal LM as a save_pretrained "
-                       f"folder (config.json + *.safetensors) or a Hub id; check the folder is complete "
-                       f"(rebuild or re-download it)") from e
+                       f"folder (config.json + *.safetensors) or a Hub id; {fix}") from e
     return model.to(device).eval()
 
 
