@@ -15,7 +15,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sd2.core.errors import Sd2Error, reading, reason
+from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.paths import expand
 from sd2.data.prompts import Prompts
 
@@ -111,79 +111,6 @@ def locate_gguf(ref: ModelRef) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"gguf file not found: {path}")
     return path
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_HF_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([A-Za-z0-9][\w.\-]*/[\w.\-]+?)/?$")
-
-
-@dataclass(frozen=True)
-class GgufInfo:
-    """What a GGUF file's header says, read without loading any tensor (gguf-py's GGUFReader)."""
-
-    path: Path
-    architecture: str | None   # general.architecture, e.g. "llama"
-    layers: int | None         # <architecture>.block_count
-    hub_id: str | None         # the Hub repo it was converted from, when the header names one
-    license: str | None = None  # general.license
-
-
-def gguf_info(path: Path) -> GgufInfo:
-    """The header of a GGUF file. The Hub id comes from ``general.source.huggingface.repository``,
-    a huggingface.co ``general.source.url``, or else the single ``general.base_model.0.repo_url``
-    (the GGUF spec's provenance keys); converters often write none of them, and then it is None."""
-    import gguf
-
-    with reading(f"the GGUF file {path}", "a GGUF model file (llama.cpp's format, magic 'GGUF')",
-                 "check the file is complete (re-download it) and really a .gguf"):
-        fields = gguf.GGUFReader(str(path)).fields
-
-    def field(key):
-        f = fields.get(key)
-        try:
-            return f.contents() if f is not None else None
-        except Exception:  # a malformed value reads as absent
-            return None
-
-    arch = field("general.architecture")
-    arch = str(arch) if arch is not None else None
-    layers = field(f"{arch}.block_count") if arch else None
-    hub = None
-    for key in ("general.source.huggingface.repository", "general.source.url", "general.base_model.0.repo_url"):
-        value = str(field(key) or "")
-        m = _HF_URL.match(value)
-        hub = m.group(1) if m else (value if _HUB_ID.match(value) else None)
-        if hub:
-            break
-    if hub and field("general.base_model.count") not in (None, 1) and key.startswith("general.base_model"):
-        hub = None  # several base models: none of them is "the" source
-    lic = field("general.license")
-    return GgufInfo(Path(path), arch, int(layers) if isinstance(layers, int) else None, hub,
-                    str(lic) if lic is not None else None)
-
-
-def gguf_architectures() -> set[str]:
-    """The GGUF architectures transformers can load (its GGUF config mapping; importing it does not import torch)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    return set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}
-
-
-def gguf_problem(info: GgufInfo) -> str | None:
-    """Why transformers cannot load this GGUF, or None. transformers renames a few llama.cpp
-    architectures before its own check (qwen2moe -> qwen2_moe, gpt-oss -> gpt_oss, t5encoder -> t5, ...);
-    the same renames are applied here so that nothing it loads is refused."""
-    if info.architecture is None:
-        return (f"{info.path} has no general.architecture in its header; expected a GGUF model file written by "
-                f"llama.cpp's converter")
-    supported = gguf_architectures()
-    arch = info.architecture
-    names = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe"), "t5" if "t5" in arch else arch}
-    if names & supported:
-        return None
-    return (f"{info.path} is a GGUF of architecture '{arch}', which transformers cannot load (its GGUF loader "
-            f"supports: {', '.join(sorted(supported))}). Use a GGUF of one of those architectures, or the model's "
-            f"safetensors folder (`path:`) or Hub id (`hub:`)")
 
 
 def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | None:

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sd2.core.errors import Issue, RecipeError, did_you_mean, short
 from sd2.core.errors import Sd2Error
-from sd2.core.models import ModelRef, gguf_info, gguf_problem, known_layer_count, known_vocab_size, locate_gguf
+from sd2.core.gguf_header import gguf_info, gguf_problem
+from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locate_gguf
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 from sd2.core.paths import expand

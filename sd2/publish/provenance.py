@@ -67,14 +67,15 @@ def provenance(recipe: dict | None, model_dir: Path, target_ref: str | None) -> 
 
 def hub_id(ref: dict) -> str | None:
     """The Hub id of a model reference: a ``hub:`` id, or the repo a GGUF's header says it was
-    converted from (general.source.* / general.base_model.0.*; sd2.core.models.gguf_info)."""
+    converted from (general.source.* / general.base_model.0.*; sd2.core.gguf_header.gguf_info)."""
     if not ref:
         return None
     if ref.get("hub"):
         return ref["hub"] if _HUB_ID.match(ref["hub"]) else None
     if ref.get("gguf"):
         try:
-            from sd2.core.models import ModelRef, gguf_info, locate_gguf
+            from sd2.core.gguf_header import gguf_info
+            from sd2.core.models import ModelRef, locate_gguf
 
             return gguf_info(locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))).hub_id
         except Exception:  # gguf missing or unreadable: no Hub id, and the card names the file instead
@@ -138,7 +139,8 @@ def _license_from_folder(folder: Path) -> str | None:
 
 def _license_from_gguf(ref: dict) -> str | None:
     try:
-        from sd2.core.models import ModelRef, gguf_info, locate_gguf
+        from sd2.core.gguf_header import gguf_info
+        from sd2.core.models import ModelRef, locate_gguf
 
         return gguf_info(locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))).license
     except Exception:  # gguf missing or unreadable: no license found, said in the card
