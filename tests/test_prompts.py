@@ -72,7 +72,7 @@ def test_hf_dataset_folder(tmp_path):
         load(source=str(tmp_path / "dd"))
     with pytest.raises(Sd2Error, match=r"has no column 'promt' \(did you mean 'prompt'\?\); its columns: prompt, category"):
         load(source=str(tmp_path / "plain"), column="promt")
-    with pytest.raises(Sd2Error, match="cannot load the Hugging Face dataset 'nobody/none'"):
+    with pytest.raises(Sd2Error, match="cannot read the Hugging Face dataset 'nobody/none'"):
         load(source="nobody/none", format="hf")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd2.core.errors import Sd2Error
+from sd2.core.errors import Sd2Error, reading
 
 REQUIRED_COLUMNS = ("id", "category", "messages", "response", "input_ids", "loss_mask")
 TOPK_COLUMNS = ("topk_ids", "topk_logits")
@@ -38,10 +38,9 @@ def load_distilled(folder: str | Path):
     if not data.is_dir():
         raise Sd2Error(f"no distilled dataset in {folder}: expected the folder {data} written by the distill stage; "
                        "rerun distill (or point dataset at a distill stage folder)")
-    try:
+    with reading(f"the distilled dataset {data}", "a datasets.save_to_disk folder written by the distill stage",
+                 "rerun distill"):
         ds = datasets.load_from_disk(str(data))
-    except Exception as e:  # noqa: BLE001 - a damaged folder can fail in many ways; name it
-        raise Sd2Error(f"cannot read the distilled dataset {data}: {e}; rerun distill") from None
     if isinstance(ds, datasets.DatasetDict):
         raise Sd2Error(f"{data} is a DatasetDict; the distilled dataset is a single Dataset (docs/CONTRACTS.md)")
     missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]

@@ -30,7 +30,7 @@ from typing import Annotated, Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from sd2.core.errors import Sd2Error, did_you_mean
+from sd2.core.errors import Sd2Error, did_you_mean, reading
 from sd2.core.paths import expand
 
 BUILTINS = {
@@ -288,14 +288,9 @@ def _hf(cfg: PromptsConfig) -> Iterator[Conversation]:
     import datasets
 
     path = expand(cfg.source)
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            ds = datasets.load_dataset(cfg.source, split=cfg.split)
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the source named
-        raise Sd2Error(f"cannot load the Hugging Face dataset '{cfg.source}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                       "; give a save_to_disk folder, or a Hub id with network access") from None
+    with reading(f"the Hugging Face dataset '{cfg.source}'", "a datasets.save_to_disk folder or a Hub dataset id",
+                 "give a save_to_disk folder, or a Hub id with network access"):
+        ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(cfg.source, split=cfg.split)
     if isinstance(ds, datasets.DatasetDict):
         if cfg.split not in ds:
             raise Sd2Error(f"dataset '{cfg.source}' has no split '{cfg.split}'; splits: {', '.join(ds)}")

@@ -112,7 +112,11 @@ def show(run_dir: Path = typer.Argument(..., help="a run folder, e.g. artifacts/
         raise Sd2Error(f"{run_dir} holds no stage folders; is it a run folder (OUT/<name>)?")
     lock = run_dir / art.LOCK
     if lock.exists():
-        typer.echo(f"(locked by a running sd2: {json.loads(lock.read_text()).get('pid')})")
+        try:
+            holder = json.loads(lock.read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):  # a torn or foreign lock file still means "locked"
+            holder = "unknown pid"
+        typer.echo(f"(locked by sd2 process {holder}; a lock left by a killed run is cleared by the next run)")
     width = max(len(r[0]) for r in rows)
     for name, status, secs, metrics in rows:
         typer.echo(f"{name:<{width}}  {status:<10} {secs:>8}  {metrics}")

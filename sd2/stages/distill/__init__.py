@@ -202,7 +202,11 @@ def _backend(config: Config, inputs, ctx):
 
         from sd2.stages.distill.vllm_backend import VllmGenerator
 
-        cfg = AutoConfig.from_pretrained(writer_src.ref, trust_remote_code=writer_src.trust_remote_code)
+        from sd2.core.errors import reading
+
+        with reading(f"the config of '{writer_src.ref}'", "a model folder or Hub id with config.json",
+                     "check the model reference"):
+            cfg = AutoConfig.from_pretrained(writer_src.ref, trust_remote_code=writer_src.trust_remote_code)
         sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, eos_ids(tok, cfg))
         generator = VllmGenerator(writer_src.ref, sampling, config.tensor_parallel_size, config.dtype, ctx.seed,
                                   writer_src.trust_remote_code)
