@@ -157,6 +157,11 @@ def test_layer_pruning_is_checked_at_validation(tmp_path, tokenizer, tiny_target
     r["branches"]["layer"].append({"prune": {"method": "layer", "n_remove": 1}})
     with pytest.raises(RecipeError, match=r"branches.layer\[1\].prune.n_remove: a 1-layer drafter cannot"):
         validate_recipe(r)
+    # a branch that starts `from:` another starts at that branch's layer count
+    r = _layer_recipe(derived, {"keep_layers": 1}, tiny_target)
+    r["branches"]["more"] = [{"from": "layer"}, {"prune": {"method": "layer", "match_sparsity": 0.5}}]
+    with pytest.raises(RecipeError, match=r"branches.more\[1\].prune.match_sparsity: a 1-layer drafter cannot"):
+        validate_recipe(r)
     # deriving more layers than the target has
     with pytest.raises(RecipeError, match=r"drafter.keep_layers: must be in \[1, 4\]: the target has 4 decoder layers \(got 9\)"):
         validate_recipe(_layer_recipe({"derive": "target", "keep_layers": 9}, {"keep_layers": 2}, tiny_target))

@@ -301,7 +301,8 @@ def _check_layers(recipe: Recipe, branches: dict, branch_from: dict | None = Non
                 n_remove, problem = prune.layer_request(n, cfg)
                 if problem:
                     field = next(f for f in ("keep_layers", "n_remove", "match_sparsity") if getattr(cfg, f, None) is not None)
-                    issues.append(Issue(f"branches.{bname}[{i}].prune.{field}", problem))
+                    at = i + (1 if bname in (branch_from or {}) else 0)  # the raw step index: `from:` is step 0
+                    issues.append(Issue(f"branches.{bname}[{at}].prune.{field}", problem))
                     n = None
                     break
                 n = None if n_remove is None else n - n_remove
