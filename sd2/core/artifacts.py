@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -64,14 +65,21 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 def write_failure(exc: BaseException) -> OSError | None:
     """The OSError behind a failed write (disk full, read-only, permission), or None. Libraries wrap
-    it (datasets, safetensors), so the exception's cause/context chain is searched."""
+    it (datasets) or replace it: safetensors raises its own SafetensorError("... No space left on
+    device (os error 28)"), so the cause/context chain is searched, messages included."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
             return exc
+        m = _OS_ERROR.search(str(exc))
+        if m and int(m.group(1)) in WRITE_ERRNOS:
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust extensions (safetensors, tokenizers) report an errno
 
 
 def writable_dir(path: Path, what: str) -> Path:
