@@ -278,4 +278,5 @@ def test_a_real_full_disk(tmp_path, tiny_target):
         after = finished(run)
         assert {k: after[k] for k in before} == before and "02_dense.finetune" in after
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        # lazy: datasets keeps the distilled arrow files memory-mapped in this process, so a plain umount is busy
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
