@@ -10,7 +10,10 @@ the precision of the variant it is compared with (fp32 and bf16 baselines); it r
 scales by. The stage's generator (length-bucketed batches, left padding, in-place KV cache,
 grouped-query attention, finished rows dropped) runs on all prompts in each variant.
 
-On a shared machine, one measurement pair can be off by 2x, so the measurements are interleaved:
+Wall-clock and process CPU time are both recorded: on a machine shared with other jobs the wall
+time of a run depends on the CPU share it got, so tokens per CPU-second (with ``--threads 1``, one
+compute thread) is the steadier measure of the work a method needs, and wall-clock the one to quote
+on a dedicated machine. On a shared machine, one measurement pair can be off by 2x, so the measurements are interleaved:
 each round runs every baseline and every variant once, in turn, and records the 1-minute load
 average around each; the report gives per-variant median tokens/s over the rounds and the median
 of the per-round speedups (variant / its own-precision baseline in the same round). Each stage run
@@ -110,15 +113,16 @@ def naive(model, prompts, sampling, pad_id) -> dict:
     import torch
 
     load0 = os.getloadavg()[0]
-    tokens, t0 = 0, time.perf_counter()
+    tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for p in prompts:
             out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                  max_new_tokens=sampling.max_new_tokens, do_sample=False,
                                  eos_token_id=list(sampling.stop_ids), pad_token_id=pad_id)
             tokens += out.shape[1] - len(p)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
+            "cpu_s": round(cpu, 2), "tokens_per_cpu_s": round(tokens / cpu, 2),
             "load_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
 
 
@@ -137,14 +141,14 @@ def staged(gen, prompts):
 
     gen._prefill = timed
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outs = gen.generate(prompts)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         gen._prefill = inner
     tokens = sum(len(o.ids) for o in outs)
     return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
-            "prefill_s": round(spent["prefill"], 2), "decode_tokens_per_s": round(tokens / max(wall - spent["prefill"], 1e-9), 2),
+            "cpu_s": round(cpu, 2), "tokens_per_cpu_s": round(tokens / cpu, 2), "prefill_s": round(spent["prefill"], 2), "decode_tokens_per_s": round(tokens / max(wall - spent["prefill"], 1e-9), 2),
             "truncated": sum(not o.stopped for o in outs),
             "load_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}, outs
 
@@ -157,7 +161,9 @@ def write_report(path: str, state: dict, wanted: list[str], dtypes: list[str]) -
     for d in dtypes:
         vals = [r[f"naive_{d}"]["tokens_per_s"] for r in rounds if f"naive_{d}" in r]
         if vals:
-            summary[f"naive_{d}"] = {"median_tokens_per_s": round(statistics.median(vals), 2), "per_round": vals}
+            cpu = [r[f"naive_{d}"]["tokens_per_cpu_s"] for r in rounds if f"naive_{d}" in r]
+            summary[f"naive_{d}"] = {"median_tokens_per_s": round(statistics.median(vals), 2), "per_round": vals,
+                                     "median_tokens_per_cpu_s": round(statistics.median(cpu), 2)}
     for v in wanted:
         batch, dtype, attn, share = VARIANTS[v]
         pairs = [(r[v]["tokens_per_s"], r[f"naive_{dtype}"]["tokens_per_s"]) for r in rounds if v in r]
@@ -166,7 +172,10 @@ def write_report(path: str, state: dict, wanted: list[str], dtypes: list[str]) -
         summary[v] = {"batch_size": batch, "dtype": dtype, "attention": attn, "shared_prefix": share,
                       "median_tokens_per_s": round(statistics.median(p[0] for p in pairs), 2),
                       "speedup_vs_naive_same_dtype": round(statistics.median(p[0] / p[1] for p in pairs), 2),
-                      "per_round_speedups": [round(a / b, 2) for a, b in pairs]}
+                      "per_round_speedups": [round(a / b, 2) for a, b in pairs],
+                      "median_tokens_per_cpu_s": round(statistics.median(r[v]["tokens_per_cpu_s"] for r in rounds if v in r), 2),
+                      "cpu_speedup_vs_naive_same_dtype": round(statistics.median(
+                          r[v]["tokens_per_cpu_s"] / r[f"naive_{dtype}"]["tokens_per_cpu_s"] for r in rounds if v in r), 2)}
         if dtype != "float32" and all("naive_float32" in r for r in rounds if v in r):
             summary[v]["speedup_vs_naive_fp32"] = round(statistics.median(
                 r[v]["tokens_per_s"] / r["naive_float32"]["tokens_per_s"] for r in rounds if v in r), 2)

@@ -375,3 +375,20 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(tmp_path, e
             ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             assert o.ids == ref[0, len(p):].tolist()
+
+
+def test_prefill_chunks_split_where_padding_costs_more_than_a_chunk():
+    from sd2.stages.distill.generate import CHUNK_COST, prefill_chunks
+
+    # one long prompt is prefilled alone; the short ones split where 10 tokens of padding on 4 rows
+    # (40 padded tokens) cost more than another chunk (32)
+    assert prefill_chunks([400, 40, 40, 39, 38, 30, 30, 30, 30], 8) == [(0, 1), (1, 5), (5, 9)]
+    equal = prefill_chunks([50] * 20, 8)   # no padding: as few chunks as max_rows allows
+    assert len(equal) == 3 and all(e - s <= 8 for s, e in equal)
+    for lengths in ([400, 40, 40, 39, 38, 30, 30], [9, 8, 7, 6, 5, 4, 3, 2, 1], [100, 99, 60, 20, 19, 5]):
+        chunks = prefill_chunks(lengths, 3)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])) and all(0 < e - s <= 3 for s, e in chunks)
+        cost = sum(CHUNK_COST + (e - s) * max(lengths[s:e]) for s, e in chunks)
+        fixed = sum(CHUNK_COST + (min(s + 3, len(lengths)) - s) * max(lengths[s:s + 3]) for s in range(0, len(lengths), 3))
+        assert cost <= fixed

@@ -35,8 +35,29 @@ def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-PREFILL_ROWS = 8  # rows prefilled together (see HFGenerator._prefill)
+PREFILL_ROWS = 8  # the most rows prefilled together (see HFGenerator._prefill)
+CHUNK_COST = 32   # a prefill chunk's fixed cost in padded-token equivalents (one more pass over the weights);
+                  # chosen, not tuned: it only sets how much padding a chunk may carry before splitting pays
 MIN_SHARED_PREFIX = 8  # a batch's common prompt start is computed once when at least this long
+
+
+def prefill_chunks(lengths: list[int], max_rows: int) -> list[tuple[int, int]]:
+    """Contiguous chunks [start, end) of a longest-first batch that minimise the padded tokens plus
+    CHUNK_COST per chunk (dynamic programming over the split points, at most ``max_rows`` rows each).
+    Fixed chunks of 8 prefilled 2,976 tokens for 1,963 real ones on 32 MT-bench prompts."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - max_rows), end):
+            cost = best[start] + CHUNK_COST + (end - start) * max(lengths[start:end])
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    chunks, end = [], n
+    while end:
+        chunks.append((cut[end], end))
+        end = cut[end]
+    return chunks[::-1]
 
 
 def _shared_prefix(prompts: list[list[int]]) -> int:
@@ -110,8 +131,8 @@ class HFGenerator:
         return [Generated(a, st) for a, st in zip(answers, stopped)]
 
     def _prefill(self, prompts: list[list[int]], chunk_rows: int = 0, share: bool = True):
-        """Prefill a length-sorted batch in chunks of PREFILL_ROWS rows, each padded only to its own
-        longest prompt, then join the chunks' KV caches (left-padded with zeros, masked out) into
+        """Prefill a length-sorted batch in chunks of at most PREFILL_ROWS rows (``prefill_chunks``), each
+        padded only to its own longest prompt, then join the chunks' KV caches (left-padded with zeros, masked out) into
         one decode batch. With one long prompt in a batch of 32, padding every row to it made
         prefill ~3x the real tokens (MT-bench on SmolLM2: 7.8k padded for 2.7k real).
 
@@ -135,9 +156,12 @@ class HFGenerator:
         else:
             shared = 0
         parts = []
-        chunk_rows = chunk_rows or PREFILL_ROWS
-        for start in range(0, len(prompts), chunk_rows):
-            chunk = [p[shared:] for p in prompts[start:start + chunk_rows]]
+        if chunk_rows:
+            bounds = [(i, min(i + chunk_rows, len(prompts))) for i in range(0, len(prompts), chunk_rows)]
+        else:
+            bounds = prefill_chunks([len(p) - shared for p in prompts], PREFILL_ROWS)
+        for start, end in bounds:
+            chunk = [p[shared:] for p in prompts[start:end]]
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             own = torch.zeros((len(chunk), width), dtype=torch.long)
