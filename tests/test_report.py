@@ -126,3 +126,19 @@ def test_sparse_vs_layer_table_pairs_equal_mac_drafters(tmp_path):
     assert "mal_vs_macs.png" in write_plots(report, tmp_path) and (tmp_path / "mal_vs_macs.png").stat().st_size > 0
     no_layer = Report(target=report.target, settings=report.settings, drafters={"dense": drafters["dense"]}, results=report.results[:1])
     assert sparse_vs_layer(no_layer) == [] and "Sparse vs layer" not in markdown(no_layer, [])
+
+
+def test_committed_reports_load_and_their_derived_figures_are_recomputed_alike():
+    """The benchmark reports in the repository (written before the classes existed, and a CI gate's
+    baseline in practice) load, and the figures the classes compute equal the ones stored there."""
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    paths = sorted(root.rglob("report.json"))
+    assert paths
+    for p in paths:
+        stored = json.loads(p.read_text())["results"]
+        rep = Report.read(p)
+        assert rep.best is not None, p
+        for raw, row in zip(stored, rep.results):
+            for k in ("speedup", "theoretical_speedup", "mac_speedup", "modeled_speedup", "efficiency"):
+                if raw.get(k) is not None:
+                    assert getattr(row, k) == pytest.approx(raw[k], rel=1e-3, abs=1e-6), (p.parent.name, k)
