@@ -175,3 +175,14 @@ def test_layer_pruning_checked_at_run_time_too():
     assert "a 1-layer drafter cannot be layer-pruned" in prune.layer_request(1, cfg)[1]
     assert prune.layer_request(8, cfg) == (3, None)
     assert "keep_layers must be in [1, 3]; got 5" in prune.layer_request(4, cfg)[1]
+
+
+def test_cli_commands_given_files_of_the_wrong_kind(tmp_path):
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\x00binary")
+    res = cli("compare", binary, binary)
+    assert res.exit_code == 2 and "bin.json is not valid JSON" in res.output
+    res = cli("eval", "--target", binary, "--drafter", binary, "--out", tmp_path / "ev")
+    assert res.exit_code == 1 and "model folder not found: " in res.output and "is a file" in res.output
+    res = cli("eval", "--target", binary, "--drafter", binary, "--prompts", tmp_path / "none.jsonl", "--out", tmp_path / "ev")
+    assert res.exit_code == 1 and "error: --prompts: prompt source" in res.output and "none.jsonl' does not exist" in res.output

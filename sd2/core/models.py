@@ -225,6 +225,9 @@ def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
         return ModelSource(ref.hub, fp, ref.trust_remote_code, ref.revision)
     if ref.path is not None:
         folder = expand(ref.path).resolve()
+        if not folder.is_dir():
+            raise Sd2Error(f"model folder not found: {ref.path} is {'a file' if folder.exists() else 'missing'}; "
+                           f"give a save_pretrained folder, a Hub id, or a .gguf file")
         return ModelSource(str(folder), folder_fingerprint(folder), ref.trust_remote_code)
     try:
         gguf_path = locate_gguf(ref)

@@ -313,7 +313,7 @@ class Report(_Model):
             raise Sd2Error(f"no {REPORT_FILE} at {path}; give a report.json, an evaluate folder or a run folder")
         try:
             data = json.loads(found.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, and UnicodeDecodeError on binary bytes
             raise Sd2Error(f"{found} is not valid JSON: {e}") from None
         return cls.parse(data, str(found))
 

@@ -83,7 +83,8 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
                      prompt_lookup={"name": lookup[0]} if lookup else None,
                      max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype)
     except ValidationError as e:
-        raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+        raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-') or 'prompts'}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}"  # an empty loc: PromptsConfig's own check
                                  for err in e.errors())) from None
     device = pick_device(device)
     out = art.writable_dir(Path(out), "--out")  # before any model loads
