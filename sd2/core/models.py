@@ -36,7 +36,7 @@ log = logging.getLogger("sd2")
 
 
 class ModelRef(BaseModel):
-    """Where a model comes from. Exactly one of ``hub``, ``path``, ``gguf`` or ``derive``.
+    """Where a model comes from. Exactly one of ``hub``, ``path``, ``gguf``, ``derive`` or ``head``.
 
     A bare string is shorthand: an existing path or one starting with '.', '/' or '~' is a local
     folder, anything else a Hub id.
@@ -60,6 +60,8 @@ class ModelRef(BaseModel):
     calibration: Prompts | None = Field(
         None, description="derive with select: angular: the prompts (chat template applied) the distances are "
                           "measured on; default: the recipe's distill prompts")
+    head: Literal["eagle", "fspad"] | None = Field(None, description="a feature-level head over the target (docs/heads.md)")
+    head_layers: int | None = Field(None, ge=1, le=8, description="head: decoder layers in the head (default 1)")
     trust_remote_code: bool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
 
     @model_validator(mode="before")
@@ -74,9 +76,11 @@ class ModelRef(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "ModelRef":
-        kinds = [k for k in ("hub", "path", "gguf", "derive") if getattr(self, k) is not None]
+        kinds = [k for k in ("hub", "path", "gguf", "derive", "head") if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"give exactly one of hub, path, gguf, derive (got {kinds or 'none'})")
+            raise ValueError(f"give exactly one of hub, path, gguf, derive, head (got {kinds or 'none'})")
+        if self.head is None and self.head_layers is not None:
+            raise ValueError("head_layers only goes with head: eagle | fspad")
         if self.derive is None and (self.keep_layers is not None or self.layers is not None):
             raise ValueError("keep_layers/layers only go with derive: target")
         if self.derive is not None and (self.keep_layers is None) == (self.layers is None):
@@ -93,7 +97,7 @@ class ModelRef(BaseModel):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("hub", "path", "gguf", "derive") if getattr(self, k) is not None)
+        return next(k for k in ("hub", "path", "gguf", "derive", "head") if getattr(self, k) is not None)
 
 
 def locate_gguf(ref: ModelRef) -> Path:
@@ -138,7 +142,7 @@ def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | No
 def known_vocab_size(ref: ModelRef, target: ModelRef | None = None) -> int | None:
     """The model's vocabulary size when it is cheap to know (a local config.json, or a GGUF already
     converted in the cache); None otherwise, and the stage checks at run time."""
-    if ref.derive is not None:
+    if ref.derive is not None or ref.head is not None:
         return known_vocab_size(target) if target is not None else None
     folder = None
     if ref.path is not None:
@@ -218,8 +222,8 @@ def folder_fingerprint(folder: Path) -> str:
 
 def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
     """A target or drafter reference as a ModelSource. ``derive`` refs are stages, not sources."""
-    if ref.derive is not None:
-        raise ValueError("derive refs are produced by the derive stage")
+    if ref.derive is not None or ref.head is not None:
+        raise ValueError("derive and head refs are produced by the derive and head stages")
     if ref.hub is not None:
         fp = hashlib.sha256(f"hub|{ref.hub}|{ref.revision}".encode()).hexdigest()[:16]
         return ModelSource(ref.hub, fp, ref.trust_remote_code, ref.revision)

@@ -69,7 +69,7 @@ def mac_speedup(mal: float, gamma: int, mac_ratio: float | None) -> float | None
 # The report
 
 
-Kind = Literal["drafter", "cross_tokenizer", "prompt_lookup"]
+Kind = Literal["drafter", "cross_tokenizer", "prompt_lookup", "head"]
 
 
 class Result(_Model):

@@ -61,6 +61,11 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
                                                     select=r.drafter.select or "first_last", calibration=calibration)
         add("drafter.derive", "derive", derive_cfg, target="target")
         drafter_src = "drafter.derive"
+    elif r.drafter.head is not None:
+        from sd2.stages.head import Config as HeadConfig
+
+        add("drafter.head", "head", HeadConfig(type=r.drafter.head, layers=r.drafter.head_layers or 1), target="target")
+        drafter_src = "drafter.head"
     dataset_src = None
     if recipe.distill is not None:
         add("distill", "distill", recipe.distill, target="target", model=drafter_src)
@@ -302,7 +307,7 @@ class Runner:
         """Compare the target's and the drafter's tokenizers once; a mismatch means cross-tokenizer mode."""
         if self._cross_tokenizer is None:
             r = self.recipe.recipe
-            if r.drafter.derive is not None:
+            if r.drafter.derive is not None or r.drafter.head is not None:
                 self._cross_tokenizer = False
             else:
                 same = same_tokenizer(load_tokenizer(self._source("target", True)), load_tokenizer(self._source("drafter", True)))

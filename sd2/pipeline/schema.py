@@ -52,8 +52,9 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _target_is_not_derived(self) -> "Recipe":
-        if self.target.derive is not None:
-            raise ValueError("target cannot be derived; only the drafter can (drafter: {derive: target, ...})")
+        if self.target.derive is not None or self.target.head is not None:
+            raise ValueError("target cannot be derived or a head; only the drafter can (drafter: {derive: target, ...} "
+                             "or {head: fspad})")
         return self
 
 

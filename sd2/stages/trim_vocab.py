@@ -74,6 +74,12 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.core.errors import Sd2Error
     from sd2.core.models import load_model, load_tokenizer, save_model
 
+    from sd2.heads.io import is_head
+
+    if is_head(inputs.model):
+        from sd2.heads.stages import trim_stage
+
+        return trim_stage(config, inputs, Path(out_dir), ctx)
     model = load_model(inputs.model, device="cpu")
     tok = load_tokenizer(inputs.model)
     before = count_macs(model)

@@ -79,10 +79,14 @@ def load_drafters(config, inputs, setup: Setup, ctx):
     from sd2.engine.lookup import PromptLookupProposer
     from sd2.engine.sampling import DraftVocab
     from sd2.stages.evaluate import measure as M
+    from sd2.heads.io import is_head
     from sd2.vocab import draft_to_target
 
     drafters, infos, maps = [], {}, {}
     for name, src in (inputs.drafters or {}).items():
+        if is_head(src):
+            drafters.append(_head_drafter(name, src, setup, config, infos, maps, ctx))
+            continue
         model = load_model(src, device=ctx.device, dtype=getattr(torch, config.dtype))
         tok = load_tokenizer(src)
         cross = bool(inputs.cross_tokenizer) or not same_tokenizer(setup.tokenizer, tok)
@@ -109,6 +113,26 @@ def load_drafters(config, inputs, setup: Setup, ctx):
     return drafters, infos, maps
 
 
+def _head_drafter(name, src, setup: Setup, config, infos, maps, ctx):
+    """A feature-level head (sd2.heads) as a proposer that reads the target's features; it shares
+    the evaluated target's embeddings and lm_head. MACs: fc + layer(s) + its output layer."""
+    import torch
+
+    from sd2.core.report import DrafterInfo
+    from sd2.heads import io
+    from sd2.heads.proposer import HeadProposer
+    from sd2.heads.stages import head_macs
+    from sd2.stages.evaluate import measure as M
+
+    head = io.load(src, setup.target.model, device=ctx.device, dtype=getattr(torch, config.dtype))
+    maps[name] = head.d2t
+    macs = head_macs(head)
+    infos[name] = DrafterInfo(path=src.ref, kind="head", fingerprint=src.fingerprint, macs=macs.to_dict(),
+                              mac_ratio=_r(macs.ratio_to(setup.macs)), sparsity=_r(macs.decoder_sparsity),
+                              lineage=_lineage(src.ref), settings={"head": head.head_config.type})
+    return M.Drafter(name, HeadProposer(head, setup.eos, name))
+
+
 def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
     """Coverage of a trimmed-vocabulary drafter; None for a full-vocabulary one."""
     from sd2.core.report import VocabInfo
@@ -131,11 +155,35 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gamma
     tf = {}
     for d in drafters:
         info = infos[d.name]
-        info.c_measured = _r(M.c_measured(d.lm, setup.target)) if d.lm is not None else None
+        timed = d.lm if d.lm is not None else (d.proposer if hasattr(d.proposer, "step_times") else None)
+        info.c_measured = _r(M.c_measured(timed, setup.target)) if timed is not None else None
         info.vocab = vocab_info(info.path, maps[d.name], greedy_tokens)
         if config.teacher_forced and greedy_ref and d.lm is not None and not d.cross:
             tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, gammas)
+        elif config.teacher_forced and greedy_ref and info.kind == "head":
+            tf[d.name] = head_teacher_forced_mal(d.proposer.head, setup, greedy_ref, gammas)
     return tf
+
+
+def head_teacher_forced_mal(head, setup: Setup, greedy_ref, gammas: list[int]) -> dict[int, float]:
+    """The head's exact greedy chain MAL on the target's greedy answers (sd2.heads.features.chain_rounds):
+    one target forward for the features, then the head's rounds simulated with its own predicted features."""
+    import torch
+
+    from sd2.heads.features import chain_rounds, target_features
+    from sd2.mal import MalStats
+
+    stats = {g: MalStats() for g in gammas}
+    with torch.inference_mode():
+        for req in setup.requests:
+            resp = greedy_ref[req.id]
+            if not resp:
+                continue
+            ids = list(req.ids) + list(resp)
+            feats = target_features(setup.target.model, torch.tensor([ids], device=setup.target.device))[0]
+            for g in gammas:
+                stats[g].add_request(chain_rounds(head, ids, feats, [(len(req.ids), len(ids))], g)[0], req.category)
+    return {g: s.summary(g)["mal"] for g, s in stats.items()}
 
 
 def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:

@@ -141,9 +141,11 @@ def measure(target: CachedLM, drafters: list[Drafter], requests: list[Request], 
         for d in drafters:
             g, wd = shapes[d.name][0]
             run_drafter(target, d, w, g, wd, min(16, max_new_tokens), eos, Sampling(), None)
-    for r in [target] + [d.lm for d in drafters if d.lm is not None]:
+    timed = [d.lm if d.lm is not None else d.proposer for d in drafters]   # a head proposer times itself
+    for r in [target] + [t for t in timed if hasattr(t, "step_times")]:
         r.step_times.clear()
-        r.verify_times.clear()
+        if hasattr(r, "verify_times"):
+            r.verify_times.clear()
     baseline: dict = {}
     cells: dict = {(d.name, g, wd, s.temperature): Cell() for d in drafters for g, wd in shapes[d.name]
                    for s in samplings}

@@ -56,6 +56,13 @@ class Config(BaseModel):
                                                       "(the saved model is then untied: one more V x d matrix)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32")
+    # Feature-level heads only (the input model is a head folder; docs/heads.md). The logit part is
+    # `loss` (ce, or a divergence from the target's distribution: fkl is EAGLE/FSPAD's soft CE).
+    feature_weight: float = Field(1.0, ge=0.0, description="heads: weight of the SmoothL1 regression onto the target's next feature")
+    logit_weight: float = Field(0.1, ge=0.0, description="heads: weight of the logit loss (`loss`) on the head's output")
+    feature_noise: float = Field(0.0, ge=0.0, description="heads: uniform noise U(-a, a) added to the input features (EAGLE: 0.1-0.2)")
+    unroll: int = Field(0, ge=0, le=8, description="heads: extra passes on the head's own predicted features "
+                                                  "(training-time test, as in HASS / EAGLE-3), weighted 0.8^i")
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -93,6 +100,13 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     out_dir = Path(out_dir)
     if inputs.model is None or inputs.dataset is None:
         raise Sd2Error("finetune needs a model and a distilled dataset (a distill stage before it)")
+    from sd2.heads.io import is_head
+
+    if is_head(inputs.model):
+        from sd2.heads.train import run_finetune
+
+        return run_finetune(config, inputs, out_dir, ctx)
+    _no_head_options(config)
     model = load_model(inputs.model, device="cpu")
     tok = load_tokenizer(inputs.model)
     d2t = vocab.draft_to_target(model)
@@ -152,6 +166,17 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other processes return once the model is on disk
     return {k: v for k, v in metrics.items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
+def _no_head_options(config: Config) -> None:
+    from sd2.core.errors import Sd2Error
+
+    default = Config()
+    set_ = [k for k in ("feature_weight", "logit_weight", "feature_noise", "unroll")
+            if getattr(config, k) != getattr(default, k)]
+    if set_:
+        raise Sd2Error(f"finetune.{set_[0]} applies to feature-level heads only, but this branch's model is a causal "
+                       "LM; remove it, or start the branch from a head (drafter: {head: fspad})")
 
 
 def _tied(model) -> bool:

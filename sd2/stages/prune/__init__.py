@@ -175,6 +175,12 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     if config.method != "magnitude" and inputs.dataset is None:
         raise Sd2Error("prune needs the distilled dataset for calibration: add a `distill:` section to the recipe")
     out_dir = Path(out_dir)
+    from sd2.heads.io import is_head
+
+    if is_head(inputs.model):
+        from sd2.heads.stages import prune_stage
+
+        return prune_stage(config, inputs, out_dir, ctx)
     seed = config.calibration.seed if config.calibration.seed is not None else ctx.seed
     model = load_model(inputs.model, device="cpu")
     tok = load_tokenizer(inputs.model)

@@ -1,0 +1,85 @@
+"""The target's features, computed on the fly, and the exact teacher-forced chain MAL of a head.
+
+Features: ``target_features`` is one no-grad target forward over a batch; it returns the last
+hidden state after the final norm (what the target's lm_head reads), [B, L, d]. Nothing is written
+to disk: storing hidden states is the best-known pain of head trainers (576 floats a token for
+SmolLM2, terabytes at scale), and on a small target the forward is cheaper than the reads.
+
+Alignment (docs/heads.md): head position t reads token x_{t+1} and feature f_t, and is trained to
+predict f_{t+1} and x_{t+2}. For a row of L tokens there are L - 1 head positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sd2.heads.model import Head, cache_len
+from sd2.mal import Round
+
+
+@torch.no_grad()
+def target_features(target, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L, d]: the target's final-norm hidden states (its lm_head input) at every position."""
+    base = target.base_model if getattr(target, "base_model", None) is not None else target
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def head_inputs(input_ids: torch.Tensor, features: torch.Tensor):
+    """(ids [B, L-1], features [B, L-1, d], positions [B, L-1]) of the head over a batch of rows."""
+    b, n = input_ids.shape
+    pos = torch.arange(n - 1, device=input_ids.device).expand(b, n - 1)
+    return input_ids[:, 1:], features[:, :-1], pos
+
+
+@torch.no_grad()
+def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tuple[int, int]],
+                 gamma: int) -> list[list[Round]]:
+    """Exact greedy speculative-decoding rounds of the head as a chain drafter, one list per span.
+
+    ``ids`` is one row (prompt + the target's response), ``feats`` its target features [L, d], and
+    each span (a, b) the response token indices a..b-1 (a >= 1). A round that starts with tokens
+    x_0..x_{n-1} committed drafts from head position n-2 (real feature f_{n-2}); each further draft
+    step feeds the head its own predicted feature, exactly as drafting does, and the round accepts
+    the drafts that equal the data's tokens. This simulates the rounds without the target (the data
+    holds the target's output), so it equals the engine's greedy MAL when the data is the target's
+    greedy output."""
+    device = feats.device
+    x = torch.tensor(ids, dtype=torch.long, device=device)
+    n_pos = len(ids) - 1
+    cache = head.new_cache()
+    pos = torch.arange(n_pos, device=device)[None]
+    hl, hf = head(x[None, 1:], feats[None, :-1], pos, cache=cache)
+    greedy1 = _argmax(head, hl[0])        # [L-1]: head position t predicts x_{t+2}
+    out = []
+    for a, b in spans:
+        rounds = []
+        n = a                             # tokens committed: x_0..x_{n-1}; next to predict is x_n
+        while n < b:
+            drafted = min(gamma, b - n)
+            acc = 0
+            t = n - 2                     # head position of the first draft
+            if t >= 0 and int(greedy1[t]) == ids[n]:
+                acc = 1
+                feat = hf[0, t]
+                local = [[kv[0][:, :, : t + 1], kv[1][:, :, : t + 1]] for kv in cache]
+                while acc < drafted:
+                    p = t + acc
+                    l2, f2 = head(x[None, n + acc - 1: n + acc], feat[None, None], torch.tensor([[p]], device=device),
+                                  cache=local)
+                    if int(_argmax(head, l2[0])[0]) != ids[n + acc]:
+                        break
+                    acc += 1
+                    feat = f2[0, 0]
+            committed = min(acc + 1, b - n)
+            rounds.append(Round(drafted, acc, committed))
+            n += committed
+        out.append(rounds)
+    assert cache_len(cache) == n_pos
+    return out
+
+
+def _argmax(head: Head, hidden: torch.Tensor) -> torch.Tensor:
+    """Greedy target ids from head hiddens [..., d]."""
+    top = head.logits(hidden).argmax(-1)
+    return head.d2t[top] if head.d2t is not None else top

@@ -1,0 +1,108 @@
+"""A head on disk: a self-describing folder, and loading it back bound to its target.
+
+Folder layout (docs/heads.md):
+- ``config.json``: ``{"sd2_head": <HeadConfig>}``: head type, sizes, and the target it reads
+  (``target``: folder or hub id; ``target_fingerprint``).
+- ``model.safetensors``: the head's own weights (``model.fc.weight``, ``model.layers.0...``; a
+  trimmed head adds ``lm_head.weight`` [K, d] and ``d2t`` [K]). The target's embeddings and full
+  lm_head are NOT stored: they are the target's, shared and frozen.
+- the target's tokenizer files (a head reads and writes target token ids).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sd2.heads.model import Head, HeadConfig
+
+CONFIG_KEY = "sd2_head"
+WEIGHTS = "model.safetensors"
+
+
+def is_head(folder) -> bool:
+    """True when ``folder`` (a path or ModelSource) is a head folder."""
+    ref = getattr(folder, "ref", folder)
+    cfg = Path(str(ref)) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return CONFIG_KEY in json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def read_config(folder) -> HeadConfig:
+    ref = getattr(folder, "ref", folder)
+    return HeadConfig.from_dict(json.loads((Path(str(ref)) / "config.json").read_text())[CONFIG_KEY])
+
+
+def build(head_type: str, target_model, num_layers: int = 1, seed: int = 0, target_ref: str = "",
+          target_fingerprint: str = "", fc_bias: bool | None = None) -> Head:
+    """A freshly initialised head for ``target_model`` (an HF causal LM).
+
+    Init: Linear layers use torch's default; the fc's feature half starts as the identity so that a
+    fresh head already passes the target's own feature through (f_t predicts x_{t+1}, a useful start
+    for predicting f_{t+1})."""
+    cfg = HeadConfig.for_target(head_type, target_model.config, num_layers, fc_bias, target_ref, target_fingerprint)
+    torch.manual_seed(seed)
+    head = Head(cfg, target_model.get_input_embeddings(), target_model.get_output_embeddings())
+    d = cfg.hidden_size
+    with torch.no_grad():
+        head.model.fc.weight[:, d:].copy_(torch.eye(d))
+        head.model.fc.weight[:, :d].mul_(0.1)
+        if head.model.fc.bias is not None:
+            head.model.fc.bias.zero_()
+    return head
+
+
+def state_dict(head: Head) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    return sd
+
+
+def save(head: Head, out_dir, tokenizer=None, extra_files: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict(head), str(out / WEIGHTS), metadata={"format": "pt", "sd2": "head"})
+    (out / "config.json").write_text(json.dumps({CONFIG_KEY: head.head_config.to_dict()}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    for name, content in (extra_files or {}).items():
+        (out / name).write_text(content)
+    return out
+
+
+def load(folder, target_model=None, device: str = "cpu", dtype=None) -> Head:
+    """The head of ``folder`` bound to ``target_model`` (loaded from the config's ``target`` when None).
+
+    Raises Sd2Error when the target is missing or its sizes do not match the head's."""
+    from safetensors.torch import load_file
+
+    from sd2.core.errors import Sd2Error
+    from sd2.core.models import load_model
+
+    ref = Path(str(getattr(folder, "ref", folder)))
+    cfg = read_config(ref)
+    if target_model is None:
+        if not cfg.target:
+            raise Sd2Error(f"{ref}/config.json names no target; pass the target model explicitly")
+        target_model = load_model(cfg.target, device=device, dtype=dtype)
+    emb = target_model.get_input_embeddings()
+    if emb.weight.shape != (cfg.vocab_size, cfg.hidden_size):
+        raise Sd2Error(f"head {ref} reads a target with embeddings [{cfg.vocab_size}, {cfg.hidden_size}], but the "
+                       f"given target has {list(emb.weight.shape)}: pair the head with the target it was built for "
+                       f"({cfg.target or 'see config.json'})")
+    head = Head(cfg, emb, target_model.get_output_embeddings())
+    sd = load_file(str(ref / WEIGHTS))
+    missing, unexpected = head.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise Sd2Error(f"{ref}/{WEIGHTS} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    head.to(device=device, dtype=dtype or torch.float32)
+    if head.d2t is not None:
+        head.d2t = head.d2t.long()
+    return head.eval()

@@ -1,0 +1,28 @@
+"""Stage head: a fresh feature-level drafter (EAGLE or FSPAD head) for the recipe's target.
+
+Planned as ``drafter.head`` when the recipe says ``drafter: {head: eagle | fspad}``. The head reads
+the target's last hidden state and the next token's embedding, runs ``layers`` decoder layer(s),
+and reuses the target's embeddings and lm_head (shared, frozen, not stored). Its branches train it
+with ``finetune`` (on the target's features, computed on the fly), and may ``prune`` and
+``trim_vocab`` it. User documentation: docs/heads.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["eagle", "fspad"] = Field(description="eagle (EAGLE-1/2) or fspad (feature sampling + partial alignment)")
+    layers: int = Field(1, ge=1, le=8, description="decoder layers in the head")
+
+
+def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
+    from sd2.heads.stages import build_stage
+
+    return build_stage(config, inputs, Path(out_dir), ctx)
