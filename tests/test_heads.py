@@ -18,7 +18,15 @@ def target(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     folder = make_model(tmp_path_factory.mktemp("tgt") / "target", n_layers=2, hidden=64)
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    # A tiny target a small head can learn within a test: embeddings on the scale of the normed
+    # features and damped attention/MLP writes (its next token still depends on the context).
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(5.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.3)
+            layer.mlp.down_proj.weight.mul_(0.3)
+    return model.eval()
 
 
 @pytest.mark.parametrize("kind", ["eagle", "fspad"])
@@ -171,53 +179,71 @@ def _rows(target, n_rows: int, seed: int, prompt_len: int = 6, answer: int = 30)
     return Rows(ids, mask, None, None, ["none"] * n_rows)
 
 
+def _random_rows(n_rows: int, seed: int, length: int = 36):
+    from sd2.stages.finetune.batches import Rows
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 300, (n_rows, length), generator=g).tolist()
+    return Rows(ids, [[0] * 6 + [1] * (length - 6) for _ in ids], None, None, ["none"] * n_rows)
+
+
+def _top1(head, target, rows) -> float:
+    """Share of positions where the head's greedy token, given the target's real features, is the
+    target's own greedy next token."""
+    with torch.no_grad():
+        ids = torch.tensor(rows.input_ids)
+        feats = target_features(target, ids)
+        hl, _ = head(ids[:, 1:], feats[:, :-1], torch.arange(ids.shape[1] - 1).expand(len(ids), -1))
+        pred = head.logits(hl).argmax(-1)                  # head position t predicts x_{t+2}
+        want = target.lm_head(feats).argmax(-1)[:, 1:]     # the target's greedy token after x_{t+1}
+    return float((pred[:, 5:] == want[:, 5:]).float().mean())
+
+
 @pytest.fixture(scope="module")
 def trained(target, tmp_path_factory):
-    """An FSPAD head trained for 300 steps on the tiny target's own outputs."""
-    from sd2.heads.train import train_head
+    """An FSPAD head trained for 200 steps on the tiny target's features over random contexts
+    (soft CE + feature regression), validated on the target's own greedy answers."""
     from sd2.core.context import standalone_context
+    from sd2.heads.train import train_head
     from sd2.stages.finetune import Config
 
     tmp = tmp_path_factory.mktemp("train")
-    rows, val = _rows(target, 96, 0), _rows(target, 12, 1)
+    rows, val = _random_rows(256, 0), _rows(target, 12, 1)
     head = io.build("fspad", target, seed=0)
-    cfg = Config(loss="fkl", lr=3e-3, max_steps=300, batch_size=16, checkpoint_every=0, warmup_ratio=0.05,
-                 mal_gamma=3, feature_noise=0.02)
+    before = _top1(head, target, _random_rows(32, 9))
+    snap = {k: v.clone() for k, v in target.state_dict().items()}
+    cfg = Config(loss="fkl", lr=1e-2, max_steps=200, batch_size=16, checkpoint_every=0, mal_gamma=3,
+                 feature_noise=0.02)
     metrics = train_head(cfg, head, target, rows, val, 0, tmp, standalone_context(tmp), cfg.model_dump(mode="json"))
-    return head, metrics, val
+    return head, metrics, before, snap
 
 
 def test_head_learns_the_targets_next_token(target, trained):
-    """A real learning test: held-out greedy top-1 of the head far above chance (1/320)."""
-    head, metrics, val = trained
-    with torch.no_grad():
-        ids = torch.tensor(val.input_ids)
-        feats = target_features(target, ids)
-        hl, _ = head(ids[:, 1:], feats[:, :-1], torch.arange(ids.shape[1] - 1).expand(len(ids), -1))
-        pred = head.logits(hl).argmax(-1)[:, 6 - 1:-1]        # head position t predicts x_{t+2}
-        want = ids[:, 6 + 1:]
-    top1 = float((pred[:, : want.shape[1]] == want).float().mean())
-    assert top1 > 0.5, top1
-    assert metrics["val_mal"] > 1.5
-    assert metrics["steps"] == 300
+    """A real learning test: on held-out contexts the head's greedy token is the target's far above
+    chance (1/320) and far above the untrained head; validation's chain MAL rose above 1."""
+    head, metrics, before, _ = trained
+    after = _top1(head, target, _random_rows(32, 9))
+    assert after > 0.15 and after > 5 * before, (before, after)
+    assert metrics["steps"] == 200 and metrics["val_mal"] > 1.1
 
 
 def test_frozen_target_bitwise_unchanged_by_training(target, trained):
-    from transformers import AutoModelForCausalLM
-
-    fresh = AutoModelForCausalLM.from_pretrained(target.name_or_path)
-    for (n, a), (_, b) in zip(target.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), n
+    """The target's shared embeddings and lm_head (and everything else) are bitwise unchanged by
+    200 training steps of a head that reads them."""
+    snap = trained[3]
+    now = target.state_dict()
+    assert set(snap) == set(now)
+    for n in snap:
+        assert torch.equal(snap[n], now[n]), n
 
 
 def test_trained_head_greedy_equality_and_exact_chain_mal(target, trained):
-    head, _, _ = trained
-    head.eval()
+    head = trained[0].eval()
     prompt = _rows(target, 1, 7, answer=0).input_ids[0]
     want = _greedy(target, prompt, 24)
     got, rounds = _drive(target, HeadProposer(head), prompt, 24, gamma=3)
     assert got == want
-    assert sum(a for _, a in rounds) > 8 and any(a < d for d, a in rounds)   # accepts and rejects
+    assert sum(a for _, a in rounds) >= 3 and any(a < d for d, a in rounds)   # accepts and rejects
     seq = prompt + got
     feats = target_features(target, torch.tensor([seq]))[0]
     sim = chain_rounds(head, seq, feats, [(len(prompt), len(seq))], 3)[0]
@@ -329,3 +355,36 @@ def test_head_finetune_resume_is_bit_identical(tmp_path, target):
     del calls
     for (k, x), (_, y) in zip(a.state_dict().items(), c.state_dict().items()):
         assert torch.equal(x, y), k
+
+
+def test_export_eagle_for_vllm_round_trip(tmp_path, target, tokenizer):
+    """The exported folder's tensor names and shapes are exactly vLLM's EAGLE-1 loader contract
+    (sd2/heads/export.py), the config is a Llama config; FSPAD and trimmed heads are refused with
+    the sd2 command that runs them."""
+    from safetensors.torch import load_file
+
+    from sd2.core.errors import Sd2Error
+    from sd2.heads.export import vllm_eagle_tensors, write_vllm_eagle
+
+    head = io.build("eagle", target, num_layers=2, target_ref="tgt")
+    io.save(head, tmp_path / "h", tokenizer)
+    (tmp_path / "out").mkdir()
+    cfg = write_vllm_eagle(tmp_path / "h", tmp_path / "out")
+    got = {k: tuple(v.shape) for k, v in load_file(str(tmp_path / "out" / "model.safetensors")).items()}
+    d = 64
+    assert got["fc.weight"] == (d, 2 * d) and "fc.bias" not in got
+    assert "layers.0.input_layernorm.weight" not in got and got["layers.1.input_layernorm.weight"] == (d,)
+    assert got["layers.0.self_attn.k_proj.weight"] == (2 * 16, d)      # 2 KV heads of 16
+    assert got == vllm_eagle_tensors(head.head_config)
+    assert not any(k.startswith(("model.", "embed_tokens", "lm_head", "norm")) for k in got)
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 2
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(exported["layers.1.mlp.down_proj.weight"], head.model.layers[1].mlp.down_proj.weight)
+    fs = io.build("fspad", target, target_ref="tgt")
+    io.save(fs, tmp_path / "f", tokenizer)
+    with pytest.raises(Sd2Error, match="nothing in vLLM runs it.*sd2 eval --target tgt --drafter fspad="):
+        write_vllm_eagle(tmp_path / "f", tmp_path / "out")
+    head.trim(range(10))
+    io.save(head, tmp_path / "t", tokenizer)
+    with pytest.raises(Sd2Error, match="trimmed output layer"):
+        write_vllm_eagle(tmp_path / "t", tmp_path / "out")

@@ -151,6 +151,14 @@ def _public(value):
 def _usage(repo_id: str, target_hub: str | None, target: str, sel: Selection, exp: Exported) -> str:
     gamma = sel.main_gamma or 4
     target_id = target_hub or f"<the target: {target}>"
+    if (exp.folder / "config.json").is_file() and "sd2_head" in json.loads((exp.folder / "config.json").read_text()):
+        from sd2.heads.export import VLLM_CHECKED, vllm_snippet
+
+        return (f"## Usage\n\nAn EAGLE head: it reads the target's last hidden state, so it runs only beside its "
+                f"target, in vLLM's EAGLE speculative decoding (layout checked against {VLLM_CHECKED}):\n\n"
+                f"```python\n{vllm_snippet(target_id, repo_id, gamma)}```\n\n"
+                "transformers' assisted generation cannot run a feature-level head. FSPAD heads are not "
+                "supported by vLLM at all; sd2 runs both kinds: `sd2 eval --target TARGET --drafter NAME=HEAD_FOLDER`.\n")
     return f"""## Usage
 
 The drafter shares the target's tokenizer. With transformers (assisted generation, greedy is lossless):

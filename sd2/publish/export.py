@@ -66,6 +66,10 @@ def _fill(sel: Selection, tmp: Path) -> Exported:
 
     src = sel.model_dir
     untrimmed = None
+    from sd2.heads.io import is_head
+
+    if is_head(src):
+        return _fill_head(src, tmp)
     if (src / vocab.MAP_FILE).is_file():
         from sd2.core.models import load_model, load_tokenizer, save_model
         from sd2.publish.untrim import untrim
@@ -95,6 +99,22 @@ def _fill(sel: Selection, tmp: Path) -> Exported:
             "per_tensor": per_tensor}, indent=1))
         notes.append("sparsity.json was measured from the weights (the source folder had none)")
     return Exported(tmp, [], sparsity, untrimmed, notes)
+
+
+def _fill_head(src: Path, tmp: Path) -> Exported:
+    """An EAGLE head in vLLM's EAGLE layout (sd2/heads/export.py); FSPAD and trimmed heads are refused
+    with the sd2 command that generates with them."""
+    from sd2.heads.export import write_vllm_eagle
+
+    write_vllm_eagle(src, tmp)
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name.startswith(("tokenizer", "special_tokens", "chat_template")) or p.name == SPARSITY:
+            shutil.copy2(p, tmp / p.name)
+    from safetensors.torch import load_file
+
+    w = [t for t in load_file(str(tmp / "model.safetensors")).values() if t.dim() == 2]
+    sparsity = round(sum(int((t == 0).sum()) for t in w) / max(1, sum(t.numel() for t in w)), 6)
+    return Exported(tmp, [], sparsity, None, ["an EAGLE head: load it in vLLM with method 'eagle' over its target"])
 
 
 def measure_sparsity(folder: Path) -> tuple[float, dict[str, float]]:
