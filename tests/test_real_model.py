@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parent.parent
 STAGES = ["00_drafter.derive", "01_distill", "02_dense.finetune", "03_layer.prune", "04_layer.finetune",
-          "05_sparse.prune", "06_sparse.finetune", "07_evaluate"]
+          "05_sparse.prune", "06_sparse.finetune", "07_fspad.head", "08_fspad.finetune", "09_evaluate"]
 
 
 def _sd2(*args: str) -> subprocess.CompletedProcess:
@@ -49,8 +49,9 @@ def test_quickstart_writes_every_stage_and_a_lossless_report(quickstart):
     for stage in STAGES:
         assert (run / stage / "manifest.json").is_file(), stage
     assert not list(run.glob("*/.sd2-partial"))
-    report = json.loads((run / "07_evaluate" / "report.json").read_text())
-    assert set(report["drafters"]) == {"raw", "dense", "layer", "sparse"}
+    report = json.loads((run / "09_evaluate" / "report.json").read_text())
+    assert set(report["drafters"]) == {"raw", "dense", "layer", "sparse", "fspad"}
+    assert report["drafters"]["fspad"]["kind"] == "head"
     for r in report["results"]:
         assert r["temperature"] == 0.0 and r["lossless"] is True, r["drafter"]
         assert r["mal"] == pytest.approx(r["greedy_mal_teacher_forced"], abs=1e-9), r["drafter"]
