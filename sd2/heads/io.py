@@ -43,15 +43,16 @@ def build(head_type: str, target_model, num_layers: int = 1, seed: int = 0, targ
           target_fingerprint: str = "", fc_bias: bool | None = None) -> Head:
     """A freshly initialised head for ``target_model`` (an HF causal LM).
 
-    Init: Linear layers use torch's default; the fc's feature half starts as the identity so that a
-    fresh head already passes the target's own feature through (f_t predicts x_{t+1}, a useful start
-    for predicting f_{t+1})."""
+    Init: Linear layers use torch's default; the fc's feature half starts near the identity (plus its
+    default init scaled by 0.1) so that a fresh head already passes the target's own feature through
+    (f_t predicts x_{t+1}, a useful start for predicting f_{t+1}). No weight starts at exactly zero:
+    finetune holds every exact zero of a head's Linear layers as a pruning mask."""
     cfg = HeadConfig.for_target(head_type, target_model.config, num_layers, fc_bias, target_ref, target_fingerprint)
     torch.manual_seed(seed)
     head = Head(cfg, target_model.get_input_embeddings(), target_model.get_output_embeddings())
     d = cfg.hidden_size
     with torch.no_grad():
-        head.model.fc.weight[:, d:].copy_(torch.eye(d))
+        head.model.fc.weight[:, d:].mul_(0.1).add_(torch.eye(d))
         head.model.fc.weight[:, :d].mul_(0.1)
         if head.model.fc.bias is not None:
             head.model.fc.bias.zero_()
