@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--lookup", type=int, default=2, help="prompt lookup depth (sd2_lookup, hf_prompt_lookup)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-gamma", type=int, default=6, help="gamma: auto's search range")
+    ap.add_argument("--pilot-prompts", type=int, default=2, help="gamma: auto's pilot prompts per set")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "peers.json"))
     args = ap.parse_args()
@@ -126,7 +127,7 @@ def main() -> None:
                lambda: ours_target(w), lambda: ours(chain, args.gamma)(w), lambda: ours(tree, args.gamma)(w)):
         fn()
 
-    # gamma: auto per set (pilot on the set's first 2 prompts; v(n) measured on the first prompt)
+    # gamma: auto per set (pilot on the set's first prompts; v(n) measured on the first prompt)
     v = measure_verify_costs(T, w, 1 + args.max_gamma * max(args.width, 1))
     T.step_times.clear()
     D.step_times.clear()
@@ -140,8 +141,9 @@ def main() -> None:
         pilot_d, pilot_l, spent = {}, [], 0.0
         for width in (1, args.width):
             prop = DrafterProposer("p", D, DraftVocab(V), eos, width=width)
-            pilot_d[width] = [r for _, ids in prompts[:2] for r in generate(T, prop, ids, args.max_gamma, n, eos).rounds]
-        for _, ids in prompts[:2]:
+            pilot_d[width] = [r for _, ids in prompts[:args.pilot_prompts]
+                              for r in generate(T, prop, ids, args.max_gamma, n, eos).rounds]
+        for _, ids in prompts[:args.pilot_prompts]:
             g = generate(T, lookup, ids, args.max_gamma, n, eos)
             pilot_l += g.rounds
             spent += g.propose_seconds
