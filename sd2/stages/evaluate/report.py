@@ -178,7 +178,7 @@ def markdown(report: Report, plots: list[str]) -> str:
         b = report.best
         what = "measured speedup" if b.by == "speedup" else "MAC-based speedup (no timings)"
         lines += [f"## Use the best drafter: `{b.drafter}` (γ={b.gamma})", "",
-                  f"The best is the highest {what} at T={b.temperature:g} among lossless results: "
+                  f"The best is the highest {what} at T={b.temperature:g} among lossless results of the drafters with a model (prompt lookup is the baseline, never the best): "
                   f"{b.value:.2f}× (docs/evaluate.md \"best\"). `sd2 publish` publishes it by default.", "",
                   *[line for name, text in snip.items()
                     for line in (f"{_LABEL[name]}:", "", f"```{'bash' if name == 'sd2' else 'python'}", text.rstrip(),
