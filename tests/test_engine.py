@@ -18,7 +18,7 @@ from sd2.engine.proposer import Context, Draft
 from sd2.engine.sampling import DraftVocab
 from sd2.mal import MalStats, teacher_forced_rounds
 from sd2.core.models import load_model
-from tiny import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer, random_prompts
 
 
 def _drafter(model, eos=(), vocab=None, width=1):
@@ -38,17 +38,12 @@ def models(tiny_target, tiny_drafter):
     return load_model(tiny_target), load_model(tiny_drafter)
 
 
-def _prompts(n, vocab, seed=0, length=6):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (length + i,), generator=g).tolist() for i in range(n)]
-
-
 def test_greedy_equals_target_for_gamma_1_to_6_with_eos_inside_a_draft(models):
     target, drafter = models
     T, D, S = CachedLM(target), _drafter(drafter), _drafter(copy.deepcopy(target))
     L = PromptLookupProposer(max_ngram=2)
     eos_inside_draft = 0
-    for prompt in _prompts(3, target.config.vocab_size):
+    for prompt in random_prompts(3, target.config.vocab_size):
         free = target_generate(T, prompt, 20, set()).tokens
         # EOS = a token the target emits mid-answer (first occurrence), so every run must stop there.
         pos = next(i for i in range(4, 20) if free[i] not in free[:i])
@@ -73,7 +68,7 @@ def test_drafter_equal_to_target_gives_mal_gamma_plus_one(models):
     T, S = CachedLM(target), _drafter(copy.deepcopy(target))
     for gamma in (1, 3, 5):
         stats = MalStats()
-        for prompt in _prompts(2, target.config.vocab_size, seed=gamma):
+        for prompt in random_prompts(2, target.config.vocab_size, seed=gamma):
             out = speculative_generate(T, S, prompt, gamma, 4 * (gamma + 1), set())
             assert len(out.tokens) == 4 * (gamma + 1)
             stats.add_request(out.rounds)
@@ -96,7 +91,7 @@ def _swap_rows(model, a: int, b: int):
 def test_hand_built_disagreement_gives_hand_counted_acceptance(models):
     target, _ = models
     T = CachedLM(target)
-    prompt = _prompts(1, target.config.vocab_size, seed=7)[0]
+    prompt = random_prompts(1, target.config.vocab_size, seed=7)[0]
     ref = target_generate(T, prompt, 24, set()).tokens
     gamma = 3
 
@@ -129,7 +124,7 @@ def test_hand_built_disagreement_gives_hand_counted_acceptance(models):
 def test_kv_rollback_matches_a_fresh_forward(models):
     target, drafter = models
     T, D = CachedLM(target), _drafter(drafter)
-    prompt = _prompts(1, target.config.vocab_size, seed=3)[0]
+    prompt = random_prompts(1, target.config.vocab_size, seed=3)[0]
     out = speculative_generate(T, D, prompt, 4, 15, set())
     assert any(r.accepted < r.drafted for r in out.rounds)          # rejections happened
     seq = prompt + out.tokens
@@ -147,7 +142,7 @@ def test_trimmed_vocabulary_drafter(models):
     target, _ = models
     T = CachedLM(target)
     V = target.config.vocab_size
-    prompt = _prompts(1, V, seed=11)[0]
+    prompt = random_prompts(1, V, seed=11)[0]
     ref = target_generate(T, prompt, 18, set()).tokens
     # the target itself, trimmed to its own output tokens but one: proposals map back to target ids
     dropped = ref[2]
@@ -277,7 +272,7 @@ class _Recording:
 def test_target_features_at_every_committed_position_but_the_last(models, width):
     target, drafter = models
     rec = _Recording(_drafter(drafter, width=width), target)
-    prompt = _prompts(1, target.config.vocab_size, seed=5)[0]
+    prompt = random_prompts(1, target.config.vocab_size, seed=5)[0]
     ref = target_generate(CachedLM(target), prompt, 14, set()).tokens
     out = generate(CachedLM(target), rec, prompt, 3, 14, set())
     assert out.tokens == ref and rec.checked == len(out.rounds) - (out.rounds[-1].drafted == 0)
@@ -299,7 +294,7 @@ def test_a_malformed_draft_is_an_error(models):
         def propose(self, ctx, max_depth, sampling, gen):
             return self.draft
 
-    prompt = _prompts(1, target.config.vocab_size)[0]
+    prompt = random_prompts(1, target.config.vocab_size)[0]
     for draft, msg in ((Draft.chain([3, 4, 5]), "exceeds max_depth 2"), (Draft([3, 4], [-1, 1]), "topological"),
                        (Draft.chain([10 ** 6]), "outside the target's vocabulary")):
         with pytest.raises(ValueError, match=msg):

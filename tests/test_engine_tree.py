@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from tiny import random_prompts
 from sd2.core.models import load_model
 from sd2.engine.cached import CachedLM, tree_mask, tree_positions
 from sd2.engine.drafter import DrafterProposer
@@ -20,11 +21,6 @@ from sd2.engine.sampling import DraftVocab
 @pytest.fixture(scope="module")
 def models(tiny_target, tiny_drafter):
     return load_model(tiny_target), load_model(tiny_drafter)
-
-
-def _prompts(n, vocab, seed=0, length=6):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (length + i,), generator=g).tolist() for i in range(n)]
 
 
 def test_tree_mask_and_positions():
@@ -72,7 +68,7 @@ def test_greedy_trees_are_lossless_for_gamma_1_to_6_with_eos(models):
     target, drafter = models
     T = CachedLM(target)
     V = target.config.vocab_size
-    for prompt in _prompts(2, V, seed=4):
+    for prompt in random_prompts(2, V, seed=4):
         eos, ref = _eos_case(T, prompt)
         for gamma in range(1, 7):
             for prop in (DrafterProposer("d", CachedLM(drafter), DraftVocab(V), eos, width=3),
@@ -115,7 +111,7 @@ def test_a_tree_holding_the_greedy_path_off_its_main_line_commits_it(models):
     target, _ = models
     T = CachedLM(target)
     V = target.config.vocab_size
-    prompt = _prompts(1, V, seed=8)[0]
+    prompt = random_prompts(1, V, seed=8)[0]
     ref = target_generate(T, prompt, 4 * 4, set()).tokens
     wrong = next(t for t in range(3, V) if t not in ref)
     out = generate(T, Oracle(ref, len(prompt), wrong), prompt, 3, 16, set())
@@ -131,7 +127,7 @@ def test_the_cache_after_tree_rounds_equals_a_fresh_prefill(models):
     target, drafter = models
     V = target.config.vocab_size
     T = CachedLM(target)
-    prompt = _prompts(1, V, seed=3)[0]
+    prompt = random_prompts(1, V, seed=3)[0]
     ref = target_generate(T, prompt, 15, set()).tokens
     wrong = next(t for t in range(3, V) if t not in ref)
     # the oracle's accepted path is every second node: the cache must gather, not crop

@@ -155,3 +155,11 @@ def write_gguf(model_folder: str | Path, gguf_path: str | Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return Path(gguf_path)
+
+
+def random_prompts(n: int, vocab: int, seed: int = 0, length: int = 6) -> list[list[int]]:
+    """n prompts of random ids in [3, vocab), lengths length, length+1, ... (ids 0-2 are specials)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length + i,), generator=g).tolist() for i in range(n)]

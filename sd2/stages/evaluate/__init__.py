@@ -37,6 +37,14 @@ class PromptLookup(BaseModel):
         return self
 
 
+def _in_range(v, lo, hi, what: str):
+    """A sweepable setting (one value or a non-empty list): every value in [lo, hi], else ``what``."""
+    vals = v if isinstance(v, list) else [v]
+    if not vals or any(x < lo or x > hi for x in vals):
+        raise ValueError(f"{what}, got {v}")
+    return v
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,26 +77,17 @@ class Config(BaseModel):
     def _gamma(cls, v):
         if v == "auto":
             return v
-        vals = v if isinstance(v, list) else [v]
-        if not vals or any(g < 1 or g > 64 for g in vals):
-            raise ValueError(f"gamma must be an integer in [1, 64], a non-empty list of them, or 'auto', got {v}")
-        return v
+        return _in_range(v, 1, 64, "gamma must be an integer in [1, 64], a non-empty list of them, or 'auto'")
 
     @field_validator("width")
     @classmethod
     def _width(cls, v):
-        vals = v if isinstance(v, list) else [v]
-        if not vals or any(w < 1 or w > 16 for w in vals):
-            raise ValueError(f"width must be an integer in [1, 16] or a non-empty list of them, got {v}")
-        return v
+        return _in_range(v, 1, 16, "width must be an integer in [1, 16] or a non-empty list of them")
 
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v):
-        vals = v if isinstance(v, list) else [v]
-        if not vals or any(t < 0 or t > 10 for t in vals):
-            raise ValueError(f"temperature must be in [0, 10] or a non-empty list of such, got {v}")
-        return v
+        return _in_range(v, 0, 10, "temperature must be in [0, 10] or a non-empty list of such")
 
     @property
     def auto(self) -> bool:
