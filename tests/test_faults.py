@@ -96,6 +96,20 @@ def dataset_rows(run: Path) -> list:
     return [ds[i] for i in range(len(ds))]
 
 
+def _full_recipe(tmp_path, tiny_target):
+    """derive -> distill -> one fine-tuned branch, named 'full', on the tiny target: the disk-full tests' run."""
+    from tiny import write_mtbench
+
+    prompts = write_mtbench(tmp_path / "q.jsonl", n=4, turns=1)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "full", "seed": 0, "device": "cpu", "target": {"path": str(tiny_target)},
+        "drafter": {"derive": "target", "keep_layers": 2},
+        "distill": {"prompts": {"source": str(prompts)}, "max_new_tokens": 6, "batch_size": 4},
+        "branches": {"dense": [{"finetune": {"max_steps": 2, "batch_size": 2, "val_rows": 1}}]}}))
+    return recipe
+
+
 def test_kill_9_in_each_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_target, caplog):
     import logging
 
@@ -167,15 +181,8 @@ def test_a_stage_that_cannot_write_fails_cleanly_and_resumes(tmp_path, tiny_targ
     import transformers.modeling_utils as mu
 
     from sd2.core.models import ModelRef  # noqa: F401  (imports the stack before patching)
-    from tiny import write_mtbench
 
-    prompts = write_mtbench(tmp_path / "q.jsonl", n=4, turns=1)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "full", "seed": 0, "device": "cpu", "target": {"path": str(tiny_target)},
-        "drafter": {"derive": "target", "keep_layers": 2},
-        "distill": {"prompts": {"source": str(prompts)}, "max_new_tokens": 6, "batch_size": 4},
-        "branches": {"dense": [{"finetune": {"max_steps": 2, "batch_size": 2, "val_rows": 1}}]}}))
+    recipe = _full_recipe(tmp_path, tiny_target)
     out = tmp_path / "art"
     res = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out), "--until", "distill"])
     assert res.exit_code == 0, res.output
@@ -245,7 +252,6 @@ def test_a_real_full_disk(tmp_path, tiny_target):
     same command resumes. Needs root and mount (skipped elsewhere; the patched test above runs everywhere)."""
     import shutil
 
-    from tiny import write_mtbench
 
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -253,13 +259,7 @@ def test_a_real_full_disk(tmp_path, tiny_target):
             ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
         pytest.skip("needs root and mount to make a small tmpfs")
     try:
-        prompts = write_mtbench(tmp_path / "q.jsonl", n=4, turns=1)
-        recipe = tmp_path / "r.yaml"
-        recipe.write_text(yaml.safe_dump({
-            "name": "full", "seed": 0, "device": "cpu", "target": {"path": str(tiny_target)},
-            "drafter": {"derive": "target", "keep_layers": 2},
-            "distill": {"prompts": {"source": str(prompts)}, "max_new_tokens": 6, "batch_size": 4},
-            "branches": {"dense": [{"finetune": {"max_steps": 2, "batch_size": 2, "val_rows": 1}}]}}))
+        recipe = _full_recipe(tmp_path, tiny_target)
         res = CliRunner().invoke(app, ["run", str(recipe), "--out", str(mnt), "--until", "distill"])
         assert res.exit_code == 0, res.output
         run = mnt / "full"
