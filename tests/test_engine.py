@@ -163,7 +163,11 @@ def test_trimmed_vocabulary_drafter(models):
     # sampling: q is zero outside the kept set
     from sd2.engine.proposer import Sampling
 
-    _, q = vocab.sample(d(input_ids=torch.tensor([prompt])).logits[0, -1], Sampling(1.0), torch.Generator().manual_seed(0))
+    # the engine runs models under inference_mode; a forward outside it would give logits (and q) that
+    # require grad, and float() on them warns (torch 2.13: "Converting a tensor with requires_grad=True")
+    with torch.inference_mode():
+        logits = d(input_ids=torch.tensor([prompt])).logits[0, -1]
+    _, q = vocab.sample(logits, Sampling(1.0), torch.Generator().manual_seed(0))
     outside = torch.ones(V, dtype=torch.bool)
     outside[keep] = False
     assert q.shape == (V,) and float(q[outside].sum()) == 0.0 and abs(float(q.sum()) - 1) < 1e-5
