@@ -19,30 +19,14 @@ from sd2.engine.lookup import PromptLookupProposer
 from sd2.engine.loop import generate
 from sd2.engine.proposer import Draft, Sampling
 from sd2.engine.sampling import DraftVocab, accept_greedy
+from tiny import chi2_pvalue, tiny_llama
 
 V, N_NEW, GAMMA, PROMPT = 6, 3, 2, [1, 2]
 
 
-
-
-def _tiny(seed: int, scale: float):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=32, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=None)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, scale)
-    return model
-
-
 @pytest.fixture(scope="module")
 def pair():
-    return _tiny(0, 0.6), _tiny(1, 0.6)
+    return tiny_llama(V, 0, 0.6), tiny_llama(V, 1, 0.6)
 
 
 @torch.inference_mode()
@@ -54,23 +38,6 @@ def _exact(target) -> dict[tuple, float]:
         p = torch.softmax(logits.float(), -1)
         dist[seq] = math.prod(float(p[i, t]) for i, t in enumerate(seq))
     return dist
-
-
-def _chi2_pvalue(counts: Counter, dist: dict, n: int) -> float:
-    """Pearson chi-square with bins of expected count < 5 pooled; p-value by Wilson-Hilferty."""
-    stat, dof, pool_o, pool_e = 0.0, -1, 0, 0.0
-    for key, p in dist.items():
-        e = n * p
-        if e < 5:
-            pool_o, pool_e = pool_o + counts.get(key, 0), pool_e + e
-            continue
-        stat += (counts.get(key, 0) - e) ** 2 / e
-        dof += 1
-    if pool_e > 0:
-        stat += (pool_o - pool_e) ** 2 / pool_e
-        dof += 1
-    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 def _sample(target, drafter, n: int, seed: int, s: Sampling = Sampling(1.0), width: int = 1) -> tuple[Counter, float]:
@@ -92,13 +59,13 @@ def test_speculative_sampling_matches_the_target_distribution(pair, monkeypatch)
     n = 1000
     counts, mal = _sample(target, drafter, n, seed=0)
     assert 1.1 < mal < GAMMA + 1   # drafts are accepted often, and rejected often: both paths are exercised
-    p_ok = _chi2_pvalue(counts, dist, n)
+    p_ok = chi2_pvalue(counts, dist, n)
     assert p_ok > 1e-3, p_ok
 
     # Negative control: after a rejection, resample from p instead of norm(max(0, p - q)).
     monkeypatch.setattr(sampling, "residual_distribution", lambda p, q: p)
     bad, _ = _sample(target, drafter, n, seed=0)
-    p_bad = _chi2_pvalue(bad, dist, n)
+    p_bad = chi2_pvalue(bad, dist, n)
     assert p_bad < 1e-6, p_bad
 
 
@@ -213,7 +180,7 @@ def test_trees_filters_trimmed_and_deterministic_drafts_match_the_target(pair, s
     n = 500
     counts, acc = _run(target, make(target, sharp), prompt, 2, n, 0, s)
     assert acc > 0.1                      # drafts are accepted, so the acceptance rule is exercised
-    assert _chi2_pvalue(counts, dist, n) > 1e-3
+    assert chi2_pvalue(counts, dist, n) > 1e-3
     monkeypatch.setattr(sampling, "residual_distribution", lambda p, q: p)
     bad, _ = _run(target, make(target, sharp), prompt, 2, n, 0, s)
-    assert _chi2_pvalue(bad, dist, n) < 1e-5
+    assert chi2_pvalue(bad, dist, n) < 1e-5

@@ -4,11 +4,14 @@
   (SmolLM2's format), eos ``<|im_end|>`` and pad ``<|endoftext|>``.
 - ``make_model``: a random tiny Llama / Qwen2 / GPT-2 saved as a safetensors folder with that tokenizer.
 - ``write_mtbench``: a question.jsonl in the MT-bench / Spec-Bench format.
+- ``tiny_llama`` and ``chi2_pvalue``: a one-layer Llama over a handful of tokens, whose exact output
+  distribution can be enumerated, and the chi-square test that compares sampled outputs with it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -163,3 +166,39 @@ def random_prompts(n: int, vocab: int, seed: int = 0, length: int = 6) -> list[l
 
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (length + i,), generator=g).tolist() for i in range(n)]
+
+
+def tiny_llama(vocab: int, seed: int, scale: float = 0.6):
+    """A random one-layer Llama (hidden 16) over ``vocab`` tokens, no special tokens, in eval mode.
+    ``scale`` is the std of every weight matrix: larger makes its next-token distributions peakier."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, scale)
+    return model
+
+
+def chi2_pvalue(counts, dist: dict, n: int) -> float:
+    """Pearson chi-square of ``counts`` (outcome -> count, n draws) against the exact ``dist`` (outcome ->
+    probability), bins of expected count < 5 pooled; the p-value by the Wilson-Hilferty approximation."""
+    stat, dof, pool_o, pool_e = 0.0, -1, 0, 0.0
+    for key, p in dist.items():
+        e = n * p
+        if e < 5:
+            pool_o, pool_e = pool_o + counts.get(key, 0), pool_e + e
+            continue
+        stat += (counts.get(key, 0) - e) ** 2 / e
+        dof += 1
+    if pool_e > 0:
+        stat += (pool_o - pool_e) ** 2 / pool_e
+        dof += 1
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
