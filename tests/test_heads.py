@@ -202,22 +202,29 @@ def _top1(head, target, rows) -> float:
     return float((pred[:, 5:] == want[:, 5:]).float().mean())
 
 
-@pytest.fixture(scope="module")
-def trained(target, tmp_path_factory):
-    """An FSPAD head trained for 200 steps on the tiny target's features over random contexts
-    (soft CE + feature regression), validated on the target's own greedy answers."""
+def _train_tiny_head(kind, target, tmp, before=None):
+    """A head trained for 200 steps on the tiny target's features over random contexts (soft CE +
+    feature regression), validated on the target's own greedy answers. ``before(head)`` runs on the
+    fresh head. Returns (head, metrics, before's result)."""
     from sd2.core.context import standalone_context
     from sd2.heads.train import train_head
     from sd2.stages.finetune import Config
 
-    tmp = tmp_path_factory.mktemp("train")
     rows, val = _random_rows(256, 0), _rows(target, 12, 1)
-    head = io.build("fspad", target, seed=0)
-    before = _top1(head, target, _random_rows(32, 9))
-    snap = {k: v.clone() for k, v in target.state_dict().items()}
+    head = io.build(kind, target, seed=0)
+    pre = before(head) if before else None
     cfg = Config(loss="fkl", lr=1e-2, max_steps=200, batch_size=16, checkpoint_every=0, mal_gamma=3,
                  feature_noise=0.02)
     metrics = train_head(cfg, head, target, rows, val, 0, tmp, standalone_context(tmp), cfg.model_dump(mode="json"))
+    return head, metrics, pre
+
+
+@pytest.fixture(scope="module")
+def trained(target, tmp_path_factory):
+    """The trained FSPAD head, its metrics, its top-1 before training and the target's weights before."""
+    snap = {k: v.clone() for k, v in target.state_dict().items()}
+    head, metrics, before = _train_tiny_head("fspad", target, tmp_path_factory.mktemp("train"),
+                                             lambda h: _top1(h, target, _random_rows(32, 9)))
     return head, metrics, before, snap
 
 
@@ -391,3 +398,168 @@ def test_export_eagle_for_vllm_round_trip(tmp_path, target, tokenizer):
     io.save(head, tmp_path / "t", tokenizer)
     with pytest.raises(Sd2Error, match="trimmed output layer"):
         write_vllm_eagle(tmp_path / "t", tmp_path / "out")
+
+
+# --- trees: a main chain plus sibling leaves per depth, drafted by a head -----------------------------
+
+@pytest.fixture(scope="module")
+def trained_eagle(target, tmp_path_factory):
+    return _train_tiny_head("eagle", target, tmp_path_factory.mktemp("train_eagle"))[0].eval()
+
+
+class _Recorder:
+    """Wraps a proposer and keeps (committed length, max_depth, draft) of every round."""
+
+    wants_features = True
+
+    def __init__(self, proposer):
+        self.proposer, self.name, self.rounds = proposer, proposer.name, []
+
+    def reset(self):
+        self.proposer.reset()
+
+    def propose(self, ctx, max_depth, sampling, gen):
+        draft = self.proposer.propose(ctx, max_depth, sampling, gen)
+        self.rounds.append((len(ctx.tokens), max_depth, draft))
+        return draft
+
+
+def _main_line(draft) -> list[int]:
+    """Node indices of the main chain: the first node of each depth (siblings are leaves)."""
+    depths = draft.depths()
+    return [depths.index(d) for d in range(1, max(depths, default=0) + 1)]
+
+
+def test_head_tree_is_the_chain_plus_the_next_most_likely_tokens(target, trained):
+    """Greedy width w: the main chain is the width-1 chain; at every depth the siblings are the head's
+    next most likely tokens from the same logits (the ones the chain's step saw)."""
+    head = trained[0].eval()
+    seq = [5, 17, 42, 8, 99, 3]
+    feats = target_features(target, torch.tensor([seq]))[0][:5]
+    chain = HeadProposer(head).propose(Context(seq, 2, feats), 3, Sampling(), None)
+    tree = HeadProposer(head, width=3).propose(Context(seq, 2, feats), 3, Sampling(), None)
+    assert tree.parents == [-1, -1, -1, 0, 0, 0, 3, 3, 3]
+    assert [tree.tokens[i] for i in _main_line(tree)] == chain.tokens
+    # the head's logits at each depth along the chain, recomputed from scratch
+    with torch.no_grad():
+        ids = seq[1:] + chain.tokens[:2]
+        f = feats
+        for depth in range(3):
+            hl, hf = head(torch.tensor([ids[: 5 + depth]]), f[None], torch.arange(5 + depth)[None])
+            top = torch.topk(head.logits(hl[0, -1]), 3).indices.tolist()
+            assert tree.tokens[3 * depth: 3 * depth + 3] == top
+            f = torch.cat([f, hf[0, -1:]])                   # a drafted position reads the head's own feature
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        HeadProposer(head, width=0)
+
+
+def test_head_trees_through_the_engine_equal_target_greedy(target, trained, trained_eagle):
+    """Both head types, width 2 and 3, gamma 1..4, with and without an EOS the target reaches: the
+    engine's output is the target's greedy output; rounds reject (so the head re-runs on the target's
+    real features), siblings are accepted when the main token is not, and a drafted EOS ends its branch."""
+    from test_engine_tree import _eos_case
+
+    from sd2.engine.cached import CachedLM
+    from sd2.engine.loop import generate, target_generate
+    from tests.tiny import random_prompts
+
+    T = CachedLM(target)
+    seen = {"reject": 0, "sibling": 0, "eos_stopped": 0}
+    for kind, head in (("fspad", trained[0].eval()), ("eagle", trained_eagle)):
+        for prompt in random_prompts(2, 320, seed=4):
+            free = target_generate(T, prompt, 24, set()).tokens
+            eos, ref_eos = _eos_case(T, prompt, 24)
+            for width in (2, 3):
+                for gamma in (1, 2, 3, 4):
+                    for stop, ref in ((set(), free), (eos, ref_eos)):
+                        rec = _Recorder(HeadProposer(head, stop, kind, width))
+                        out = generate(T, rec, prompt, gamma, 24, stop)
+                        assert out.tokens == ref, (kind, width, gamma, stop)
+                        seq = prompt + out.tokens
+                        for (n, k, draft), r in zip(rec.rounds, out.rounds):
+                            main = _main_line(draft)
+                            assert len(draft) <= k * width and len(main) == max(draft.depths()) <= k
+                            assert all(draft.tokens[i] not in stop for i in main[:-1])   # nothing after an EOS
+                            seen["eos_stopped"] += len(main) < k and draft.tokens[main[-1]] in stop
+                            seen["reject"] += r.accepted < r.depth
+                            seen["sibling"] += r.accepted > 0 and draft.tokens[0] != seq[n]
+    assert seen["reject"] > 50 and seen["sibling"] > 10 and seen["eos_stopped"] > 0, seen
+
+
+HEAD_SAMPLING_CASES = {
+    # name: (head type, width, new tokens, runs, filters, kept ids or None)
+    # 3 new tokens at gamma 2: the first round drafts 2 levels, the second fed with the head's own feature
+    "tree_depth_2": ("fspad", 3, 3, 500, Sampling(1.0), None),
+    "trimmed_filtered_tree": ("eagle", 3, 2, 500, Sampling(1.0, top_k=3, top_p=0.9, min_p=0.1), [0, 1, 3, 4]),
+}
+
+
+@pytest.mark.parametrize("case", list(HEAD_SAMPLING_CASES))
+def test_head_trees_sample_the_targets_distribution(monkeypatch, case):
+    """Chi-square against the tiny-vocabulary target's exact (filtered) distribution (the helpers and
+    the negative control of tests/test_sampling.py): a head tree with siblings drawn from its q keeps
+    the target's output distribution; the chain rule applied to each sibling against the unchanged p
+    (no residual after a rejection) fails the same test."""
+    from test_sampling import V, _chi2_pvalue, _exact_filtered, _run, _tiny
+
+    from sd2.engine import sampling
+
+    kind, width, n_new, n, s, keep = HEAD_SAMPLING_CASES[case]
+    target = _tiny(0, 0.6)
+    head = io.build(kind, target, seed=0).eval()
+    head.trim(keep if keep is not None else range(V))   # its own output layer, flattened: q differs from p
+    with torch.no_grad():
+        head.lm_head.weight.mul_(0.5)
+    prompt = [1, 2]
+    dist = _exact_filtered(target, prompt, n_new, s)
+    assert abs(sum(dist.values()) - 1) < 1e-5
+    counts, acc = _run(target, HeadProposer(head, set(), kind, width), prompt, n_new, n, 0, s)
+    assert acc > 0.2                      # drafts are accepted, and rejected
+    if keep is not None:                  # a trimmed head's q is zero outside its kept ids
+        feats = target_features(target, torch.tensor([prompt]))[0][:1]
+        d = HeadProposer(head, width=width).propose(Context(prompt, 1, feats), 2, s, torch.Generator().manual_seed(0))
+        assert d.q.shape == (len(d), V) and all(t in keep for t in d.tokens)
+        assert float(d.q[:, [i for i in range(V) if i not in keep]].abs().sum()) == 0.0
+    assert _chi2_pvalue(counts, dist, n) > 1e-3
+    monkeypatch.setattr(sampling, "residual_distribution", lambda p, q: p)
+    bad, _ = _run(target, HeadProposer(head, set(), kind, width), prompt, n_new, n, 0, s)
+    assert _chi2_pvalue(bad, dist, n) < 1e-5
+
+
+def test_sd2_eval_gives_heads_width_and_gamma_auto_like_drafters(tmp_path, tiny_target, tokenizer, mtbench_file,
+                                                                  monkeypatch):
+    """`sd2 eval --width` runs a head at every width (trees of gamma * width nodes, lossless), and
+    `--gamma auto` models a head like a standalone drafter: gamma * c with c its measured step cost."""
+    from typer.testing import CliRunner
+
+    from sd2.core.models import load_model
+    from sd2.engine import shape
+    from sd2.pipeline.cli import app
+
+    head = io.build("fspad", load_model(tiny_target), target_ref=str(tiny_target))
+    io.save(head, tmp_path / "head", tokenizer)
+    base = ["eval", "--target", str(tiny_target), "--drafter", f"h={tmp_path / 'head'}", "--prompts", str(mtbench_file),
+            "--limit", "2", "--max-new-tokens", "10", "--device", "cpu"]
+    res = CliRunner().invoke(app, base + ["--gamma", "2", "--width", "1", "--width", "3", "--out", str(tmp_path / "w")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "w" / "report.json").read_text())
+    rows = {r["width"]: r for r in rep["results"]}
+    assert sorted(rows) == [1, 3] and all(r["lossless"] is True for r in rows.values())
+    assert rows[1]["nodes_per_round"] <= 2 < rows[3]["nodes_per_round"] <= 6
+    assert rep["drafters"]["h"]["c_measured"] > 0 and rows[3]["drafter_forwards"] > 0
+
+    seen = {}
+    real = shape.choose
+
+    def spy(pilot, max_gamma, v, c, d=None):
+        seen.update(widths=sorted(pilot), c=c, d=d)
+        return real(pilot, max_gamma, v, c, d)
+
+    monkeypatch.setattr(shape, "choose", spy)
+    res = CliRunner().invoke(app, base + ["--gamma", "auto", "--width", "1", "--width", "2", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert seen["widths"] == [1, 2] and seen["c"] > 0 and seen["d"] is None
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    sh = rep["drafters"]["h"]["shape"]
+    assert len(sh["table"]) == 8 * 2
+    assert [(r["gamma"], r["width"]) for r in rep["results"]] == [(sh["gamma"], sh["width"])]

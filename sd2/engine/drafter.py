@@ -14,11 +14,44 @@ target's vocabulary is zero outside the kept tokens. The drafter stops a branch 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from sd2.engine.cached import CachedLM
 from sd2.engine.proposer import Context, Draft, Sampling
 from sd2.engine.sampling import DraftVocab
+
+
+def chain_with_siblings(logits: torch.Tensor, step: Callable[[int], torch.Tensor], max_depth: int, width: int,
+                        vocab: DraftVocab, eos: set[int], sampling: Sampling, gen: torch.Generator | None) -> Draft:
+    """The tree every model drafter makes: a main chain of up to ``max_depth`` tokens and, at each
+    depth, ``width - 1`` sibling leaves from the same distribution (greedy: the next most likely
+    tokens; sampling: further independent draws, with replacement, from the same filtered q).
+
+    ``logits`` [V_draft] are the drafter's logits for depth 1; ``step(token)`` feeds the main token
+    of a depth and returns the logits for the next depth (one drafter forward; never called after the
+    last depth or after an EOS main token, which ends the draft). Used by the standalone drafter and
+    the feature-level heads (sd2/heads/proposer.py), so both branch the same way."""
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    tokens: list[int] = []
+    parents: list[int] = []
+    qs: list[torch.Tensor] = []
+    parent = -1
+    for depth in range(max_depth):
+        if sampling.greedy:
+            cands = vocab.top(logits, width) if width > 1 else [vocab.greedy(logits)]
+        else:
+            cands, q = vocab.sample(logits, sampling, gen, width)
+            qs.extend([q] * len(cands))
+        main = len(tokens)
+        tokens.extend(cands)
+        parents.extend([parent] * len(cands))
+        if cands[0] in eos or depth == max_depth - 1:
+            break
+        parent, logits = main, step(cands[0])
+    return Draft(tokens, parents, torch.stack(qs) if qs else None)
 
 
 class DrafterProposer:
@@ -33,22 +66,8 @@ class DrafterProposer:
         self.lm.reset()
 
     def propose(self, ctx: Context, max_depth: int, sampling: Sampling, gen: torch.Generator | None) -> Draft:
-        tokens: list[int] = []
-        parents: list[int] = []
-        qs: list[torch.Tensor] = []
-        feed = self.lm.sync_to(ctx.tokens)
-        parent = -1
-        for _ in range(max_depth):
-            logits = self.lm.forward(feed)[-1]
-            if sampling.greedy:
-                cands = self.vocab.top(logits, self.width) if self.width > 1 else [self.vocab.greedy(logits)]
-            else:
-                cands, q = self.vocab.sample(logits, sampling, gen, self.width)
-                qs.extend([q] * len(cands))
-            main = len(tokens)
-            tokens.extend(cands)
-            parents.extend([parent] * len(cands))
-            if cands[0] in self.eos:
-                break
-            parent, feed = main, [cands[0]]
-        return Draft(tokens, parents, torch.stack(qs) if qs else None)
+        if max_depth < 1:
+            return Draft()
+        first = self.lm.forward(self.lm.sync_to(ctx.tokens))[-1]
+        return chain_with_siblings(first, lambda tok: self.lm.forward([tok])[-1], max_depth, self.width,
+                                   self.vocab, self.eos, sampling, gen)

@@ -7,10 +7,15 @@ proposer keeps a KV cache of those real positions and, each round:
 1. keeps the cached prefix whose tokens are still committed, and runs the head on the rest with
    the target's REAL features (this replaces the features the head predicted for drafted tokens
    in the previous round: the drafted positions are never kept);
-2. drafts a chain: the last real position's output gives draft 1 and a predicted feature; each
-   further step feeds the drafted token with the head's own predicted feature.
-Greedy picks the argmax; sampling draws from the filtered distribution and returns it as ``q``.
-A trimmed head's ids map through ``d2t``; its q is zero outside the kept tokens.
+2. drafts a main chain: the last real position's output gives depth 1 and a predicted feature; each
+   further depth feeds the main token with the head's own predicted feature;
+3. with ``width`` > 1 the draft is a tree, made exactly as the standalone drafter makes it
+   (``sd2.engine.drafter.chain_with_siblings``): at every depth ``width - 1`` sibling leaves from the
+   same head distribution (greedy: the next most likely tokens; sampling: further independent draws
+   from the same filtered q). Siblings cost no head forward; a branch ends at an EOS main token.
+Token choice, filtering (top-k / top-p / min-p) and the trimmed head's ``d2t`` map are the engine's
+``DraftVocab`` (sd2/engine/sampling.py), so a head's q is exactly the distribution its tokens were
+drawn from, over the target's vocabulary (zero outside a trimmed head's kept tokens).
 """
 
 from __future__ import annotations
@@ -19,40 +24,28 @@ import time
 
 import torch
 
+from sd2.engine.drafter import chain_with_siblings
 from sd2.engine.proposer import Context, Draft, Sampling
+from sd2.engine.sampling import DraftVocab
 from sd2.heads.model import Head, cache_len, crop_cache
 
 
-def filtered_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """softmax(logits / T) after top-k, top-p and min-p, in that order ([..., V] -> [..., V])."""
-    p = torch.softmax(logits.float() / s.temperature, dim=-1)
-    if s.top_k and s.top_k < p.shape[-1]:
-        kth = torch.topk(p, s.top_k, dim=-1).values[..., -1:]
-        p = torch.where(p >= kth, p, torch.zeros_like(p))
-        p = p / p.sum(-1, keepdim=True)
-    if s.top_p < 1.0:
-        sp, si = torch.sort(p, dim=-1, descending=True)
-        before = sp.cumsum(-1) - sp            # mass strictly before each token: keep while < top_p
-        keep = torch.zeros_like(p, dtype=torch.bool).scatter(-1, si, before < s.top_p)
-        p = torch.where(keep, p, torch.zeros_like(p))
-        p = p / p.sum(-1, keepdim=True)
-    if s.min_p > 0.0:
-        p = torch.where(p >= s.min_p * p.max(-1, keepdim=True).values, p, torch.zeros_like(p))
-        p = p / p.sum(-1, keepdim=True)
-    return p
-
-
 class HeadProposer:
-    """Proposer protocol over a ``Head``; counts its forwards and their seconds (for c)."""
+    """Proposer protocol over a ``Head``; counts its forwards and their seconds (for c).
+
+    ``width``: nodes per depth (1 = a chain), as for ``DrafterProposer``; evaluate sets it per run."""
 
     wants_features = True
 
-    def __init__(self, head: Head, eos: set[int] | None = None, name: str = "head"):
+    def __init__(self, head: Head, eos: set[int] | None = None, name: str = "head", width: int = 1):
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
         self.head = head
         self.name = name
         self.eos = set(eos or ())
+        self.width = int(width)
         self.device = next(head.parameters()).device
-        self.vocab = head.target_lm_head.weight.shape[0]
+        self.vocab = DraftVocab(head.target_lm_head.weight.shape[0], head.d2t).to(self.device)
         self.forwards = 0
         self.seconds = 0.0
         self.step_times: list[float] = []
@@ -74,17 +67,6 @@ class HeadProposer:
         if len(ids) == 1:
             self.step_times.append(dt)
         return logits, hf[0, -1]
-
-    def _pick(self, logits: torch.Tensor, sampling: Sampling, gen) -> tuple[int, torch.Tensor | None]:
-        d2t = self.head.d2t
-        if sampling.greedy:
-            i = int(torch.argmax(logits))
-            return (int(d2t[i]) if d2t is not None else i), None
-        p = filtered_probs(logits, sampling)
-        if d2t is not None:
-            p = torch.zeros(self.vocab, dtype=p.dtype, device=p.device).index_copy_(0, d2t, p)
-        tok = int(torch.multinomial(p, 1, generator=gen))
-        return tok, p
 
     @torch.inference_mode()
     def propose(self, ctx: Context, max_depth: int, sampling: Sampling, gen: torch.Generator | None) -> Draft:
@@ -109,13 +91,12 @@ class HeadProposer:
         assert cache_len(self.cache) == n_real
         # drafted positions go into a view of the cache that the next round drops
         local = [[kv[0], kv[1]] for kv in self.cache]
-        tokens, qs = [], []
-        for depth in range(max_depth):
-            tok, q = self._pick(logits, sampling, gen)
-            tokens.append(tok)
-            if q is not None:
-                qs.append(q)
-            if tok in self.eos or depth == max_depth - 1:
-                break
-            logits, feat = self._run([tok], feat[None], n_real + depth, local)
-        return Draft.chain(tokens, torch.stack(qs) if qs else None)
+        pos = n_real
+
+        def step(tok: int) -> torch.Tensor:          # feed a depth's main token with its predicted feature
+            nonlocal feat, pos
+            out, feat = self._run([tok], feat[None], pos, local)
+            pos += 1
+            return out
+
+        return chain_with_siblings(logits, step, max_depth, self.width, self.vocab, self.eos, sampling, gen)

@@ -155,8 +155,7 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gamma
     tf = {}
     for d in drafters:
         info = infos[d.name]
-        timed = d.lm if d.lm is not None else (d.proposer if hasattr(d.proposer, "step_times") else None)
-        info.c_measured = _r(M.c_measured(timed, setup.target)) if timed is not None else None
+        info.c_measured = _r(M.c_measured(d.timed, setup.target)) if d.timed is not None else None
         info.vocab = vocab_info(info.path, maps[d.name], greedy_tokens)
         if config.teacher_forced and greedy_ref and d.lm is not None and not d.cross:
             tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, gammas)

@@ -43,6 +43,14 @@ class Drafter:
         """Whether the proposer can branch (has a ``width``): only those are run at width > 1."""
         return hasattr(self.proposer, "width")
 
+    @property
+    def timed(self):
+        """What times the drafter's own single-token forwards (``step_times``, for c): its CachedLM, or a
+        proposer that times its own model (a feature-level head); None for a drafter without a model."""
+        if self.lm is not None:
+            return self.lm
+        return self.proposer if hasattr(self.proposer, "step_times") else None
+
 
 def chat_ids(tok, messages: list[dict]) -> list[int]:
     """The prompt through the chat template when the tokenizer has one, else the plain user text."""
@@ -106,7 +114,7 @@ def auto_shapes(target: CachedLM, drafters: list[Drafter], requests: list[Reques
     requests, the drafter's measured c (or drafting time per round) and the target's measured v(n)."""
     from sd2.engine.shape import choose, measure_verify_costs
 
-    for r in [target] + [d.lm for d in drafters if d.lm is not None]:
+    for r in [target] + [d.timed for d in drafters if d.timed is not None]:
         r.step_times.clear()
     pilot_reqs = requests[:pilot_prompts]
     for d in drafters:   # warm-up: first calls allocate and pick kernels
@@ -123,8 +131,9 @@ def auto_shapes(target: CachedLM, drafters: list[Drafter], requests: list[Reques
                 rounds += g.rounds
                 spent += g.propose_seconds
             pilot[w], dcost[w] = rounds, spent / max(len(rounds), 1) / step
-        c = c_measured(d.lm, target) if d.lm is not None else None
-        out[d.name] = choose(pilot, max_gamma, v, c, None if d.lm is not None else dcost)
+        # a model drafter (standalone or head) costs gamma * c per round; one without a model its time per round
+        c = c_measured(d.timed, target) if d.timed is not None else None
+        out[d.name] = choose(pilot, max_gamma, v, c, None if d.timed is not None else dcost)
     return out
 
 
@@ -141,8 +150,7 @@ def measure(target: CachedLM, drafters: list[Drafter], requests: list[Request], 
         for d in drafters:
             g, wd = shapes[d.name][0]
             run_drafter(target, d, w, g, wd, min(16, max_new_tokens), eos, Sampling(), None)
-    timed = [d.lm if d.lm is not None else d.proposer for d in drafters]   # a head proposer times itself
-    for r in [target] + [t for t in timed if hasattr(t, "step_times")]:
+    for r in [target] + [d.timed for d in drafters if d.timed is not None]:
         r.step_times.clear()
         if hasattr(r, "verify_times"):
             r.verify_times.clear()
@@ -167,14 +175,14 @@ def measure(target: CachedLM, drafters: list[Drafter], requests: list[Request], 
                     for gamma, width in shapes[d.name]:
                         key = (d.name, gamma, width, temp)
                         cell = cells[key]
-                        before = d.lm.forwards if d.lm is not None else 0
+                        before = d.timed.forwards if d.timed is not None else 0
                         t_before = target.seconds
                         out = run_drafter(target, d, req, gamma, width, max_new_tokens, eos, s,
                                           _gen(dev, seed, i, rep, 1 + gamma, width))
                         wall[key] += out.seconds
                         if rep == 0:
                             cell.stats.add_request(out.rounds, req.category)
-                            cell.drafter_forwards += (d.lm.forwards - before) if d.lm is not None else 0
+                            cell.drafter_forwards += (d.timed.forwards - before) if d.timed is not None else 0
                             cell.propose_s += out.propose_seconds
                             cell.verify_s += target.seconds - t_before
                         if temp == 0 and out.tokens != base.tokens:
