@@ -500,12 +500,13 @@ def test_head_trees_sample_the_targets_distribution(monkeypatch, case):
     the negative control of tests/test_sampling.py): a head tree with siblings drawn from its q keeps
     the target's output distribution; the chain rule applied to each sibling against the unchanged p
     (no residual after a rejection) fails the same test."""
-    from test_sampling import V, _chi2_pvalue, _exact_filtered, _run, _tiny
+    from test_sampling import V, _exact_filtered, _run
+    from tiny import chi2_pvalue, tiny_llama
 
     from sd2.engine import sampling
 
     kind, width, n_new, n, s, keep = HEAD_SAMPLING_CASES[case]
-    target = _tiny(0, 0.6)
+    target = tiny_llama(V, 0)
     head = io.build(kind, target, seed=0).eval()
     head.trim(keep if keep is not None else range(V))   # its own output layer, flattened: q differs from p
     with torch.no_grad():
@@ -520,10 +521,10 @@ def test_head_trees_sample_the_targets_distribution(monkeypatch, case):
         d = HeadProposer(head, width=width).propose(Context(prompt, 1, feats), 2, s, torch.Generator().manual_seed(0))
         assert d.q.shape == (len(d), V) and all(t in keep for t in d.tokens)
         assert float(d.q[:, [i for i in range(V) if i not in keep]].abs().sum()) == 0.0
-    assert _chi2_pvalue(counts, dist, n) > 1e-3
+    assert chi2_pvalue(counts, dist, n) > 1e-3
     monkeypatch.setattr(sampling, "residual_distribution", lambda p, q: p)
     bad, _ = _run(target, HeadProposer(head, set(), kind, width), prompt, n_new, n, 0, s)
-    assert _chi2_pvalue(bad, dist, n) < 1e-5
+    assert chi2_pvalue(bad, dist, n) < 1e-5
 
 
 def test_sd2_eval_gives_heads_width_and_gamma_auto_like_drafters(tmp_path, tiny_target, tokenizer, mtbench_file,
