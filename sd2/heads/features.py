@@ -1,9 +1,13 @@
-"""The target's features, computed on the fly, and the exact teacher-forced chain MAL of a head.
+"""The target's features, and the exact teacher-forced chain MAL of a head.
 
-Features: ``target_features`` is one no-grad target forward over a batch; it returns the last
-hidden state after the final norm (what the target's lm_head reads), [B, L, d]. Nothing is written
-to disk: storing hidden states is the best-known pain of head trainers (576 floats a token for
-SmolLM2, terabytes at scale), and on a small target the forward is cheaper than the reads.
+Features: ``target_features`` is one no-grad target forward; it returns the last hidden state
+after the final norm (what the target's lm_head reads), [B, L, d]. Training, validation and prune
+calibration take each conversation's features from its own forward, unpadded (``row_features``):
+padding changes the bits (on CPU in torch 2.13 a row padded from 37 to 48 positions gets features
+that differ by ~1e-6 from the unpadded row's; the attention reduces over the padded length), so a
+row's features would otherwise depend on the batch it lands in. Unpadded, they are what the target
+computes when it decodes that text, and a cache of them (feature_cache.py) trains bit-identically
+to computing them on the fly.
 
 Alignment (docs/heads.md): head position t reads token x_{t+1} and feature f_t, and is trained to
 predict f_{t+1} and x_{t+2}. For a row of L tokens there are L - 1 head positions.
@@ -23,6 +27,23 @@ def target_features(target, input_ids: torch.Tensor, attention_mask: torch.Tenso
     base = target.base_model if getattr(target, "base_model", None) is not None else target
     out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
+
+
+@torch.no_grad()
+def row_features(target, rows: list[list[int]]) -> list[torch.Tensor]:
+    """[L_i, d] per row: each row's features from its own unpadded target forward (module docstring:
+    the bits do not depend on which rows share a batch). Call it inside the training's autocast
+    context, so the cache and the online path compute the same thing."""
+    device = next(target.parameters()).device
+    return [target_features(target, torch.tensor([r], dtype=torch.long, device=device))[0] for r in rows]
+
+
+def pad_features(feats: list[torch.Tensor], length: int) -> torch.Tensor:
+    """[B, length, d]: rows' features right-padded with zeros (as ``collate`` pads the ids)."""
+    out = feats[0].new_zeros(len(feats), length, feats[0].shape[-1])
+    for i, f in enumerate(feats):
+        out[i, : f.shape[0]] = f
+    return out
 
 
 def head_inputs(input_ids: torch.Tensor, features: torch.Tensor):

@@ -45,84 +45,152 @@ def build_stage(config, inputs, out_dir: Path, ctx) -> dict:
     return {"head": config.type, "layers": config.layers, "parameters": params, "macs_per_token": macs.effective}
 
 
-def _calibration_norms(head: Head, target, dataset, samples: int, seq_len: int, seed: int, ctx) -> dict[str, torch.Tensor]:
-    """Wanda's input statistic ||X_j||_2 per input column of every head Linear, over the head run on
-    the target's real features of the calibration rows (teacher-forced, as in training)."""
-    from sd2.heads.features import head_inputs, target_features
+def _prune_groups(head: Head) -> list[list[tuple[str, torch.nn.Linear]]]:
+    """The head's Linear layers in forward order, grouped as pruned in turn: fc, feature sampling,
+    then each decoder layer (the unit of llm-compressor's sequential pipeline)."""
+    groups: dict[str, list] = {}
+    for name, mod in head.linears():
+        parts = name.split(".")
+        key = ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
+        groups.setdefault(key, []).append((name, mod))
+    return list(groups.values())
+
+
+def calibration_rows(target, dataset, calibration, seed: int, ctx) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids [1, L], the target's features [1, L, d]) of the prune calibration conversations (the
+    distilled data's, drawn as for a causal LM), features per row as in training (``row_features``)."""
+    from sd2.heads.features import row_features
     from sd2.stages.prune.calibration import calibration_samples
 
-    rows = calibration_samples(dataset, samples, seq_len, seed, ctx)
-    sq: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, mod in head.linears():
-        def hook(m, args, _out, name=name):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sq[name] = sq.get(name, 0) + (x * x).sum(0)
-        hooks.append(mod.register_forward_hook(hook))
+    rows = calibration_samples(dataset, calibration.samples, calibration.seq_len, seed, ctx)
+    return [(torch.tensor([r], dtype=torch.long), f[None]) for r, f in zip(rows, row_features(target, rows))]
+
+
+def calibrate(head: Head, rows, modules: list[tuple[str, torch.nn.Linear]], method: str) -> dict:
+    """One pass of the head over the calibration rows, teacher-forced on the target's real features,
+    with a forward hook on each of ``modules`` that feeds its input to llm-compressor's own
+    accumulator: SparseGPT's Hessian 2 X X^T / n (``accumulate_hessian``) or Wanda's per-column
+    ||X_j||^2 / n (``accumulate_row_scalars``). Returns {module: statistic}, as the library's
+    ``sparsify_weight`` reads it."""
+    from sd2.heads.features import head_inputs
+
+    if method == "sparsegpt":
+        from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import accumulate_hessian as acc
+        from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import make_empty_hessian as empty
+    else:
+        from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import accumulate_row_scalars as acc
+        from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import make_empty_row_scalars as empty
+
+    stats = {mod: empty(mod) for _, mod in modules}
+    seen = {mod: 0 for _, mod in modules}
+
+    def hook(mod, args, _out):
+        stats[mod], seen[mod] = acc(args[0].detach(), mod, stats[mod], seen[mod])
+
+    hooks = [mod.register_forward_hook(hook) for _, mod in modules]
     try:
         with torch.no_grad():
-            for r in rows:
-                ids = torch.tensor([list(r)], dtype=torch.long)
-                if ids.shape[1] < 2:
-                    continue
-                feats = target_features(target, ids)
-                head(*head_inputs(ids, feats))
+            for ids, feats in rows:
+                if ids.shape[1] >= 2:
+                    head(*head_inputs(ids, feats))
     finally:
         for h in hooks:
             h.remove()
-    return {k: v.sqrt() for k, v in sq.items()}
+    return stats
+
+
+def sparsify(modules: list[tuple[str, torch.nn.Linear]], stats: dict, method: str, sparsity: float,
+             nm: tuple[int, int] | None) -> None:
+    """Prune each module in place with llm-compressor's own per-layer algorithm on its calibrated
+    statistic: SparseGPT's OBS column sweep (``sgpt_sparsify.sparsify_weight``, the modifier's
+    default block_size and dampening_frac) or Wanda's |w| * ||x|| per output row (``wanda_sparsify.
+    sparsify_weight``). ``nm`` (N, M) zeroes N of every M weights along the input dimension."""
+    n, m = nm if nm is not None else (0, 0)
+    with torch.no_grad():
+        for _, mod in modules:
+            if method == "sparsegpt":
+                from llmcompressor.modifiers.pruning import SparseGPTModifier
+                from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+
+                fields = SparseGPTModifier.model_fields
+                _, w = sparsify_weight(mod, stats, sparsity, n, m, fields["block_size"].default,
+                                       fields["dampening_frac"].default, preserve_sparsity_mask=False)
+            else:
+                from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import sparsify_weight
+
+                w = sparsify_weight(mod, stats, sparsity, n, m)
+            mod.weight.copy_(w)
+
+
+def prune_head(head: Head, method: str, sparsity: float, nm: tuple[int, int] | None, rows=None, progress=None) -> None:
+    """Prune every head Linear in place. sparsegpt/wanda: group by group (``_prune_groups``), each
+    calibrated on ``rows`` (``calibration_rows``) through the head as pruned so far, as
+    llm-compressor's sequential pipeline does for a causal LM's layers; magnitude: data-free."""
+    from sd2.stages.prune.magnitude import magnitude_mask
+
+    if method == "magnitude":
+        with torch.no_grad():
+            for _, mod in head.linears():
+                mod.weight.mul_(magnitude_mask(mod.weight, sparsity, nm).to(mod.weight.dtype))
+        return
+    groups = _prune_groups(head)
+    for group in (progress(groups) if progress is not None else groups):
+        sparsify(group, calibrate(head, rows, group, method), method, sparsity, nm)
 
 
 def prune_stage(config, inputs, out_dir: Path, ctx) -> dict:
-    """Unstructured or N:M sparsity on every head Linear (fc, feature sampling, layers).
+    """Unstructured or N:M sparsity on every head Linear (fc, feature sampling, decoder layers).
 
-    magnitude: smallest |w|; wanda: smallest |w| * ||x||_2 per output row (Sun et al. 2023), with the
-    activations of the head run on the target's real features of the distilled data. SparseGPT is
-    not implemented for heads (llm-compressor's oneshot drives a causal LM's own forward); the stage
-    says so rather than substituting silently."""
+    sparsegpt and wanda: llm-compressor's own per-layer code (``calibrate``, ``sparsify``), on the
+    head run teacher-forced on the target's real features of the distilled data, group by group as
+    its sequential pipeline does (fc, feature sampling, each layer; a group is calibrated on the
+    outputs of the groups already pruned). llm-compressor's ``oneshot`` itself drives a causal LM's
+    forward, which a head is not. magnitude: the smallest |w| (data-free, as for a causal LM)."""
     from sd2.core.errors import Sd2Error
     from sd2.core.models import load_model, load_tokenizer
-    from sd2.stages.prune.magnitude import magnitude_mask
 
-    if config.method not in ("magnitude", "wanda"):
-        raise Sd2Error(f"prune.method {config.method or 'recipe'!r} is not available for a feature-level head; "
-                       "use method: wanda (calibrated on the target's features) or magnitude")
+    if config.method not in ("sparsegpt", "wanda", "magnitude"):
+        raise Sd2Error(f"prune.method {config.method or 'recipe'!r} does not apply to a feature-level head "
+                       "(it has no stack of decoder layers to remove, and a raw recipe needs a causal LM); "
+                       "use method: sparsegpt, wanda or magnitude")
     hc = io.read_config(inputs.model)
     target = load_model(hc.target, device="cpu")
     head = io.load(inputs.model, target)
-    norms = None
-    if config.method == "wanda":
+    nm = config.nm
+    if nm is not None:
+        bad = [(name, mod.weight.shape[1]) for name, mod in head.linears() if mod.weight.shape[1] % nm[1]]
+        if bad:
+            raise Sd2Error(f"cannot apply mask_structure {config.mask_structure} to {bad[0][0]}: its input "
+                           f"dimension {bad[0][1]} is not a multiple of {nm[1]}")
+    rows = None
+    if config.method != "magnitude":
         seed = config.calibration.seed if config.calibration.seed is not None else ctx.seed
-        norms = _calibration_norms(head, target, inputs.dataset, config.calibration.samples,
-                                   config.calibration.seq_len, seed, ctx)
+        rows = calibration_rows(target, inputs.dataset, config.calibration, seed, ctx)
+    prune_head(head, config.method, config.sparsity, nm, rows,
+               lambda it: ctx.progress(it, desc=f"prune head ({config.method})", unit="group"))
     total = zeros = 0
-    with torch.no_grad():
-        for name, mod in head.linears():
-            w = mod.weight
-            score = w.abs() * norms[name][None, :] if norms is not None else w
-            if norms is not None and config.nm is None:
-                # Wanda compares weights within each output row
-                k = int(round(config.sparsity * w.shape[1]))
-                keep = torch.ones_like(w, dtype=torch.bool)
-                if k:
-                    keep.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, False)
-            else:
-                try:
-                    keep = magnitude_mask(score, config.sparsity, config.nm)
-                except ValueError as e:
-                    raise Sd2Error(f"cannot apply mask_structure {config.mask_structure} to {name}: {e}") from None
-            w.mul_(keep.to(w.dtype))
-            total += w.numel()
-            zeros += int((w == 0).sum())
+    for _, mod in head.linears():
+        total += mod.weight.numel()
+        zeros += int((mod.weight == 0).sum())
     sparsity = zeros / total if total else 0.0
     io.save(head, out_dir, load_tokenizer(inputs.model))
     macs = head_macs(head)
     sp_json = {"method": config.method, "structure": config.mask_structure, "target_sparsity": config.sparsity,
                "decoder_sparsity": sparsity, "scope": "every head Linear (fc, feature sampling, layers)"}
+    if config.method != "magnitude":
+        sp_json["calibration"] = {"samples": len(rows), "tokens": sum(ids.shape[1] for ids, _ in rows),
+                                  "code": f"llm-compressor {_llmc_version()} per-layer {config.method}, "
+                                          "sequential over fc, feature sampling, layers"}
     (Path(out_dir) / "sparsity.json").write_text(json.dumps(sp_json, indent=2))
     ctx.log.info("pruned the head (%s): %.2f%% of its linear weights are zero; %.1f M MACs/token (dense %.1f M)",
                  config.method, 100 * sparsity, macs.effective / 1e6, macs.dense / 1e6)
     return {"decoder_sparsity": round(sparsity, 6), "macs_per_token": macs.effective, "dense_macs_per_token": macs.dense}
+
+
+def _llmc_version() -> str:
+    from importlib.metadata import version
+
+    return version("llmcompressor")
 
 
 def trim_stage(config, inputs, out_dir: Path, ctx) -> dict:

@@ -1,9 +1,11 @@
-"""Training a head on the distilled data, the target's features computed batch by batch.
+"""Training a head on the distilled data, on the target's features (on the fly, or from a cache).
 
 Invoked by the finetune stage when its input model is a head folder (so a branch reads
 ``- finetune: {...}`` for heads and causal LMs alike). It reuses finetune's machinery: the rows,
 split and batch order (batches.py), AdamW and the schedule (train.py), the mask held exactly
-(mask.py), checkpoint/resume (checkpoint.py) and accelerate (distributed.py).
+(mask.py), checkpoint/resume (checkpoint.py) and accelerate (distributed.py). Each row's features
+come from its own unpadded target forward (features.py says why), computed per step, or once into
+a cache in the run folder with ``feature_cache_mb`` (feature_cache.py); both train bit-identically.
 
 Loss at every response position (docs/heads.md):
   feature_weight * SmoothL1(predicted f_{t+1}, f_{t+1})  +  logit_weight * L_logits,
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sd2.heads.features import chain_rounds, head_inputs, target_features
+from sd2.heads.features import chain_rounds, head_inputs, pad_features, row_features
 from sd2.heads.model import Head
 from sd2.mal import MalStats
 from sd2.stages.finetune import checkpoint
@@ -41,9 +43,24 @@ def head_mask(head: Head) -> SparsityMask:
                          if mod.weight.requires_grad and bool((mod.weight.detach() == 0).any())})
 
 
+class FeatureSource:
+    """The target's features [L_i, d] of rows by index: read from a cache (a list, one tensor per
+    row) or computed now with ``row_features`` inside the training's ``autocast`` context."""
+
+    def __init__(self, rows: Rows, target, autocast=contextlib.nullcontext, cached: list | None = None):
+        self.rows, self.target, self.autocast, self.cached = rows, target, autocast, cached
+
+    def __call__(self, idx: list[int]) -> list[torch.Tensor]:
+        if self.cached is not None:
+            return [self.cached[i] for i in idx]
+        with self.autocast():
+            return row_features(self.target, [self.rows.input_ids[i] for i in idx])
+
+
 class HeadLoss(torch.nn.Module):
-    """forward(batch) -> (feature-loss sum, logit-loss sum, positions) over one micro-batch.
-    Wrapped by accelerate (DDP), so it holds the head and the frozen target."""
+    """forward(input_ids, features, labels) -> (feature-loss sum, logit-loss sum, positions) over one
+    micro-batch; ``features`` [B, L, d] are the target's (right-padded like the ids). Wrapped by
+    accelerate (DDP), so it holds the head; the frozen target only lends its lm_head to the teacher."""
 
     def __init__(self, head: Head, target, cfg, t2d):
         super().__init__()
@@ -52,9 +69,8 @@ class HeadLoss(torch.nn.Module):
         self.cfg = cfg
         self.t2d = t2d
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, feats, labels):
         cfg, head = self.cfg, self.head
-        feats = target_features(self.target, input_ids, attention_mask)
         ids_h, feats_in, pos = head_inputs(input_ids, feats)
         where = labels[:, 1:] != IGNORE                     # head position t predicts x_{t+2}
         want_f = feats[:, 1:][where]
@@ -80,25 +96,16 @@ class HeadLoss(torch.nn.Module):
 
 
 @torch.no_grad()
-def validate_head(head: Head, target, rows: Rows, batch_size: int, pad_id: int, gamma: int) -> dict:
-    """Teacher-forced top-1 and the exact chain MAL (``features.chain_rounds``) on held-out rows."""
+def validate_head(head: Head, rows: Rows, features: FeatureSource, gamma: int, device) -> dict:
+    """The exact teacher-forced chain MAL (``features.chain_rounds``) and acceptance on held-out rows."""
     stats = MalStats()
-    matched = counted = 0
-    for s in range(0, len(rows), batch_size):
-        idx = list(range(s, min(s + batch_size, len(rows))))
-        batch = collate(rows, idx, pad_id)
-        feats = target_features(target, batch["input_ids"], batch["attention_mask"])
-        for r, i in enumerate(idx):
-            ids = rows.input_ids[i]
-            mask = rows.loss_mask[i]
-            spans = _spans(mask)
-            if not spans:
-                continue
-            per = chain_rounds(head, ids, feats[r, : len(ids)], spans, gamma)
-            for rounds in per:
-                stats.add_request(rounds, rows.category[i])
-                matched += sum(1 for rd in rounds if rd.accepted > 0)
-                counted += len(rounds)
+    for i in range(len(rows)):
+        spans = _spans(rows.loss_mask[i])
+        if not spans:
+            continue
+        feats = features([i])[0].to(device)
+        for rounds in chain_rounds(head, rows.input_ids[i], feats, spans, gamma):
+            stats.add_request(rounds, rows.category[i])
     summary = stats.summary(gamma)
     return {"val_mal": summary["mal"], "val_acceptance_rate": summary["acceptance_rate"],
             "val_acceptance_1": summary["acceptance_per_position"][0] if summary["acceptance_per_position"] else None,
@@ -133,6 +140,7 @@ def train_head(cfg, head: Head, target, rows_train: Rows, rows_val: Rows, pad_id
         p.requires_grad_(False)
 
     mask = head_mask(head) if cfg.hold_mask else SparsityMask({})
+    feats_train, feats_val = _feature_sources(cfg, target, rows_train, rows_val, accelerator, precision, out_dir, ctx)
     loss_mod = HeadLoss(head, target, cfg, t2d)
     wrapped = accelerator.prepare(loss_mod)
     params = [p for p in head.parameters() if p.requires_grad]
@@ -147,7 +155,7 @@ def train_head(cfg, head: Head, target, rows_train: Rows, rows_val: Rows, pad_id
         out = {}
         if main and len(rows_val):
             head.eval()
-            out = validate_head(head, target, rows_val, cfg.batch_size, pad_id, cfg.mal_gamma)
+            out = validate_head(head, rows_val, feats_val, cfg.mal_gamma, accelerator.device)
             head.train()
             ctx.log_metrics(step=step, **out)
             ctx.log.info("step %d: val_mal %.4f (gamma %d), acceptance at position 1 %.4f", step, out["val_mal"],
@@ -170,8 +178,8 @@ def train_head(cfg, head: Head, target, rows_train: Rows, rows_val: Rows, pad_id
         if epoch != order_epoch:
             order, order_epoch = epoch_batches([len(r) for r in rows_train.input_ids], global_batch, ctx.seed, epoch,
                                                cfg.bucket), epoch
-        micro = [collate(rows_train, micro_rows(order[index], m, rank, world, cfg.batch_size), pad_id)
-                 for m in range(cfg.grad_accum)]
+        micro_idx = [micro_rows(order[index], m, rank, world, cfg.batch_size) for m in range(cfg.grad_accum)]
+        micro = [collate(rows_train, idx, pad_id) for idx in micro_idx]
         local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         (n_pos,) = global_sum(accelerator, local)
         sums = torch.zeros(3, dtype=torch.float64)
@@ -179,7 +187,9 @@ def train_head(cfg, head: Head, target, rows_train: Rows, rows_val: Rows, pad_id
             sync = accelerator.no_sync(wrapped) if m < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 b = {k: v.to(accelerator.device) for k, v in batch.items()}
-                f_sum, l_sum, _ = wrapped(b["input_ids"], b["attention_mask"], b["labels"])
+                feats = pad_features([f.to(accelerator.device) for f in feats_train(micro_idx[m])],
+                                     b["input_ids"].shape[1])
+                f_sum, l_sum, _ = wrapped(b["input_ids"], feats, b["labels"])
                 loss = (cfg.feature_weight * f_sum + cfg.logit_weight * l_sum) / max(n_pos, 1) * world
                 accelerator.backward(loss)
             sums += torch.tensor([f_sum.item(), l_sum.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
@@ -223,6 +233,24 @@ def train_head(cfg, head: Head, target, rows_train: Rows, rows_val: Rows, pad_id
     return metrics
 
 
+def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator, precision: str, out_dir: Path,
+                     ctx) -> tuple[FeatureSource, FeatureSource]:
+    """(train, validation) feature sources: on the fly, or, with ``cfg.feature_cache_mb``, from the
+    cache in the run folder (built by the main process; the others wait, then read it)."""
+    if not cfg.feature_cache_mb:
+        return (FeatureSource(rows_train, target, accelerator.autocast),
+                FeatureSource(rows_val, target, accelerator.autocast))
+    from sd2.heads.feature_cache import load_or_build, weights_digest
+
+    root = Path(ctx.run_dir if ctx.run_dir is not None else out_dir) / "feature_cache"
+    every = rows_train.input_ids + rows_val.input_ids
+    cached = load_or_build(root, target, weights_digest(target), every, precision, str(accelerator.device),
+                           cfg.feature_cache_mb, accelerator.autocast, ctx, build=accelerator.is_main_process,
+                           barrier=accelerator.wait_for_everyone)
+    n = len(rows_train)
+    return (FeatureSource(rows_train, target, cached=cached[:n]), FeatureSource(rows_val, target, cached=cached[n:]))
+
+
 def run_finetune(config, inputs, out_dir: Path, ctx) -> dict:
     """The finetune stage for a head folder: load head and target, train, save the head folder."""
     import json
@@ -250,8 +278,9 @@ def run_finetune(config, inputs, out_dir: Path, ctx) -> dict:
                        f"({config.batch_size} x {config.grad_accum} x {world} processes); lower finetune.batch_size "
                        "or distill more prompts")
     t2d = target_to_draft_map(head.d2t, hc.vocab_size)
-    ctx.log.info("finetune %s head on %d conversations (%d held out): %s x SmoothL1 + %s x %s, target features online",
-                 hc.type, len(rows_train), len(rows_val), config.feature_weight, config.logit_weight, config.loss)
+    ctx.log.info("finetune %s head on %d conversations (%d held out): %s x SmoothL1 + %s x %s, target features %s",
+                 hc.type, len(rows_train), len(rows_val), config.feature_weight, config.logit_weight, config.loss,
+                 f"cached (up to {config.feature_cache_mb:g} MB)" if config.feature_cache_mb else "on the fly")
     config_json = config.model_dump(mode="json") | {"seed": ctx.seed, "world_size": world}
     metrics = train_head(config, head, target, rows_train, rows_val, tok.pad_token_id or 0, out_dir, ctx,
                          config_json, t2d)

@@ -63,6 +63,10 @@ class Config(BaseModel):
     feature_noise: float = Field(0.0, ge=0.0, description="heads: uniform noise U(-a, a) added to the input features (EAGLE: 0.1-0.2)")
     unroll: int = Field(0, ge=0, le=8, description="heads: extra passes on the head's own predicted features "
                                                   "(training-time test, as in HASS / EAGLE-3), weighted 0.8^i")
+    feature_cache_mb: float | None = Field(
+        None, gt=0, description="heads: compute the target's features of every conversation once, store them in the "
+                                "run folder (feature_cache/) and train from them, refusing if they need more than this "
+                                "many MB (disk, and memory while training); unset: computed on the fly every step")
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -172,7 +176,7 @@ def _no_head_options(config: Config) -> None:
     from sd2.core.errors import Sd2Error
 
     default = Config()
-    set_ = [k for k in ("feature_weight", "logit_weight", "feature_noise", "unroll")
+    set_ = [k for k in ("feature_weight", "logit_weight", "feature_noise", "unroll", "feature_cache_mb")
             if getattr(config, k) != getattr(default, k)]
     if set_:
         raise Sd2Error(f"finetune.{set_[0]} applies to feature-level heads only, but this branch's model is a causal "

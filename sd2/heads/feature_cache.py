@@ -1,0 +1,136 @@
+"""An optional cache of the target's features for head training (``finetune.feature_cache_mb``).
+
+By default a head trains on features computed on the fly, one target forward per conversation
+per step (features.py). With ``feature_cache_mb: N`` the finetune stage computes every
+conversation's features once (train and validation rows), stores them in the run folder, and
+trains from them; the training is bit-identical (tests/test_heads_prune_cache.py), because both
+paths take each row's features from the same unpadded forward under the same autocast.
+
+Layout: ``<run>/feature_cache/<key>/`` with ``index.json`` and ``shard-NNNNN.safetensors`` (tensor
+``"<row>"``: [L_row, d], the dtype the forward gave). ``key`` hashes what the features depend on:
+the target's identity, every row's token ids (after finetune's ``max_length`` cut), the precision,
+the device type and torch's version. Branches that train on the same data with the same target
+share it. Size: sum of row lengths x d x bytes per element (576 x 4 bytes a token for SmolLM2 in
+fp32, 2.3 KB); a cache larger than the cap is refused before anything is computed.
+
+Writing: shards go to ``<key>.partial/``, each written to a temporary name and renamed; index.json
+last; then the folder is renamed to ``<key>``. A killed build leaves only ``<key>.partial``, which
+is never read as a cache; the next build keeps its finished shards and computes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from sd2.heads.features import row_features
+
+FORMAT = 1
+SHARD_MB = 256          # rows per shard: up to this many MB (a row is never split)
+
+
+def weights_digest(model) -> str:
+    """sha256 of a model's parameters and buffers (names, dtypes, bytes): the target's identity
+    when the caller has no fingerprint for it."""
+    h = hashlib.sha256()
+    for name, t in list(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def cache_key(target_id: str, rows: list[list[int]], precision: str, device: str) -> str:
+    """The folder name: a hash of everything the cached features depend on."""
+    import numpy as np
+
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "target": target_id, "precision": precision,
+                                   "device": torch.device(device).type, "torch": torch.__version__},
+                                  sort_keys=True).encode())
+    for r in rows:
+        h.update(len(r).to_bytes(8, "little"))
+        h.update(np.asarray(r, dtype=np.int64).tobytes())
+    return h.hexdigest()[:20]
+
+
+def _shards(lengths: list[int], bytes_per_token: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges [a, b), each up to SHARD_MB (a longer row gets a shard of its own)."""
+    out, a, size = [], 0, 0
+    for i, n in enumerate(lengths):
+        if size and size + n * bytes_per_token > SHARD_MB * 2**20:
+            out.append((a, i))
+            a, size = i, 0
+        size += n * bytes_per_token
+    if a < len(lengths):
+        out.append((a, len(lengths)))
+    return out
+
+
+def load_or_build(root: Path, target, target_id: str, rows: list[list[int]], precision: str, device: str,
+                  max_mb: float, autocast, ctx, build: bool = True, barrier=lambda: None) -> list[torch.Tensor]:
+    """The features [L_i, d] of every row (CPU tensors), read from the cache under ``root`` or
+    computed and stored there first.
+
+    ``autocast``: the training's autocast context (a callable returning a context manager), so the
+    cache holds exactly what training would compute. In a multi-process run every process checks the
+    cap, the main one builds (``build``), all meet at ``barrier``, then each reads the cache.
+    Raises Sd2Error when the cache would exceed ``max_mb``."""
+    from safetensors.torch import load_file, save_file
+
+    from sd2.core.artifacts import write_json_atomic
+    from sd2.core.errors import Sd2Error
+
+    key = cache_key(target_id, rows, precision, device)
+    final, partial = Path(root) / key, Path(root) / f"{key}.partial"
+    lengths = [len(r) for r in rows]
+    with autocast():
+        probe = row_features(target, rows[:1])[0]
+    per_token = probe.shape[-1] * probe.element_size()
+    need_mb = sum(lengths) * per_token / 2**20
+    if need_mb > max_mb:
+        raise Sd2Error(f"finetune.feature_cache_mb = {max_mb:g}: the target's features of these {len(rows)} "
+                       f"conversations ({sum(lengths)} tokens x {probe.shape[-1]} x {probe.element_size()} bytes) "
+                       f"need {need_mb:.1f} MB; raise feature_cache_mb to at least {int(need_mb) + 1}, or remove it "
+                       "to compute the features on the fly")
+    plan = _shards(lengths, per_token)
+    if build and not (final / "index.json").is_file():
+        partial.mkdir(parents=True, exist_ok=True)
+        todo = [(s, ab) for s, ab in enumerate(plan) if not (partial / f"shard-{s:05d}.safetensors").is_file()]
+        ctx.log.info("feature cache %s: computing the target's features of %d conversations (%.1f MB, %d shard(s), "
+                     "%d to do)", final, len(rows), need_mb, len(plan), len(todo))
+        bar = ctx.progress(total=sum(b - a for _, (a, b) in todo), desc="feature cache", unit="row")
+        for s, (a, b) in todo:
+            with autocast():
+                feats = row_features(target, rows[a:b])
+            path = partial / f"shard-{s:05d}.safetensors"
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            save_file({str(a + i): f.detach().cpu().contiguous() for i, f in enumerate(feats)}, str(tmp))
+            os.replace(tmp, path)
+            bar.update(b - a)
+        bar.close()
+        write_json_atomic(partial / "index.json", {"format": FORMAT, "rows": len(rows), "tokens": sum(lengths),
+                                                   "hidden_size": probe.shape[-1], "dtype": str(probe.dtype),
+                                                   "mb": round(need_mb, 3), "shards": plan, "lengths": lengths})
+        if final.exists():          # an earlier, broken attempt at the same key
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    barrier()
+    index_path = final / "index.json"
+    if not index_path.is_file():
+        raise Sd2Error(f"feature cache {final} is missing its index.json (it was being built by another process "
+                       "that did not finish); run again")
+    index = json.loads(index_path.read_text())
+    if index.get("lengths") != lengths:
+        raise Sd2Error(f"feature cache {final} does not match the data (its row lengths differ); delete the folder "
+                       "and run again")
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    for s, _ in enumerate(index["shards"]):
+        for k, t in load_file(str(final / f"shard-{s:05d}.safetensors")).items():
+            out[int(k)] = t
+    ctx.log.info("feature cache %s: %d conversations, %.1f MB", final, len(rows), index["mb"])
+    return out
