@@ -26,7 +26,9 @@ Reported, per shape: speedup over the target alone (sd2's own target-only decodi
 modeled speedup for that shape (from the pilot) and the same cost model evaluated on the timed rounds (``rows_of``); then auto's shape, its modeled vs measured speedup, the best fixed shape and
 auto / best fixed.
 
-Small (a couple of minutes on an idle 2-core machine)::
+Small: 4 prompts, 32 tokens, 2 passes of the target and 11 drafter runs per prompt (not timed yet;
+the check with 1 prompt, 8 tokens, 1 pass took 45-52 s, model loading and pilot included, on the
+2-core VM at load average 7-8)::
 
     PYTHONPATH=. .venv/bin/python benchmarks/shape_sweep.py --drafter artifacts/quickstart/02_dense.finetune \\
         --prompts 4 --max-new-tokens 32 --out artifacts/shape_sweep.json
