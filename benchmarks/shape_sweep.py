@@ -23,7 +23,8 @@ what ``sd2 run`` / ``sd2 eval`` would do:
    against the target alone.
 
 Reported, per shape: speedup over the target alone (sd2's own target-only decoding), MAL, auto's
-modeled speedup for that shape (from the pilot) and the same cost model evaluated on the timed rounds (``rows_of``); then auto's shape, its modeled vs measured speedup, the best fixed shape and
+modeled speedup for that shape (from the pilot) and the same cost model evaluated on the timed
+rounds (``rows_of``); then auto's shape, its modeled vs measured speedup, the best fixed shape and
 auto / best fixed.
 
 Small: 4 prompts, 32 tokens, 2 passes of the target and 11 drafter runs per prompt (not timed yet;
