@@ -151,6 +151,7 @@ def test_cached_features_train_bit_identically(tmp_path, target, precision, fres
     for (k, x), (_, y) in zip(online.state_dict().items(), cached.state_dict().items()):
         assert torch.equal(x, y), k
     assert m_online["val_mal"] == m_cached["val_mal"] and m_online["precision"] == precision
+    assert 0 < m_cached["train_cpu_seconds"] and 0 < m_online["train_cpu_seconds"]
     folders = list((tmp_path / "b" / "feature_cache").iterdir())
     assert len(folders) == 1 and not folders[0].name.endswith(".partial")
     index = json.loads((folders[0] / "index.json").read_text())
