@@ -121,3 +121,13 @@ def test_reserved_branch_names(tiny_target):
     data["branches"]["raw"] = [{"finetune": {}}]
     with pytest.raises(RecipeError, match="branches.raw: 'raw' is reserved"):
         validate_recipe(data)
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: x\ntarget: {gguf: a\n  b: [\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    msg = str(e.value)
+    assert f'in "{bad}", line 2' in msg
+    assert "<unicode string>" not in msg

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import typing
+import io
 from pathlib import Path
 from typing import Any, Literal
 
@@ -358,7 +359,10 @@ def read_yaml(path: str | Path) -> Any:
         raise RecipeError([Issue("", f"not a text file: byte {e.start} is not UTF-8; a recipe is a YAML text "
                                      f"file (see recipes/ for examples)")], str(p)) from None
     try:
-        data = yaml.safe_load(text)
+        # yaml names a str source "<unicode string>"; a named stream makes its marks name the file
+        stream = io.StringIO(text)
+        stream.name = str(p)
+        data = yaml.safe_load(stream)
     except yaml.YAMLError as e:
         raise RecipeError([Issue("", f"not valid YAML: {e}")], str(p)) from None
     except RecursionError:
