@@ -142,3 +142,19 @@ def test_gguf_header_reader_agrees_with_gguf_package(tmp_path, tokenizer):
     (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:300])  # a truncated download
     with pytest.raises(Sd2Error, match=r"cannot read the GGUF file .*cut.gguf"):
         gguf_info(tmp_path / "cut.gguf")
+
+
+def test_gguf_source_is_named_as_the_user_gave_it_not_by_the_cache(tmp_path, tokenizer):
+    """Reports and snippets name a GGUF target by the file the user gave and the Hub repo its header
+    names, never by the converted copy in sd2's cache."""
+    from sd2.core.report import DrafterInfo, TargetInfo
+    from sd2.stages.evaluate.report import snippets
+
+    gguf_file = write_gguf(make_model(tmp_path / "m", tokenizer=tokenizer), tmp_path / "tiny.gguf",
+                           source_repo="someorg/tiny-llama")
+    src = resolve(ModelRef(gguf=str(gguf_file)))
+    assert src.label == str(gguf_file) and src.hub_id == "someorg/tiny-llama" and src.ref != src.label
+    t = TargetInfo(ref=src.ref, label=src.label, hub_id=src.hub_id)
+    assert t.shown == str(gguf_file) and TargetInfo(ref="/x").shown == "/x"   # older reports: the folder
+    hf = snippets(t.shown, DrafterInfo(path="/run/d", kind="drafter"), 3, t.hub_id)["transformers"]
+    assert "from_pretrained('someorg/tiny-llama')" in hf and src.ref not in hf

@@ -102,9 +102,9 @@ def _permute_qk(w, n_head: int, n_kv: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model_folder: str | Path, gguf_path: str | Path) -> Path:
+def write_gguf(model_folder: str | Path, gguf_path: str | Path, source_repo: str | None = None) -> Path:
     """Write a tiny Llama folder (from make_model) as an F32 GGUF file, tokenizer included,
-    the way llama.cpp's converter lays it out."""
+    the way llama.cpp's converter lays it out; ``source_repo`` sets general.source.huggingface.repository."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -115,6 +115,8 @@ def write_gguf(model_folder: str | Path, gguf_path: str | Path) -> Path:
     tok = AutoTokenizer.from_pretrained(folder)
     sd = load_file(str(folder / "model.safetensors"))
     w = gguf.GGUFWriter(str(gguf_path), "llama")
+    if source_repo:
+        w.add_string("general.source.huggingface.repository", source_repo)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)

@@ -173,6 +173,8 @@ class ModelSource:
     fingerprint: str
     trust_remote_code: bool = False
     revision: str | None = None
+    label: str = ""                 # the model as a user names it to sd2 (hub id, folder, PACKAGE:FILE.gguf)
+    hub_id: str | None = None       # its Hub id where known (a hub ref, or the repo a GGUF was converted from)
 
     @property
     def is_local(self) -> bool:
@@ -226,13 +228,13 @@ def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
         raise ValueError("derive and head refs are produced by the derive and head stages")
     if ref.hub is not None:
         fp = hashlib.sha256(f"hub|{ref.hub}|{ref.revision}".encode()).hexdigest()[:16]
-        return ModelSource(ref.hub, fp, ref.trust_remote_code, ref.revision)
+        return ModelSource(ref.hub, fp, ref.trust_remote_code, ref.revision, label=ref.hub, hub_id=ref.hub)
     if ref.path is not None:
         folder = expand(ref.path).resolve()
         if not folder.is_dir():
             raise Sd2Error(f"model folder not found: {ref.path} is {'a file' if folder.exists() else 'missing'}; "
                            f"give a save_pretrained folder, a Hub id, or a .gguf file")
-        return ModelSource(str(folder), folder_fingerprint(folder), ref.trust_remote_code)
+        return ModelSource(str(folder), folder_fingerprint(folder), ref.trust_remote_code, label=str(folder))
     try:
         gguf_path = locate_gguf(ref)
     except FileNotFoundError as e:
@@ -241,7 +243,13 @@ def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
     folder = cache_root() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
     if convert and not (folder / "config.json").is_file():
         convert_gguf(gguf_path, folder, tokenizer=ref.tokenizer)
-    return ModelSource(str(folder), f"gguf-{digest[:16]}", ref.trust_remote_code)
+    # the converted folder lives in sd2's cache; reports name the GGUF as the user gave it, and its Hub id
+    label = f"{ref.package}:{ref.gguf}" if ref.package else str(gguf_path)
+    try:
+        hub = gguf_info(gguf_path).hub_id
+    except Exception:  # an unreadable header was already refused by convert_gguf; no Hub id then
+        hub = None
+    return ModelSource(str(folder), f"gguf-{digest[:16]}", ref.trust_remote_code, label=label, hub_id=hub)
 
 
 def convert_gguf(gguf_path: Path, dest: Path, tokenizer: str | None = None) -> Path:

@@ -180,9 +180,16 @@ class DrafterInfo(_Model):
 
 class TargetInfo(_Model):
     name: str = TARGET
-    ref: str = ""
+    ref: str = ""                   # the folder it was loaded from (a GGUF's converted copy in sd2's cache)
+    label: str = ""                 # as the user named it (hub id, folder, PACKAGE:FILE.gguf); older reports: ""
+    hub_id: str | None = None
     fingerprint: str = ""
     macs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def shown(self) -> str:
+        """How reports and snippets name the target to a user: the label, else the loaded folder."""
+        return self.label or self.ref
 
 
 class Baseline(_Model):

@@ -255,7 +255,7 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
 
     report = Report(
         sd2_version=__version__,
-        target=TargetInfo(ref=inputs.target.ref, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict()),
+        target=TargetInfo(ref=inputs.target.ref, label=inputs.target.label, hub_id=inputs.target.hub_id, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict()),
         settings=Settings(gammas=gammas, widths=config.widths, gamma_auto=config.auto,
                           max_gamma=config.max_gamma if config.auto else None, temperatures=config.temperatures,
                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,

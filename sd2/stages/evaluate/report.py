@@ -22,10 +22,11 @@ _LABEL = {"sd2": "sd2", "transformers": "transformers", "vllm": "vLLM"}
 def best_snippets(report: Report) -> dict[str, str]:
     """Snippets for the report's best drafter; {} when there is none."""
     b = report.best
-    return snippets(report.target.ref, report.drafters[b.drafter], b.gamma) if b else {}
+    t = report.target
+    return snippets(t.shown, report.drafters[b.drafter], b.gamma, t.hub_id) if b else {}
 
 
-def head_snippets(target: str, d: DrafterInfo, gamma: int) -> dict[str, str]:
+def head_snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None) -> dict[str, str]:
     """A feature-level head reads the target's hidden states: it is no transformers ``assistant_model``.
     sd2's engine runs both kinds; vLLM runs an untrimmed EAGLE head after ``sd2 publish`` exports it to
     vLLM's EAGLE layout (sd2.heads.export); nothing in vLLM runs an FSPAD head."""
@@ -38,17 +39,20 @@ def head_snippets(target: str, d: DrafterInfo, gamma: int) -> dict[str, str]:
         export = f"{d.path.rstrip('/')}-vllm"
         out["vllm"] = (f"# Export to vLLM's EAGLE layout (checked against {VLLM_CHECKED}) first:\n"
                        f"#   sd2 publish {d.path} --repo-id you/head --dry-run --out {export}\n"
-                       + vllm_snippet(target, export, gamma))
+                       + vllm_snippet(hub_id or target, export, gamma))
     else:
         out["vllm"] = (f"# Nothing in vLLM ({VLLM_CHECKED}) runs this head: vLLM's EAGLE-1 loader takes untrimmed "
                        f"EAGLE heads only. Use sd2:\n# {sd2_cmd}\n")
     return out
 
 
-def snippets(target: str, d: DrafterInfo, gamma: int) -> dict[str, str]:
-    """How to use a drafter outside sd2: transformers and vLLM (a head: ``head_snippets``)."""
+def snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None) -> dict[str, str]:
+    """How to use a drafter outside sd2: transformers and vLLM (a head: ``head_snippets``).
+    ``target`` is the target as sd2's command line names it; transformers and vLLM load ``hub_id``
+    when known (a GGUF target's source repo), else ``target``."""
     if d.kind == "head":
-        return head_snippets(target, d, gamma)
+        return head_snippets(target, d, gamma, hub_id)
+    target = hub_id or target
     path, note = d.path, ""
     if d.vocab:   # a K-row lm_head: transformers' assistant_model and vLLM need full-vocabulary logits
         path = f"{d.path.rstrip('/')}-fullvocab"
@@ -101,7 +105,7 @@ def sparse_vs_layer(report: Report) -> list[tuple]:
 def markdown(report: Report, plots: list[str]) -> str:
     s, t = report.settings, report.target
     lines = ["# sd2 evaluation", "",
-             f"Target `{t.ref}`: {_macs(t.macs['effective'])} MACs/token. {s.n_prompts} prompts, "
+             f"Target `{t.shown}`{f' (Hub: {t.hub_id})' if t.hub_id and t.hub_id != t.shown else ''}: {_macs(t.macs['effective'])} MACs/token. {s.n_prompts} prompts, "
              f"{s.max_new_tokens} new tokens, batch size 1, {s.repeats} timed pass(es) after {s.warmup} warm-up, "
              f"{s.device} {s.dtype}.", ""]
     for temp, b in report.baseline.items():
