@@ -472,3 +472,34 @@ def test_published_folder_holds_no_local_paths(run_dir, tmp_path, tokenizer, mon
         assert "the GGUF file Tiny.Q4.gguf of the Python package fakepkg" in card
         assert "base_model" not in front_matter(card)
     assert "q.jsonl" in card and "prune.yaml" in card  # the file names stay, their folders go
+
+
+@pytest.mark.parametrize("kind", ["fspad", "eagle"])
+def test_a_head_publishes_in_the_format_that_runs_it(tmp_path, tokenizer, kind):
+    """An FSPAD head (nothing in vLLM loads it) publishes as sd2's own head folder with the sd2 command
+    on its card; an untrimmed EAGLE head in vLLM's EAGLE layout. Neither names the folder of the target
+    it was trained against: the config names the target as a card reader can find it."""
+    from safetensors.torch import load_file
+
+    from sd2.core.models import load_model
+    from sd2.heads import io
+    from sd2.publish import publish
+
+    target_dir = make_model(tmp_path / "target", "llama", n_layers=2, seed=2, tokenizer=tokenizer)
+    head = io.build(kind, load_model(target_dir), target_ref=str(target_dir), target_fingerprint="fp")
+    folder = tmp_path / "run" / "03_fspad.finetune"
+    io.save(head, folder, tokenizer)
+    out = tmp_path / "pub"
+    publish(folder, REPO, dry_run=True, out=out, say=lambda line: None)
+    cfg = json.loads((out / "config.json").read_text())
+    card = (out / "README.md").read_text()
+    for f in out.iterdir():
+        assert str(target_dir) not in f.read_text(errors="replace"), f.name
+        assert str(tmp_path) not in f.read_text(errors="replace"), f.name
+    if kind == "fspad":
+        assert cfg["sd2_head"]["type"] == "fspad" and "architectures" not in cfg
+        assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(folder / "model.safetensors")))
+        assert "nothing in vLLM runs it" in card and f"--drafter fspad={REPO.split('/')[-1]}" in card
+    else:
+        assert cfg["architectures"] == ["LlamaForCausalLM"] and "fc.weight" in load_file(str(out / "model.safetensors"))
+        assert '"method": "eagle"' in card

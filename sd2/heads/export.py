@@ -44,18 +44,24 @@ def vllm_eagle_tensors(head_cfg, layers: int | None = None) -> dict[str, tuple[i
     return out
 
 
-def check_exportable(head_cfg, folder) -> None:
-    cmd = f"sd2 eval --target {head_cfg.target or '<target>'} --drafter {head_cfg.type}={folder}"
+def vllm_unsupported(head_cfg) -> str | None:
+    """Why vLLM's EAGLE-1 loader cannot run this head, or None when it can."""
     if head_cfg.type != "eagle":
-        raise Sd2Error(f"{folder} is an {head_cfg.type.upper()} head: nothing in vLLM runs it ({VLLM_CHECKED} loads "
-                       f"EAGLE-1 heads only). Generate with it through sd2's engine: `{cmd}`")
+        return f"an {head_cfg.type.upper()} head: nothing in vLLM runs it ({VLLM_CHECKED} loads EAGLE-1 heads only)"
     if head_cfg.draft_vocab_size is not None:
-        raise Sd2Error(f"{folder} has a trimmed output layer ({head_cfg.draft_vocab_size} rows + d2t); vLLM's EAGLE-1 "
-                       f"loader shares the target's full lm_head and has no d2t. Export the head before trim_vocab, "
-                       f"or generate with sd2: `{cmd}`")
+        return (f"a trimmed output layer ({head_cfg.draft_vocab_size} rows + d2t): vLLM's EAGLE-1 loader shares the "
+                "target's full lm_head and has no d2t; export the head before trim_vocab")
     if head_cfg.fc_bias:
-        raise Sd2Error(f"{folder}: the head's fc has a bias, which vLLM's EAGLE-1 fc (bias=False) would silently drop; "
-                       "build the eagle head without one (the default)")
+        return ("an fc with a bias, which vLLM's EAGLE-1 fc (bias=False) would silently drop; build the eagle head "
+                "without one (the default)")
+    return None
+
+
+def check_exportable(head_cfg, folder) -> None:
+    why = vllm_unsupported(head_cfg)
+    if why is not None:
+        cmd = f"sd2 eval --target {head_cfg.target or '<target>'} --drafter {head_cfg.type}={folder}"
+        raise Sd2Error(f"{folder} has {why}. Generate with it through sd2's engine: `{cmd}`")
 
 
 def write_vllm_eagle(src: Path, dest: Path) -> dict:

@@ -72,7 +72,7 @@ def publish(source: Path, repo_id: str, drafter: str | None = None, private: boo
         scratch = Path(tempfile.mkdtemp(prefix="sd2-publish-"))
         dest = scratch / repo_id.split("/")[-1]
     try:
-        exp = export.build(sel, dest, render)
+        exp = export.build(sel, dest, render, prov.target)
         say(f"folder: {dest} ({', '.join(exp.files)})")
         if exp.untrimmed:
             say(f"trimmed vocabulary ({exp.untrimmed['draft_vocab_size']} of {exp.untrimmed['full_vocab_size']} tokens) "

@@ -37,9 +37,10 @@ class Exported:
     notes: list[str] = field(default_factory=list)
 
 
-def build(sel: Selection, dest: Path, card_fn) -> Exported:
+def build(sel: Selection, dest: Path, card_fn, target_name: str = "") -> Exported:
     """Write the folder for ``sel`` at ``dest`` (which must not exist, or be empty).
-    ``card_fn(exported) -> str`` renders README.md once the weights are in place."""
+    ``card_fn(exported) -> str`` renders README.md once the weights are in place. ``target_name`` is
+    the target as a reader of the card can find it (a head's config names its target; never a local path)."""
     dest = expand(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise Sd2Error(f"--out {dest} exists and is not empty; give a new folder or delete it first")
@@ -48,7 +49,7 @@ def build(sel: Selection, dest: Path, card_fn) -> Exported:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        exp = _fill(sel, tmp)
+        exp = _fill(sel, tmp, target_name)
         (tmp / "README.md").write_text(card_fn(exp))
         exp.files = sorted(p.name for p in tmp.iterdir())
         if dest.exists():
@@ -61,7 +62,7 @@ def build(sel: Selection, dest: Path, card_fn) -> Exported:
         raise
 
 
-def _fill(sel: Selection, tmp: Path) -> Exported:
+def _fill(sel: Selection, tmp: Path, target_name: str = "") -> Exported:
     from sd2 import vocab
 
     src = sel.model_dir
@@ -69,7 +70,7 @@ def _fill(sel: Selection, tmp: Path) -> Exported:
     from sd2.heads.io import is_head
 
     if is_head(src):
-        return _fill_head(src, tmp)
+        return _fill_head(src, tmp, target_name)
     if (src / vocab.MAP_FILE).is_file():
         from sd2.core.models import load_model, load_tokenizer, save_model
         from sd2.publish.untrim import untrim
@@ -101,20 +102,35 @@ def _fill(sel: Selection, tmp: Path) -> Exported:
     return Exported(tmp, [], sparsity, untrimmed, notes)
 
 
-def _fill_head(src: Path, tmp: Path) -> Exported:
-    """An EAGLE head in vLLM's EAGLE layout (sd2/heads/export.py); FSPAD and trimmed heads are refused
-    with the sd2 command that generates with them."""
-    from sd2.heads.export import write_vllm_eagle
+def _fill_head(src: Path, tmp: Path, target_name: str) -> Exported:
+    """A head. An untrimmed EAGLE head goes out in vLLM's EAGLE layout (sd2/heads/export.py); any other
+    head (FSPAD, trimmed, fc with a bias), which nothing in vLLM loads, goes out as sd2's own head
+    folder (docs/heads.md), which ``sd2 eval`` runs. Either way the config names the target by
+    ``target_name``, not by the folder it was trained against."""
+    from safetensors.torch import load_file
 
-    write_vllm_eagle(src, tmp)
+    from sd2.heads import io
+    from sd2.heads.export import vllm_unsupported, write_vllm_eagle
+
+    hc = io.read_config(src)
+    why_not = vllm_unsupported(hc)
+    if why_not is None:
+        write_vllm_eagle(src, tmp)
+        note = "an EAGLE head in vLLM's EAGLE layout: load it in vLLM with method 'eagle' over its target"
+    else:
+        shutil.copy2(src / io.WEIGHTS, tmp / io.WEIGHTS)
+        shutil.copy2(src / "config.json", tmp / "config.json")
+        note = (f"an sd2 {hc.type.upper()} head folder (vLLM cannot run it: it has {why_not}); it runs in sd2's engine: "
+                f"sd2 eval --target TARGET --drafter {hc.type}=THIS_FOLDER")
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg[io.CONFIG_KEY]["target"] = target_name or "the target model"
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     for p in sorted(src.iterdir()):
         if p.is_file() and p.name.startswith(("tokenizer", "special_tokens", "chat_template")) or p.name == SPARSITY:
             shutil.copy2(p, tmp / p.name)
-    from safetensors.torch import load_file
-
-    w = [t for t in load_file(str(tmp / "model.safetensors")).values() if t.dim() == 2]
+    w = [t for k, t in load_file(str(tmp / io.WEIGHTS)).items() if t.dim() == 2 and not k.endswith("lm_head.weight")]
     sparsity = round(sum(int((t == 0).sum()) for t in w) / max(1, sum(t.numel() for t in w)), 6)
-    return Exported(tmp, [], sparsity, None, ["an EAGLE head: load it in vLLM with method 'eagle' over its target"])
+    return Exported(tmp, [], sparsity, None, [note])
 
 
 def measure_sparsity(folder: Path) -> tuple[float, dict[str, float]]:
