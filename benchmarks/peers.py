@@ -19,7 +19,7 @@ timed end to end per request, the wall of a decoder = the sum over prompts, medi
   chooses it (``sd2.stages.evaluate.measure.auto_shapes``: pilot rounds on the first prompts of the
   set, widths 1 and ``width``), with its modeled speedup beside the measurement.
 Prompt sets: MT-bench first turns held apart from the quickstart's training prompts (shuffle seed 0,
-skip 32), and a summarization-like set: long ShareGPT answers (1200-2500 characters) to summarise,
+skip --mt-skip, 32 by default), and a summarization-like set: long ShareGPT answers (1200-2500 characters) to summarise,
 where the answer repeats the passage and prompt lookup shines. Every output is checked token for
 token against ``hf_generate``.
 
@@ -57,16 +57,17 @@ def load_pair(drafter_folder: str | None):
     return target, tok, drafter, "target layers 0-5, 28, 29 (keep_layers 8), untrained"
 
 
-def load_sets(tok, n_mt: int, n_sum: int) -> dict[str, list[tuple[str, list[int]]]]:
+def load_sets(tok, n_mt: int, n_sum: int, mt_skip: int = 32) -> dict[str, list[tuple[str, list[int]]]]:
     """{set name: [(prompt id, prompt ids through the chat template)]}: ``mtbench``, n_mt MT-bench first
-    turns held apart from the quickstart's training prompts; ``summarize``, n_sum long ShareGPT answers
+    turns held apart from the drafter's training prompts (shuffle seed 0, skip ``mt_skip``: 32 for the
+    quickstart's drafters, 60 for smollm2-heads' and smollm2-pareto's); ``summarize``, n_sum long ShareGPT answers
     to summarise. A set asked for 0 prompts is left out."""
     from sd2.data.prompts import PromptsConfig, load_prompts
     from sd2.stages.evaluate.measure import chat_ids
 
     sets = {}
     if n_mt:
-        mt = load_prompts(PromptsConfig(source="mtbench", shuffle=True, seed=0, skip=32, limit=n_mt, max_turns=1))
+        mt = load_prompts(PromptsConfig(source="mtbench", shuffle=True, seed=0, skip=mt_skip, limit=n_mt, max_turns=1))
         sets["mtbench"] = [(c.id, chat_ids(tok, [{"role": "user", "content": c.turns[0]}])) for c in mt]
     if not n_sum:
         return sets
@@ -90,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--drafter", default=None, help="a trained full-vocabulary drafter folder")
     ap.add_argument("--mt-prompts", type=int, default=6)
+    ap.add_argument("--mt-skip", type=int, default=32, help="MT-bench prompts skipped (those the drafter trained on)")
     ap.add_argument("--sum-prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gamma", type=int, default=2, help="drafter chain depth (sd2_chain, sd2_tree, hf_assisted)")
@@ -122,7 +124,7 @@ def main() -> None:
     drafter.generation_config.num_assistant_tokens = args.gamma
     drafter.generation_config.num_assistant_tokens_schedule = "constant"
     eos = set(model_eos_ids(target, tok))
-    sets = load_sets(tok, args.mt_prompts, args.sum_prompts)
+    sets = load_sets(tok, args.mt_prompts, args.sum_prompts, args.mt_skip)
     V = target.config.vocab_size
     T, D = CachedLM(target), CachedLM(drafter)
     n = args.max_new_tokens
@@ -235,7 +237,7 @@ def main() -> None:
         "target": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", "drafter": drafter_desc,
         "settings": {"max_new_tokens": n, "gamma": args.gamma, "width": args.width, "lookup_depth": args.lookup,
                      "hf_prompt_lookup_num_tokens": args.lookup, "repeats": args.repeats, "max_gamma": args.max_gamma,
-                     "torch_threads": torch.get_num_threads(), "dtype": "float32"},
+                     "torch_threads": torch.get_num_threads(), "dtype": "float32", "mt_skip": args.mt_skip},
         "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "seconds": round(time.time() - t_start, 1),
         "machine": machine(), "versions": package_versions(), "sets": result_sets,
     }

@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--drafter", default=None, help="a trained full-vocabulary drafter folder")
     ap.add_argument("--set", choices=["mtbench", "summarize"], default="mtbench")
     ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--mt-skip", type=int, default=32, help="MT-bench prompts skipped (those the drafter trained on)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-gamma", type=int, default=5, help="the grid's gammas 1..N, also auto's range")
     ap.add_argument("--widths", type=int, nargs="+", default=[1, 2], help="the grid's widths, also auto's")
@@ -133,7 +134,7 @@ def main() -> None:
     target, tok, drafter, drafter_desc = load_pair(args.drafter)
     eos = set(model_eos_ids(target, tok))
     n_mt, n_sum = (args.prompts, 0) if args.set == "mtbench" else (0, args.prompts)
-    requests = as_requests(args.set, load_sets(tok, n_mt, n_sum)[args.set])
+    requests = as_requests(args.set, load_sets(tok, n_mt, n_sum, args.mt_skip)[args.set])
     T, D = CachedLM(target), CachedLM(drafter)
     vocab = DraftVocab(target.config.vocab_size)
     fixed = M.Drafter("fixed", DrafterProposer("fixed", D, vocab, eos), D, vocab)
@@ -166,7 +167,7 @@ def main() -> None:
         "settings": {"set": args.set, "prompts": len(requests), "prompt_ids": [r.id for r in requests],
                      "max_new_tokens": args.max_new_tokens, "gammas": list(range(1, args.max_gamma + 1)),
                      "widths": args.widths, "pilot_prompts": args.pilot_prompts, "repeats": args.repeats,
-                     "warmup": args.warmup, "torch_threads": torch.get_num_threads(), "dtype": "float32"},
+                     "warmup": args.warmup, "torch_threads": torch.get_num_threads(), "dtype": "float32", "mt_skip": args.mt_skip},
         "target_alone": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in baseline[0.0].items()},
         "c_measured": round(c, 4) if c is not None else None,
         "auto": {"gamma": shape.gamma, "width": shape.width, "modeled_speedup": round(shape.predicted_speedup, 4),
