@@ -158,3 +158,19 @@ def test_gguf_source_is_named_as_the_user_gave_it_not_by_the_cache(tmp_path, tok
     assert t.shown == str(gguf_file) and TargetInfo(ref="/x").shown == "/x"   # older reports: the folder
     hf = snippets(t.shown, DrafterInfo(path="/run/d", kind="drafter"), 3, t.hub_id)["transformers"]
     assert "from_pretrained('someorg/tiny-llama')" in hf and src.ref not in hf
+
+
+def test_report_snippets_load_what_transformers_can_read():
+    """A GGUF target without a Hub id: report.md names it PACKAGE:FILE.gguf (sd2's spelling), but
+    the transformers/vLLM snippets load the converted folder, which they can read."""
+    from pathlib import Path
+
+    from sd2.core.report import Report
+    from sd2.stages.evaluate.report import best_snippets
+
+    rep = Report.read(Path(__file__).parent.parent / "benchmarks" / "results" / "smollm2-sd2" / "report.json")
+    rep.target.label, rep.target.hub_id, rep.target.ref = "pkg:T.gguf", None, "/cache/T-123"
+    snip = best_snippets(rep)
+    assert "from_pretrained('/cache/T-123')" in snip["transformers"] and "pkg:T.gguf" not in snip["transformers"]
+    rep.target.hub_id = "org/T"
+    assert "from_pretrained('org/T')" in best_snippets(rep)["transformers"]

@@ -158,9 +158,9 @@ def _usage(repo_id: str, target_hub: str | None, target: str, sel: Selection, ex
 
         kind = head["type"]
         return (f"## Usage\n\nAn sd2 {kind.upper()} head: it reads the target's last hidden state, so it runs only "
-                f"beside its target. It has {vllm_unsupported(HeadConfig.from_dict(head))}, and transformers' "
-                f"assisted generation cannot run a feature-level head. sd2's engine runs it (greedy is lossless; "
-                f"checked against {VLLM_CHECKED} for vLLM):\n\n"
+                f"beside its target. vLLM cannot run it (checked against {VLLM_CHECKED}): it has "
+                f"{vllm_unsupported(HeadConfig.from_dict(head))}. transformers' assisted generation cannot run a "
+                f"feature-level head either. sd2's engine runs it (greedy is lossless):\n\n"
                 f"```bash\n# in a clone of sd2, after `bash scripts/setup.sh`\n"
                 f"huggingface-cli download {repo_id} --local-dir {repo_id.split('/')[-1]}\n"
                 f"sd2 eval --target {target_hub or 'TARGET'} --drafter {kind}={repo_id.split('/')[-1]} --gamma {gamma}\n```\n")

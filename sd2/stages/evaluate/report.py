@@ -23,7 +23,9 @@ def best_snippets(report: Report) -> dict[str, str]:
     """Snippets for the report's best drafter; {} when there is none."""
     b = report.best
     t = report.target
-    return snippets(t.shown, report.drafters[b.drafter], b.gamma, t.hub_id) if b else {}
+    # transformers and vLLM load the Hub id when known, else the folder the target was loaded from
+    # (a GGUF's converted copy): "PACKAGE:FILE.gguf" is sd2's spelling, which they cannot read
+    return snippets(t.shown, report.drafters[b.drafter], b.gamma, t.hub_id or t.ref or None) if b else {}
 
 
 def head_snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None) -> dict[str, str]:
@@ -49,7 +51,7 @@ def head_snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = 
 def snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None) -> dict[str, str]:
     """How to use a drafter outside sd2: transformers and vLLM (a head: ``head_snippets``).
     ``target`` is the target as sd2's command line names it; transformers and vLLM load ``hub_id``
-    when known (a GGUF target's source repo), else ``target``."""
+    (a Hub id or a local folder they can read) when given, else ``target``."""
     if d.kind == "head":
         return head_snippets(target, d, gamma, hub_id)
     target = hub_id or target
