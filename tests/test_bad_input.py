@@ -186,3 +186,13 @@ def test_cli_commands_given_files_of_the_wrong_kind(tmp_path):
     assert res.exit_code == 1 and "model folder not found: " in res.output and "is a file" in res.output
     res = cli("eval", "--target", binary, "--drafter", binary, "--prompts", tmp_path / "none.jsonl", "--out", tmp_path / "ev")
     assert res.exit_code == 1 and "error: --prompts: prompt source" in res.output and "none.jsonl' does not exist" in res.output
+
+
+def test_sd2_eval_names_every_bad_model_before_loading_any(tmp_path, tiny_target):
+    """A missing target and a drafter folder without config.json: both named at once, no model loaded."""
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    res = cli("eval", "--target", tmp_path / "nope-target", "--drafter", f"mine={empty}", "--out", tmp_path / "ev")
+    assert res.exit_code == 1
+    assert f"--target {tmp_path / 'nope-target'}: model folder not found" in res.output
+    assert f"--drafter {empty}: the folder has no config.json" in res.output

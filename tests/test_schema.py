@@ -131,3 +131,22 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
     msg = str(e.value)
     assert f'in "{bad}", line 2' in msg
     assert "<unicode string>" not in msg
+
+
+def test_a_value_a_validator_already_names_is_not_repeated(tiny_target):
+    data = base(tiny_target)
+    data["branches"] = {"sparse": [{"prune": {"method": "sparsegpt", "sparsity": 1.5}}]}
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(data, "r.yaml")
+    msg = str(e.value)
+    assert "got 1.5" in msg and "(got 1.5)" not in msg
+
+
+@pytest.mark.parametrize("prompts, where", [({"source": "mtbnech"}, "distill.prompts.source"),
+                                            ([{"source": "mtbench"}, {"source": "mtbnech"}], "distill.prompts[1].source")])
+def test_prompt_source_errors_name_the_source_field(tiny_target, prompts, where):
+    data = base(tiny_target)
+    data["distill"]["prompts"] = prompts
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(data, "r.yaml")
+    assert f"{where}:" in str(e.value) and "union-" not in str(e.value) and ".one" not in str(e.value)

@@ -85,11 +85,11 @@ class PromptsConfig(BaseModel):
 
 
 # A config field holding one source or a mix (a list). The discriminator picks the branch by shape,
-# so a bad entry reports one error (e.g. `distill.prompts.mix.1: ... does not exist`), not one per
-# union branch.
+# so a bad entry reports one error (e.g. `distill.prompts[1].source: ...`), not one per union branch;
+# error paths drop the "union-" tags (sd2.pipeline.schema.pydantic_issues).
 Prompts = Annotated[
-    Union[Annotated[PromptsConfig, Tag("one")], Annotated[list[PromptsConfig], Tag("mix")]],
-    Discriminator(lambda v: "mix" if isinstance(v, list) else "one"),
+    Union[Annotated[PromptsConfig, Tag("union-one")], Annotated[list[PromptsConfig], Tag("union-mix")]],
+    Discriminator(lambda v: "union-mix" if isinstance(v, list) else "union-one"),
 ]
 
 

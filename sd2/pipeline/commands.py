@@ -88,8 +88,26 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
                                  for err in e.errors())) from None
     device = pick_device(device)
     out = art.writable_dir(Path(out), "--out")  # before any model loads
-    srcs = {name: resolve(model_ref(ref)) for name, ref in names.items() if name not in lookup}
-    inputs = StageInputs(target=resolve(model_ref(target)), drafters=srcs)
+    problems: list[str] = []
+
+    def source(flag: str, ref: str):
+        """The resolved model, or None with the problem noted: every bad --target/--drafter is
+        reported at once, before any model loads."""
+        try:
+            src = resolve(model_ref(ref))
+        except Sd2Error as e:
+            problems.append(f"{flag} {ref}: {e}")
+            return None
+        if src.is_local and not (Path(src.ref) / "config.json").is_file():
+            problems.append(f"{flag} {ref}: the folder has no config.json; give a model folder (save_pretrained, or "
+                            "a stage's output folder), a Hub id or a .gguf file")
+        return src
+
+    tgt = source("--target", target)
+    srcs = {name: source("--drafter", ref) for name, ref in names.items() if name not in lookup}
+    if problems:
+        raise Sd2Error("; ".join(problems))
+    inputs = StageInputs(target=tgt, drafters=srcs)
     ctx = standalone_context(out, seed=seed, stage_id="eval")
     ctx.device = device
     metrics = run(cfg, inputs, out, ctx)

@@ -134,7 +134,7 @@ def _unwrap(tp: Any) -> Any:
 def pydantic_issues(err: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> list[Issue]:
     issues = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-", "union-"))))
         path = _loc_to_path(prefix, loc)
         if e["type"] == "extra_forbidden":
             hint = did_you_mean(loc[-1], _fields_at(model_cls, loc[:-1]))
@@ -142,8 +142,8 @@ def pydantic_issues(err: ValidationError, model_cls: type[BaseModel], prefix: st
             msg = f"unknown key{hint}; allowed: {', '.join(allowed)}" if allowed else f"unknown key{hint}"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            if e["type"] not in ("missing",) and "input" in e and not isinstance(e["input"], dict):
-                msg += f" (got {short(e['input'])})"
+            if e["type"] not in ("missing",) and "input" in e and not isinstance(e["input"], dict) and "got " not in msg:
+                msg += f" (got {short(e['input'])})"   # validators that already name the value are not repeated
         issues.append(Issue(path, msg))
     return issues
 
