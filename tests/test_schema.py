@@ -142,9 +142,9 @@ def test_a_value_a_validator_already_names_is_not_repeated(tiny_target):
     assert "got 1.5" in msg and "(got 1.5)" not in msg
 
 
-@pytest.mark.parametrize("prompts, where", [({"source": "mtbnech"}, "distill.prompts.source"),
-                                            ([{"source": "mtbench"}, {"source": "mtbnech"}], "distill.prompts[1].source")])
-def test_prompt_source_errors_name_the_source_field(tiny_target, prompts, where):
+@pytest.mark.parametrize("prompts, where", [({"source": "mtbnech"}, "distill.prompts"),
+                                            ([{"source": "mtbench"}, {"source": "mtbnech"}], "distill.prompts[1]")])
+def test_prompt_source_errors_name_the_entry_without_union_tags(tiny_target, prompts, where):
     data = base(tiny_target)
     data["distill"]["prompts"] = prompts
     with pytest.raises(RecipeError) as e:

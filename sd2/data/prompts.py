@@ -85,7 +85,7 @@ class PromptsConfig(BaseModel):
 
 
 # A config field holding one source or a mix (a list). The discriminator picks the branch by shape,
-# so a bad entry reports one error (e.g. `distill.prompts[1].source: ...`), not one per union branch;
+# so a bad entry reports one error (e.g. `distill.prompts[1]: unknown prompt source ...`), not one per union branch;
 # error paths drop the "union-" tags (sd2.pipeline.schema.pydantic_issues).
 Prompts = Annotated[
     Union[Annotated[PromptsConfig, Tag("union-one")], Annotated[list[PromptsConfig], Tag("union-mix")]],
