@@ -204,3 +204,36 @@ def chi2_pvalue(counts, dist: dict, n: int) -> float:
         dof += 1
     z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
     return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def learnable_target(folder):
+    """A tiny Llama target (2 layers, hidden 64) that a small feature-level head can learn within a test."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = make_model(folder, n_layers=2, hidden=64)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    # A tiny target a small head can learn within a test: embeddings on the scale of the normed
+    # features and damped attention/MLP writes (its next token still depends on the context).
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(5.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.3)
+            layer.mlp.down_proj.weight.mul_(0.3)
+    return model.eval()
+
+
+def greedy_rows(target, n_rows: int, seed: int, prompt_len: int = 6, answer: int = 30):
+    """The tiny target's own greedy answers to random prompts, as finetune Rows."""
+    import torch
+
+    from sd2.stages.finetune.batches import Rows
+
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(3, 300, (n_rows, prompt_len), generator=g)
+    with torch.no_grad():
+        for _ in range(answer):
+            seq = torch.cat([seq, target(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    ids = seq.tolist()
+    mask = [[0] * prompt_len + [1] * answer for _ in ids]
+    return Rows(ids, mask, None, None, ["none"] * n_rows)
