@@ -17,7 +17,10 @@ timed end to end per request, the wall of a decoder = the sum over prompts, medi
 - sd2_lookup: prompt lookup decoding (depth K, the same as transformers');
 - sd2_auto_drafter / sd2_auto_lookup: ``gamma: auto``'s shape, chosen the way the evaluate stage
   chooses it (``sd2.stages.evaluate.measure.auto_shapes``: pilot rounds on the first prompts of the
-  set, widths 1 and ``width``), with its modeled speedup beside the measurement.
+  set, widths 1 and ``width``), with its modeled speedup beside the measurement;
+- sd2_head:NAME (one per ``--head NAME=FOLDER``): a feature-level head (sd2/heads) on the same target
+  at its ``gamma: auto`` shape. transformers has no peer for it; it is here so that sd2's best
+  drafter and transformers' best decoder meet on the same prompts in one run.
 Prompt sets: MT-bench first turns held apart from the quickstart's training prompts (shuffle seed 0,
 skip --mt-skip, 32 by default), and a summarization-like set: long ShareGPT answers (1200-2500 characters) to summarise,
 where the answer repeats the passage and prompt lookup shines. Every output is checked token for
@@ -90,6 +93,8 @@ def as_requests(name: str, prompts: list[tuple[str, list[int]]]):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--drafter", default=None, help="a trained full-vocabulary drafter folder")
+    ap.add_argument("--head", action="append", default=[], metavar="NAME=FOLDER",
+                    help="a feature-level head folder for the target (repeatable), run at its gamma: auto shape")
     ap.add_argument("--mt-prompts", type=int, default=6)
     ap.add_argument("--mt-skip", type=int, default=32, help="MT-bench prompts skipped (those the drafter trained on)")
     ap.add_argument("--sum-prompts", type=int, default=4)
@@ -119,7 +124,21 @@ def main() -> None:
     from sd2.mal import MalStats
     from sd2.stages.evaluate import measure as M
 
+    from sd2.heads import io as head_io
+    from sd2.heads.proposer import HeadProposer
+
+    head_folders = {}
+    for spec in args.head:                     # checked before any model loads
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            ap.error(f"--head {spec!r}: expected NAME=FOLDER, e.g. --head fspad=artifacts/smollm2-heads/03_fspad.finetune")
+        if not head_io.is_head(folder):
+            ap.error(f"--head {spec!r}: {folder} is not an sd2 head folder (its config.json has no "
+                     f"{head_io.CONFIG_KEY!r}); give a head stage's output folder")
+        head_folders[name] = folder
+
     target, tok, drafter, drafter_desc = load_pair(args.drafter)
+    heads = {name: head_io.load(folder, target).eval() for name, folder in head_folders.items()}
     drafter.generation_config.assistant_confidence_threshold = 0.0   # HF: always draft gamma tokens
     drafter.generation_config.num_assistant_tokens = args.gamma
     drafter.generation_config.num_assistant_tokens_schedule = "constant"
@@ -155,12 +174,15 @@ def main() -> None:
     for fn in (lambda: hf(w), lambda: hf(w, assistant_model=drafter), lambda: hf(w, prompt_lookup_num_tokens=args.lookup),
                lambda: ours_target(w), lambda: ours(chain, args.gamma)(w), lambda: ours(tree, args.gamma)(w)):
         fn()
+    for head in heads.values():
+        ours(HeadProposer(head, eos, "warm-up"), 1)(w)
 
     # gamma: auto per set, as the evaluate stage chooses it (pilot on the set's first prompts)
     auto = {}
     for name, prompts in sets.items():
         pilots = [M.Drafter("drafter", DrafterProposer("pilot", D, DraftVocab(V), eos), D),
                   M.Drafter("lookup", PromptLookupProposer("pilot", eos))]
+        pilots += [M.Drafter(f"head:{h}", HeadProposer(head, eos, "pilot")) for h, head in heads.items()]
         auto[name] = M.auto_shapes(T, pilots, as_requests(name, prompts), args.max_gamma, [1, args.width], n, eos,
                                    args.pilot_prompts)
 
@@ -180,12 +202,19 @@ def main() -> None:
             "sd2_auto_drafter": ours(auto_tree, a_d.gamma),
             "sd2_auto_lookup": ours(auto_lookup, a_l.gamma),
         }
+        head_props = {}
+        for h, head in heads.items():
+            sh = auto[name][f"head:{h}"]
+            head_props[h] = HeadProposer(head, eos, h, width=sh.width)
+            decoders[f"sd2_head:{h}"] = ours(head_props[h], sh.gamma)
         walls = {k: [] for k in decoders}
         stats = {k: MalStats() for k in decoders}
         equal = {k: True for k in decoders}
         for r in (T, D):
             r.step_times.clear()
             r.verify_times.clear()
+        for hp in head_props.values():
+            hp.step_times.clear()
         for rep in range(args.repeats):
             pass_wall = {k: 0.0 for k in decoders}
             for pid, ids in prompts:
@@ -223,6 +252,15 @@ def main() -> None:
             modeled = rows[k]["mal"] / (g * c + vn)
             rows[k].update(gamma=g, width=wdt, v=round(vn, 3), modeled_speedup=round(modeled, 3),
                            measured_over_modeled=round(rows[k]["speedup_vs_hf_generate"] / modeled, 3))
+        for h, hp in head_props.items():      # a head's c from its own timed steps in these passes
+            sh, row = auto[name][f"head:{h}"], rows[f"sd2_head:{h}"]
+            vn = vm.get(1 + sh.gamma * sh.width)
+            ch = M.c_measured(hp, T)
+            if ch is not None and vn is not None:
+                modeled = row["mal"] / (sh.gamma * ch + vn)
+                row.update(c=round(ch, 4), v=round(vn, 3), modeled_speedup=round(modeled, 3),
+                           measured_over_modeled=round(row["speedup_vs_hf_generate"] / modeled, 3))
+            row.update(gamma=sh.gamma, width=sh.width, predicted_by_auto=round(sh.predicted_speedup, 3))
         rows["sd2_auto_drafter"]["predicted_by_auto"] = round(a_d.predicted_speedup, 3)
         rows["sd2_auto_lookup"].update(gamma=a_l.gamma, width=a_l.width, predicted_by_auto=round(a_l.predicted_speedup, 3))
         result_sets[name] = {"c_measured": round(c, 4), "v_measured": {k: round(x, 3) for k, x in vm.items()},
@@ -235,6 +273,7 @@ def main() -> None:
         "what": "sd2 engine vs transformers (generate, assisted generation, prompt lookup), same prompts, greedy, "
                 "batch 1, interleaved per prompt, median over passes",
         "target": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", "drafter": drafter_desc,
+        "heads": head_folders,
         "settings": {"max_new_tokens": n, "gamma": args.gamma, "width": args.width, "lookup_depth": args.lookup,
                      "hf_prompt_lookup_num_tokens": args.lookup, "repeats": args.repeats, "max_gamma": args.max_gamma,
                      "torch_threads": torch.get_num_threads(), "dtype": "float32", "mt_skip": args.mt_skip},
