@@ -133,6 +133,51 @@ def test_out_under_a_file_fails_before_any_model_loads(tmp_path, tiny_target, mo
     assert res.exit_code == 1 and "afile is a file, not a folder" in res.output
 
 
+# -- case 3b: a prompt file that is broken inside ----------------------------------------------------------
+
+def test_broken_prompt_files_fail_the_recipe_before_any_model_loads(tmp_path, tiny_target, monkeypatch):
+    """A prompt file whose records are broken used to pass `sd2 validate` and fail only when the
+    distill stage read it, after the drafter had been derived. Now every local prompt file a recipe
+    names is read through at validation; the error names the field and the line."""
+    import sd2.core.models as models
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was resolved or loaded before the prompt files were checked")
+    monkeypatch.setattr(models, "resolve", no_models)
+    monkeypatch.setattr(models, "load_model", no_models)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"turns": ["hello"]}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": ["ok"]}\n{"turns": [oops]}\n')
+    role = tmp_path / "role.jsonl"
+    role.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    recipe = {"name": "r", "target": {"path": str(tiny_target)},
+              "drafter": {"derive": "target", "keep_layers": 1},
+              "distill": {"prompts": [{"source": str(good)}, {"source": str(bad)}], "max_new_tokens": 4},
+              "branches": {"a": [{"distill": {"prompts": {"source": str(role)}}}, {"finetune": {"max_steps": 1}}]},
+              "evaluate": {"prompts": {"source": str(empty)}}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = cli("validate", path)
+    assert res.exit_code == 1, res.output
+    out = " ".join(res.output.split())
+    assert "distill.prompts[1].source: prompt file" in out and "bad.jsonl: invalid JSON at line 2" in out
+    assert "branches.a[0].distill.prompts.source:" in out and "message 0 has unknown role 'robot'" in out
+    assert "evaluate.prompts.source:" in out and "empty.jsonl holds no" in out
+    assert "good.jsonl" not in out
+    res = cli("run", path, "--out", tmp_path / "art")
+    assert res.exit_code == 1 and "invalid JSON at line 2" in " ".join(res.output.split())
+    assert not (tmp_path / "art").exists()          # nothing was started
+
+    bad.write_text('{"turns": ["ok"]}\n{"turns": ["fixed"]}\n')
+    role.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    empty.write_text('{"turns": ["hi"]}\n')
+    res = cli("validate", path)
+    assert res.exit_code == 0, res.output
+
+
 # -- case 4: an impossible layer-pruning request -----------------------------------------------------------
 
 def _layer_recipe(drafter, prune, target=None):

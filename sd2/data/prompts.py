@@ -136,6 +136,21 @@ def load_prompts(cfg: PromptsConfig | list[PromptsConfig]) -> list[Conversation]
     return convs
 
 
+def check_file(cfg: PromptsConfig) -> None:
+    """Read a local prompt file's every record, as a run would, without keeping them: ``sd2 validate``
+    and ``sd2 run`` call it before any model loads, so a broken file (invalid JSON at line N, a record
+    without turns, an unknown role) fails the recipe, not a stage an hour in. Built-in sets, folders
+    and Hub datasets are not read here. Raises the Sd2Error the run would raise."""
+    if cfg.source in BUILTINS or cfg.format == "hf" or not looks_like_path(cfg.source):
+        return
+    path = expand(cfg.source)
+    if not path.is_file():
+        return
+    n = sum(1 for _ in _read(cfg))
+    if n == 0:
+        raise Sd2Error(f"prompt file {path} holds no conversations")
+
+
 def _read(cfg: PromptsConfig):
     """All conversations of a source, lazily when no shuffle needs them all."""
     if cfg.source in BUILTINS:

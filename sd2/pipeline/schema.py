@@ -207,6 +207,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
 
     branches: dict[str, list[tuple[str, BaseModel]]] = {}
     branch_from: dict[str, str] = {}
+    step_sections: list[tuple[str, BaseModel]] = []     # (field path, config) of every branch step
     raw_branches = data.get("branches") or {}
     if isinstance(raw_branches, dict):
         for bname, steps in raw_branches.items():
@@ -244,15 +245,43 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
                 cfg = _validate_stage(sname, sconf, f"{spath}.{sname}", issues)
                 if cfg is not None:
                     parsed.append((sname, cfg))
+                    step_sections.append((f"{spath}.{sname}", cfg))
             branches[str(bname)] = parsed
 
     if recipe is not None:
+        issues.extend(_check_prompt_files([("drafter", recipe.drafter), ("distill", distill), ("evaluate", evaluate)]
+                                          + step_sections))
         issues.extend(_check_paths(recipe))
         issues.extend(_check_cross(recipe, data, branches, branch_from))
         issues.extend(_check_layers(recipe, branches, branch_from))
     if issues:
         raise RecipeError(issues, source)
     return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from)
+
+
+def _check_prompt_files(sections: list[tuple[str, Any]]) -> list[Issue]:
+    """Every local prompt file a section names (any PromptsConfig field, in a mix too), read through
+    once (sd2.data.prompts.check_file), so a broken file is a recipe error naming its field."""
+    from sd2.data.prompts import PromptsConfig, check_file
+
+    def walk(obj, path):
+        if isinstance(obj, PromptsConfig):
+            yield path, obj
+        elif isinstance(obj, list):
+            for i, x in enumerate(obj):
+                yield from walk(x, f"{path}[{i}]")
+        elif isinstance(obj, BaseModel):
+            for name in type(obj).model_fields:
+                yield from walk(getattr(obj, name), f"{path}.{name}")
+
+    issues = []
+    for section, cfg in sections:
+        for path, pc in walk(cfg, section):
+            try:
+                check_file(pc)
+            except Sd2Error as e:
+                issues.append(Issue(f"{path}.source", str(e)))
+    return issues
 
 
 def _check_paths(recipe: Recipe) -> list[Issue]:
