@@ -74,8 +74,13 @@ class DraftVocab:
     def _ids(self, idx: torch.Tensor) -> list[int]:
         return (self.map[idx] if self.map is not None else idx).tolist()
 
+    def greedy_ids(self, logits: torch.Tensor) -> torch.Tensor:
+        """[...]: the target id of the most likely drafter row at every position of logits [..., V or K]."""
+        top = torch.argmax(self.cut(logits), dim=-1)
+        return self.map[top] if self.map is not None else top
+
     def greedy(self, logits: torch.Tensor) -> int:
-        return self._ids(torch.argmax(self.cut(logits)).reshape(1))[0]
+        return int(self.greedy_ids(logits.reshape(-1)))
 
     def top(self, logits: torch.Tensor, k: int) -> list[int]:
         """The k most likely target ids, best first (greedy tree branching)."""

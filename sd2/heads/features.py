@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from sd2.engine.sampling import DraftVocab
 from sd2.heads.model import Head, cache_len
 from sd2.mal import Round
 
@@ -68,10 +69,11 @@ def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tu
     device = feats.device
     x = torch.tensor(ids, dtype=torch.long, device=device)
     n_pos = len(ids) - 1
+    vocab = DraftVocab(head.target_lm_head.weight.shape[0], head.d2t).to(device)
     cache = head.new_cache()
     pos = torch.arange(n_pos, device=device)[None]
     hl, hf = head(x[None, 1:], feats[None, :-1], pos, cache=cache)
-    greedy1 = _argmax(head, hl[0])        # [L-1]: head position t predicts x_{t+2}
+    greedy1 = vocab.greedy_ids(head.logits(hl[0]))        # [L-1]: head position t predicts x_{t+2}
     out = []
     for a, b in spans:
         rounds = []
@@ -88,7 +90,7 @@ def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tu
                     p = t + acc
                     l2, f2 = head(x[None, n + acc - 1: n + acc], feat[None, None], torch.tensor([[p]], device=device),
                                   cache=local)
-                    if int(_argmax(head, l2[0])[0]) != ids[n + acc]:
+                    if vocab.greedy(head.logits(l2[0, 0])) != ids[n + acc]:
                         break
                     acc += 1
                     feat = f2[0, 0]
@@ -99,8 +101,3 @@ def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tu
     assert cache_len(cache) == n_pos
     return out
 
-
-def _argmax(head: Head, hidden: torch.Tensor) -> torch.Tensor:
-    """Greedy target ids from head hiddens [..., d]."""
-    top = head.logits(hidden).argmax(-1)
-    return head.d2t[top] if head.d2t is not None else top
