@@ -117,7 +117,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     finished = set(shards.done(folder, n_shards))
     if finished:
         ctx.log.info("distill: resuming, %d of %d shards already written", len(finished), n_shards)
-    ctx.log.info("distill: %s answers %d conversations (%d turns), %d shard(s)", writer_name, len(convs),
+    ctx.log.info("distill: %s %d conversations (%d turns), %d shard(s)", writer_name, len(convs),
                  sum(len(c.turns) for c in convs), n_shards)
 
     bar = ctx.progress(total=sum(len(c.turns) for c in convs), desc="distill", unit="answer")
@@ -183,8 +183,9 @@ def _backend(config: Config, inputs, ctx):
         teacher = None
         if config.topk_logits is not None:
             teacher = load_model(inputs.target, device=ctx.device, dtype=getattr(torch, config.dtype))
-        return generator, tok, teacher, "the source's recorded answers"
-    writer_src, writer_name = (inputs.target, "the target") if config.policy == "target" else (inputs.model, "the drafter")
+        return generator, tok, teacher, "keeping the source's recorded answers to"
+    writer_src, writer_name = (inputs.target, "the target answers") if config.policy == "target" \
+        else (inputs.model, "the drafter answers")
     if config.policy == "drafter" and not same_tokenizer(tok, load_tokenizer(inputs.model)):
         raise Sd2Error("distill.policy 'drafter' needs the drafter to share the target's tokenizer "
                        "(its answers are scored by the target token by token); use policy: target")
