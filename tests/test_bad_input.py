@@ -23,6 +23,16 @@ def cli(*args):
     return res
 
 
+def forbid_model_loads(monkeypatch, before: str) -> None:
+    """Make resolving or loading any model fail the test: what is checked must be checked ``before``."""
+    import sd2.core.models as models
+
+    def no_models(*a, **k):
+        raise AssertionError(f"a model was resolved or loaded before {before}")
+    monkeypatch.setattr(models, "resolve", no_models)
+    monkeypatch.setattr(models, "load_model", no_models)
+
+
 def write_gguf_header(path: Path, arch: str, layers: int = 1, source: str | None = None) -> Path:
     """A GGUF file with a header and one tensor, as llama.cpp's converter would write for ``arch``."""
     import gguf
@@ -110,12 +120,7 @@ def test_unreadable_recipes(tmp_path, monkeypatch):
 # -- case 3: an output location that cannot be created ----------------------------------------------------
 
 def test_out_under_a_file_fails_before_any_model_loads(tmp_path, tiny_target, monkeypatch):
-    import sd2.core.models as models
-
-    def no_models(*a, **k):
-        raise AssertionError("a model was resolved or loaded before the output location was checked")
-    monkeypatch.setattr(models, "resolve", no_models)
-    monkeypatch.setattr(models, "load_model", no_models)
+    forbid_model_loads(monkeypatch, "the output location was checked")
     blocker = tmp_path / "afile"
     blocker.write_text("x")
 
@@ -139,12 +144,7 @@ def test_broken_prompt_files_fail_the_recipe_before_any_model_loads(tmp_path, ti
     """A prompt file whose records are broken used to pass `sd2 validate` and fail only when the
     distill stage read it, after the drafter had been derived. Now every local prompt file a recipe
     names is read through at validation; the error names the field and the line."""
-    import sd2.core.models as models
-
-    def no_models(*a, **k):
-        raise AssertionError("a model was resolved or loaded before the prompt files were checked")
-    monkeypatch.setattr(models, "resolve", no_models)
-    monkeypatch.setattr(models, "load_model", no_models)
+    forbid_model_loads(monkeypatch, "the prompt files were checked")
     good = tmp_path / "good.jsonl"
     good.write_text('{"turns": ["hello"]}\n')
     bad = tmp_path / "bad.jsonl"
