@@ -171,11 +171,27 @@ def test_broken_prompt_files_fail_the_recipe_before_any_model_loads(tmp_path, ti
     assert res.exit_code == 1 and "invalid JSON at line 2" in " ".join(res.output.split())
     assert not (tmp_path / "art").exists()          # nothing was started
 
+    # a chat file none of whose records has a user turn: nothing to prompt with
+    nouser = tmp_path / "nouser.jsonl"
+    nouser.write_text('{"messages": []}\n{"messages": [{"role": "assistant", "content": "hi"}]}\n')
+    recipe["evaluate"]["prompts"] = {"source": str(nouser)}
+    path.write_text(yaml.safe_dump(recipe))
+    res = cli("validate", path)
+    assert res.exit_code == 1 and "evaluate.prompts.source:" in res.output
+    assert "none of its 2 conversation(s) has a user turn" in " ".join(res.output.split())
+    recipe["evaluate"]["prompts"] = {"source": str(empty)}
+    path.write_text(yaml.safe_dump(recipe))
+
     bad.write_text('{"turns": ["ok"]}\n{"turns": ["fixed"]}\n')
     role.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     empty.write_text('{"turns": ["hi"]}\n')
     res = cli("validate", path)
     assert res.exit_code == 0, res.output
+
+    # evaluate.prompts is a source or a mix like distill.prompts: one clean problem, no union internals
+    res = cli("validate", path, f"evaluate.prompts.source={tmp_path / 'nope.jsonl'}")
+    assert res.exit_code == 1 and "1 problem(s)" in res.output and "function-after" not in res.output
+    assert "evaluate.prompts: prompt source" in res.output and "does not exist" in res.output
 
 
 # -- case 4: an impossible layer-pruning request -----------------------------------------------------------

@@ -95,11 +95,15 @@ def test_errors_name_the_file_and_field(tmp_path):
         load(source=str(odd))
     turns = tmp_path / "turns.jsonl"
     turns.write_text('{"question_id": 1, "turns": "not a list"}\n')
-    with pytest.raises(Sd2Error, match=r"turns.jsonl: record 0 needs 'turns'"):
+    with pytest.raises(Sd2Error, match=r"turns.jsonl: record 0 \(line 1\) needs 'turns'"):
         load(source=str(turns), format="mtbench")
+    later = tmp_path / "later.jsonl"      # the line a record starts on, blank lines counted
+    later.write_text('{"turns": ["a"]}\n{"turns": ["b"]}\n\n{"turns": []}\n')
+    with pytest.raises(Sd2Error, match=r"later.jsonl: record 2 \(line 4\) needs 'turns'"):
+        load(source=str(later))
     role = tmp_path / "role.jsonl"
     role.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
-    with pytest.raises(Sd2Error, match=r"role.jsonl, record 0: message 0 has unknown role 'robot'"):
+    with pytest.raises(Sd2Error, match=r"role.jsonl: record 0 \(line 1\): message 0 has unknown role 'robot'"):
         load(source=str(role))
 
 

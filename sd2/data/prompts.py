@@ -146,9 +146,15 @@ def check_file(cfg: PromptsConfig) -> None:
     path = expand(cfg.source)
     if not path.is_file():
         return
-    n = sum(1 for _ in _read(cfg))
+    n = with_turns = 0
+    for conv in _read(cfg):
+        n += 1
+        with_turns += bool(conv.turns)
     if n == 0:
         raise Sd2Error(f"prompt file {path} holds no conversations")
+    if with_turns == 0:
+        raise Sd2Error(f"prompt file {path}: none of its {n} conversation(s) has a user turn (a 'user' or 'human' "
+                       "message); sd2 needs a user turn to prompt the target with")
 
 
 def _read(cfg: PromptsConfig):
@@ -170,15 +176,15 @@ def _read(cfg: PromptsConfig):
         return _text(path, stem)
     records = _json_records(path)
     if fmt == "mtbench":
-        return (_mtbench_record(r, path, i, "mtbench") for i, r in enumerate(records))
-    return (_chat_record(r, path, i, stem) for i, r in enumerate(records))
+        return (_mtbench_record(r, f"{path}: record {i} (line {line})", i, "mtbench") for i, (line, r) in enumerate(records))
+    return (_chat_record(r, f"{path}: record {i} (line {line})", i, stem) for i, (line, r) in enumerate(records))
 
 
 def _sniff(path: Path) -> str:
     """auto format of a file: .txt is text; JSON records by their keys."""
     if path.suffix.lower() in (".txt", ".text"):
         return "text"
-    first = next(iter(_json_records(path)), None)
+    first = next(iter(_json_records(path)), (0, None))[1]
     if first is None:
         raise Sd2Error(f"prompt file {path} holds no records")
     if "turns" in first:
@@ -202,9 +208,10 @@ def _read_text(path: Path) -> str:
         raise Sd2Error(f"cannot read the prompt file {path}: {e}; check the file (a .gz must be gzip)") from None
 
 
-def _json_records(path: Path) -> Iterator[dict]:
-    """Records of a JSONL file, or of a JSON array decoded one record at a time (which also reads
-    a truncated file, such as the packaged ShareGPT, up to its last complete record)."""
+def _json_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line, record) of a JSONL file, or of a JSON array decoded one record at a time (which also
+    reads a truncated file, such as the packaged ShareGPT, up to its last complete record). ``line``
+    is the 1-based line the record starts on, for error messages."""
     text = _read_text(path)
     dec = json.JSONDecoder()
     pos = _skip_ws(text, 0)
@@ -214,23 +221,26 @@ def _json_records(path: Path) -> Iterator[dict]:
     if is_array:
         pos += 1
     n = 0
+    seen, line = 0, 1              # lines counted up to ``seen`` (incrementally: files can be large)
     while True:
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_ws(text, pos + 1)
         if pos >= len(text) or text[pos] == "]":
             return
+        line += text.count("\n", seen, pos)
+        seen = pos
         try:
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             if is_array and n > 0 and _truncated(text):
                 return  # a truncated array: keep the complete records
-            line = text.count("\n", 0, pos) + 1
-            raise Sd2Error(f"prompt file {path}: invalid JSON at line {line}: {e.msg}") from None
+            raise Sd2Error(f"prompt file {path}: invalid JSON at line {text.count(chr(10), 0, e.pos) + 1}: "
+                           f"{e.msg}") from None
         if not isinstance(obj, dict):
-            raise Sd2Error(f"prompt file {path}: record {n} is a {type(obj).__name__}, expected a JSON object")
+            raise Sd2Error(f"prompt file {path}: record {n} (line {line}) is a {type(obj).__name__}, expected a JSON object")
         n += 1
-        yield obj
+        yield line, obj
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -251,19 +261,20 @@ def _text(path: Path, stem: str) -> Iterator[Conversation]:
             yield Conversation(f"{stem}-{lineno}", "none", [line])
 
 
-def _mtbench_record(r: dict, path, i: int, prefix: str) -> Conversation:
+def _mtbench_record(r: dict, where: str, i: int, prefix: str) -> Conversation:
+    """``where``: the record as errors name it ("FILE: record I (line L)")."""
     turns = r.get("turns")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-        raise Sd2Error(f"prompt file {path}: record {i} needs 'turns' as a non-empty list of strings (MT-bench format)")
+        raise Sd2Error(f"prompt file {where} needs 'turns' as a non-empty list of strings (MT-bench format)")
     qid = r.get("question_id", i)
     return Conversation(f"{prefix}-{qid}", str(r.get("category") or "none"), list(turns), r.get("system"))
 
 
-def _chat_record(r: dict, path, i: int, prefix: str) -> Conversation:
+def _chat_record(r: dict, where: str, i: int, prefix: str) -> Conversation:
     msgs = r.get("messages", r.get("conversations"))
     if not isinstance(msgs, list):
-        raise Sd2Error(f"prompt file {path}: record {i} needs a 'messages' or 'conversations' list")
-    system, turns, answers = chat_turns(msgs, f"prompt file {path}, record {i}")
+        raise Sd2Error(f"prompt file {where} needs a 'messages' or 'conversations' list")
+    system, turns, answers = chat_turns(msgs, f"prompt file {where}")
     rid = r.get("id", r.get("question_id", i))
     return Conversation(f"{prefix}-{rid}", str(r.get("category") or "none"), turns, system, answers)
 
@@ -357,12 +368,13 @@ def _packaged_file(name: str, *parts: str) -> Path:
 def _builtin(name: str) -> Iterator[Conversation]:
     if name == "mtbench":
         path = _packaged_file(name, "fastchat", "fastchat", "llm_judge", "data", "mt_bench", "question.jsonl")
-        return (_mtbench_record(r, path, i, "mtbench") for i, r in enumerate(_json_records(path)))
+        return (_mtbench_record(r, f"{path}: record {i} (line {line})", i, "mtbench")
+                for i, (line, r) in enumerate(_json_records(path)))
     if name == "humaneval":
         path = _packaged_file(name, "data", "HumanEval.jsonl.gz")
         return (Conversation("humaneval-" + r["task_id"].split("/")[-1], "coding",
                              ["Complete the following Python function.\n\n```python\n" + r["prompt"] + "```"])
-                for r in _json_records(path))
+                for _, r in _json_records(path))
     if name == "sharegpt":
         path = _packaged_file(name, "data", "ShareGPT_V3_unfiltered_cleaned_split.json")
         return _sharegpt(path)
@@ -370,7 +382,7 @@ def _builtin(name: str) -> Iterator[Conversation]:
 
 
 def _sharegpt(path: Path) -> Iterator[Conversation]:
-    for i, r in enumerate(_json_records(path)):
+    for i, (_, r) in enumerate(_json_records(path)):
         try:
             system, turns, answers = chat_turns(r.get("conversations") or [], f"{path}, record {i}")
         except Sd2Error:

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sd2.data.prompts import PromptsConfig
+from sd2.data.prompts import Prompts
 
 
 class PromptLookup(BaseModel):
@@ -48,7 +48,7 @@ def _in_range(v, lo, hi, what: str):
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: PromptsConfig | list[PromptsConfig] = Field(
+    prompts: Prompts = Field(
         description="evaluation prompts (sd2.data.prompts); hold them apart from training prompts with skip")
     gamma: int | list[int] | Literal["auto"] = Field(
         4, description="draft length (tree depth) per round; a list is a sweep; 'auto' picks, per drafter, the "

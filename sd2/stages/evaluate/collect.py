@@ -57,9 +57,9 @@ def load_target(config, inputs, ctx) -> Setup:
     tok = load_tokenizer(inputs.target)
     target = CachedLM(model)
     eos = set(model_eos_ids(model, tok))
-    convs = load_prompts(config.prompts)
+    convs = [c for c in load_prompts(config.prompts) if c.turns]
     if not convs:
-        raise Sd2Error("evaluate.prompts selected no prompts; check source, skip and limit")
+        raise Sd2Error("evaluate.prompts selected no conversation with a user turn; check source, skip and limit")
     requests = M.build_requests(convs, tok, config.turns, target, config.max_new_tokens, eos)
     return Setup(target, tok, eos, requests, count_macs(model), model.get_output_embeddings().weight.shape[0])
 
