@@ -20,6 +20,21 @@ def target(tmp_path_factory):
     return learnable_target(tmp_path_factory.mktemp("tgt") / "target")
 
 
+def test_damaged_head_folders_are_sd2_errors(target, tmp_path):
+    """A head folder without its weights, or with a damaged weights file, is named before the
+    target is touched (io.load), never a FileNotFoundError or a safetensors traceback."""
+    from sd2.core.errors import Sd2Error
+
+    folder = io.save(io.build("fspad", target), tmp_path / "head")
+    assert io.load(folder, target) is not None
+    (folder / io.WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(Sd2Error, match=r"head weights .*model.safetensors.*rerun the stage"):
+        io.load(folder, target)
+    (folder / io.WEIGHTS).unlink()
+    with pytest.raises(Sd2Error, match=r"has no model.safetensors: an unfinished or damaged head folder"):
+        io.load(folder, target)
+
+
 @pytest.mark.parametrize("kind", ["eagle", "fspad"])
 def test_forward_shapes_and_state_dict(target, kind):
     head = io.build(kind, target, num_layers=2)

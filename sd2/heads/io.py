@@ -89,6 +89,9 @@ def load(folder, target_model=None, device: str = "cpu", dtype=None) -> Head:
 
     ref = Path(str(getattr(folder, "ref", folder)))
     cfg = read_config(ref)
+    if not (ref / WEIGHTS).is_file():      # checked before the target loads
+        raise Sd2Error(f"head {ref} has no {WEIGHTS}: an unfinished or damaged head folder; rerun the stage "
+                       "that wrote it")
     if target_model is None:
         if not cfg.target:
             raise Sd2Error(f"{ref}/config.json names no target; pass the target model explicitly")
@@ -99,7 +102,10 @@ def load(folder, target_model=None, device: str = "cpu", dtype=None) -> Head:
                        f"given target has {list(emb.weight.shape)}: pair the head with the target it was built for "
                        f"({cfg.target or 'see config.json'})")
     head = Head(cfg, emb, target_model.get_output_embeddings())
-    sd = load_file(str(ref / WEIGHTS))
+    from sd2.core.errors import reading
+
+    with reading(f"the head weights {ref / WEIGHTS}", "a safetensors file", "rerun the stage that wrote it"):
+        sd = load_file(str(ref / WEIGHTS))
     missing, unexpected = head.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise Sd2Error(f"{ref}/{WEIGHTS} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
