@@ -257,3 +257,10 @@ def test_sd2_eval_names_every_bad_model_before_loading_any(tmp_path, tiny_target
     assert res.exit_code == 1
     assert f"--target {tmp_path / 'nope-target'}: model folder not found" in res.output
     assert f"--drafter {empty}: the folder has no config.json" in res.output
+    # a prompt file whose records have no user turn is named with them, before any model loads
+    nouser = tmp_path / "nouser.jsonl"
+    nouser.write_text('{"messages": []}\n')
+    res = cli("eval", "--target", tmp_path / "nope-target", "--drafter", "prompt_lookup", "--prompts", nouser,
+              "--out", tmp_path / "ev")
+    out = " ".join(res.output.split())
+    assert res.exit_code == 1 and "--prompts" in out and "has a user turn" in out and "model folder not found" in out

@@ -61,7 +61,7 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
                  top_p: float = 1.0, min_p: float = 0.0) -> dict:
     from pydantic import ValidationError
 
-    from sd2.data.prompts import PromptsConfig
+    from sd2.data.prompts import PromptsConfig, check_file
     from sd2.core import artifacts as art
     from sd2.core.context import StageInputs, pick_device, standalone_context
     from sd2.core.models import resolve
@@ -89,6 +89,10 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     device = pick_device(device)
     out = art.writable_dir(Path(out), "--out")  # before any model loads
     problems: list[str] = []
+    try:
+        check_file(cfg.prompts)                 # a broken local prompt file, named before any model loads
+    except Sd2Error as e:
+        problems.append(f"--prompts {prompts}: {e}")
 
     def source(flag: str, ref: str):
         """The resolved model, or None with the problem noted: every bad --target/--drafter is

@@ -53,13 +53,13 @@ def load_target(config, inputs, ctx) -> Setup:
     if config.prompt_lookup and config.prompt_lookup.name in (inputs.drafters or {}):
         raise Sd2Error(f"evaluate.prompt_lookup.name {config.prompt_lookup.name!r} is also a drafter's name; "
                        "choose another")
+    convs = [c for c in load_prompts(config.prompts) if c.turns]      # bad prompts fail before the model loads
+    if not convs:
+        raise Sd2Error("evaluate.prompts selected no conversation with a user turn; check source, skip and limit")
     model = load_model(inputs.target, device=ctx.device, dtype=getattr(torch, config.dtype))
     tok = load_tokenizer(inputs.target)
     target = CachedLM(model)
     eos = set(model_eos_ids(model, tok))
-    convs = [c for c in load_prompts(config.prompts) if c.turns]
-    if not convs:
-        raise Sd2Error("evaluate.prompts selected no conversation with a user turn; check source, skip and limit")
     requests = M.build_requests(convs, tok, config.turns, target, config.max_new_tokens, eos)
     return Setup(target, tok, eos, requests, count_macs(model), model.get_output_embeddings().weight.shape[0])
 
