@@ -44,10 +44,15 @@ def test_messages_and_sharegpt_files(tmp_path):
                for i in range(3)]
     share.write_text(json.dumps(records, indent=2))
     assert [c.turns for c in load(source=str(share))] == [["q0"], ["q1"], ["q2"]]
-    # a truncated download: the complete records are kept
+    # a truncated download of a user's file is an error naming it (records would be lost without a
+    # word); only the packaged ShareGPT file, which is cut mid-record, is read up to its last record
     text = share.read_text()
     share.write_text(text[: text.index('"r2"') + 10])
-    assert [c.id for c in load(source=str(share))] == ["share-r0", "share-r1"]
+    with pytest.raises(Sd2Error, match=r"cut off after record 1 .*looks truncated"):
+        load(source=str(share))
+    from sd2.data.prompts import _json_records
+
+    assert [r["id"] for _, r in _json_records(share, truncated_ok=True)] == ["r0", "r1"]
 
 
 def test_text_file_and_gz(tmp_path):
@@ -97,6 +102,17 @@ def test_errors_name_the_file_and_field(tmp_path):
     turns.write_text('{"question_id": 1, "turns": "not a list"}\n')
     with pytest.raises(Sd2Error, match=r"turns.jsonl: record 0 \(line 1\) needs 'turns'"):
         load(source=str(turns), format="mtbench")
+    cut = tmp_path / "cut.json"          # a user's JSON array cut off mid-record: an error, not a silent loss
+    cut.write_text('[{"turns": ["a"]}, {"turns": ["b"]}, {"turns": ["c')
+    with pytest.raises(Sd2Error, match=r"cut.json: the JSON array is cut off after record 1 .*looks truncated"):
+        load(source=str(cut))
+    from sd2.data.prompts import check_file
+
+    notds = tmp_path / "notds"
+    notds.mkdir()
+    (notds / "x.txt").write_text("hi")
+    with pytest.raises(Sd2Error, match=r"notds is a folder but not a saved dataset"):
+        check_file(PromptsConfig(source=str(notds)))
     later = tmp_path / "later.jsonl"      # the line a record starts on, blank lines counted
     later.write_text('{"turns": ["a"]}\n{"turns": ["b"]}\n\n{"turns": []}\n')
     with pytest.raises(Sd2Error, match=r"later.jsonl: record 2 \(line 4\) needs 'turns'"):

@@ -144,6 +144,11 @@ def check_file(cfg: PromptsConfig) -> None:
     if cfg.source in BUILTINS or cfg.format == "hf" or not looks_like_path(cfg.source):
         return
     path = expand(cfg.source)
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            raise Sd2Error(f"prompt source {path} is a folder but not a saved dataset (no state.json or "
+                           "dataset_dict.json from datasets' save_to_disk); point at a prompt file or such a folder")
+        return
     if not path.is_file():
         return
     n = with_turns = 0
@@ -208,10 +213,11 @@ def _read_text(path: Path) -> str:
         raise Sd2Error(f"cannot read the prompt file {path}: {e}; check the file (a .gz must be gzip)") from None
 
 
-def _json_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line, record) of a JSONL file, or of a JSON array decoded one record at a time (which also
-    reads a truncated file, such as the packaged ShareGPT, up to its last complete record). ``line``
-    is the 1-based line the record starts on, for error messages."""
+def _json_records(path: Path, truncated_ok: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line, record) of a JSONL file, or of a JSON array decoded one record at a time. ``line`` is
+    the 1-based line the record starts on, for error messages. ``truncated_ok`` reads a truncated
+    array up to its last complete record (the packaged ShareGPT file is cut mid-record); a user's
+    file that is cut off is an error, since records would be lost without a word."""
     text = _read_text(path)
     dec = json.JSONDecoder()
     pos = _skip_ws(text, 0)
@@ -234,7 +240,11 @@ def _json_records(path: Path) -> Iterator[tuple[int, dict]]:
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             if is_array and n > 0 and _truncated(text):
-                return  # a truncated array: keep the complete records
+                if truncated_ok:
+                    return  # a truncated array: keep the complete records
+                raise Sd2Error(f"prompt file {path}: the JSON array is cut off after record {n - 1} (invalid JSON at "
+                               f"line {text.count(chr(10), 0, e.pos) + 1}: {e.msg}); the file looks truncated: "
+                               "complete it or write it again") from None
             raise Sd2Error(f"prompt file {path}: invalid JSON at line {text.count(chr(10), 0, e.pos) + 1}: "
                            f"{e.msg}") from None
         if not isinstance(obj, dict):
@@ -382,7 +392,7 @@ def _builtin(name: str) -> Iterator[Conversation]:
 
 
 def _sharegpt(path: Path) -> Iterator[Conversation]:
-    for i, (_, r) in enumerate(_json_records(path)):
+    for i, (_, r) in enumerate(_json_records(path, truncated_ok=True)):
         try:
             system, turns, answers = chat_turns(r.get("conversations") or [], f"{path}, record {i}")
         except Sd2Error:
