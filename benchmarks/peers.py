@@ -213,6 +213,9 @@ def main() -> None:
             sh = auto[name][f"head:{h}"]
             head_props[h] = HeadProposer(head, eos, h, width=sh.width)
             decoders[f"sd2_head:{h}"] = ours(head_props[h], sh.gamma)
+        depth = {"sd2_chain": args.gamma, "sd2_tree": args.gamma, "sd2_lookup": args.lookup,
+                 "sd2_auto_drafter": a_d.gamma, "sd2_auto_lookup": a_l.gamma,
+                 **{f"sd2_head:{h}": auto[name][f"head:{h}"].gamma for h in heads}}
         walls = {k: [] for k in decoders}
         stats = {k: MalStats() for k in decoders}
         equal = {k: True for k in decoders}
@@ -245,8 +248,8 @@ def main() -> None:
             wall = statistics.median(walls[k])
             row = {"wall_s": round(wall, 3), "walls": [round(x, 3) for x in walls[k]],
                    "speedup_vs_hf_generate": round(base / wall, 3), "outputs_equal_hf_generate": equal[k]}
-            if stats[k].requests:
-                s = stats[k].summary(max(args.gamma, args.lookup, a_d.gamma, a_l.gamma))
+            if stats[k].requests:                  # acceptance per position up to the depth it drafted
+                s = stats[k].summary(depth[k])
                 row.update(mal=round(s["mal"], 4), acceptance_per_position=[round(x, 4) for x in s["acceptance_per_position"]],
                            nodes_per_round=round(s["drafted"] / s["target_forwards"], 3))
             rows[k] = row

@@ -117,7 +117,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     finished = set(shards.done(folder, n_shards))
     if finished:
         ctx.log.info("distill: resuming, %d of %d shards already written", len(finished), n_shards)
-    ctx.log.info("distill: %s %d conversations (%d turns), %d shard(s)", writer_name, len(convs),
+    ctx.log.info("distill: %s %d conversation(s) (%d turns), %d shard(s)", writer_name, len(convs),
                  sum(len(c.turns) for c in convs), n_shards)
 
     bar = ctx.progress(total=sum(len(c.turns) for c in convs), desc="distill", unit="answer")
