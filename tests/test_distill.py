@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -282,7 +283,7 @@ def test_stage_module_import_is_cheap():
     assert distill.Config is Config
 
 
-def test_dataset_answers_keep_the_recorded_turns_with_the_mask_on_them_alone(tmp_path, eos_target, tokenizer):
+def test_dataset_answers_keep_the_recorded_turns_with_the_mask_on_them_alone(tmp_path, eos_target, tokenizer, caplog):
     """answers: dataset (the SD² ablation baseline): each row holds the source's own assistant turns,
     the sequence is the chat template's rendering, and loss_mask is 1 exactly on the answers' tokens
     (their end-of-turn token included); an answer over max_new_tokens is cut there, like a generated
@@ -300,10 +301,13 @@ def test_dataset_answers_keep_the_recorded_turns_with_the_mask_on_them_alone(tmp
         {"id": "d", "conversations": [{"from": "human", "value": "write a story"},
                                       {"from": "gpt", "value": "a robot learns to paint"},
                                       {"from": "human", "value": "unanswered follow-up"}]},
+        {"id": "e", "conversations": [{"from": "gpt", "value": "an answer to no question"}]},
     ]
     path = tmp_path / "chats.json"
     path.write_text(json.dumps(records))
-    metrics, out = distill_run(tmp_path, eos_target, {"source": str(path)}, answers="dataset", max_new_tokens=16)
+    with caplog.at_level(logging.INFO):
+        metrics, out = distill_run(tmp_path, eos_target, {"source": str(path)}, answers="dataset", max_new_tokens=16)
+    assert "dropped 1 conversation(s) without a user turn" in caplog.text     # counted, not silent
     ds = load_distilled(out)
     assert metrics["no_recorded_answer"] == 1 and metrics["rows"] == len(ds) == 3
     rows = {r["id"]: r for r in ds}

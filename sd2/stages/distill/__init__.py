@@ -75,7 +75,10 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.stages.distill.chat import ChatFormat, RecordedAnswers, converse, with_recorded_answers
     from sd2.stages.distill.generate import topk_on_responses
 
-    convs = [c for c in load_prompts(config.prompts) if c.turns]
+    loaded = load_prompts(config.prompts)
+    convs = [c for c in loaded if c.turns]
+    if len(convs) < len(loaded):
+        ctx.log.info("distill: dropped %d conversation(s) without a user turn", len(loaded) - len(convs))
     if not convs:
         raise Sd2Error("distill.prompts selected no conversation with a user turn; check source, skip and limit")
     no_answer = 0

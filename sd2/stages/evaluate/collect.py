@@ -53,7 +53,10 @@ def load_target(config, inputs, ctx) -> Setup:
     if config.prompt_lookup and config.prompt_lookup.name in (inputs.drafters or {}):
         raise Sd2Error(f"evaluate.prompt_lookup.name {config.prompt_lookup.name!r} is also a drafter's name; "
                        "choose another")
-    convs = [c for c in load_prompts(config.prompts) if c.turns]      # bad prompts fail before the model loads
+    loaded = load_prompts(config.prompts)      # bad prompts fail before the model loads
+    convs = [c for c in loaded if c.turns]
+    if len(convs) < len(loaded):
+        ctx.log.info("evaluate: dropped %d prompt conversation(s) without a user turn", len(loaded) - len(convs))
     if not convs:
         raise Sd2Error("evaluate.prompts selected no conversation with a user turn; check source, skip and limit")
     model = load_model(inputs.target, device=ctx.device, dtype=getattr(torch, config.dtype))
