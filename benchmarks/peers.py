@@ -124,6 +124,7 @@ def main() -> None:
     from sd2.mal import MalStats
     from sd2.stages.evaluate import measure as M
 
+    from sd2.core.errors import Sd2Error
     from sd2.heads import io as head_io
     from sd2.heads.proposer import HeadProposer
 
@@ -134,13 +135,10 @@ def main() -> None:
             ap.error(f"--head {spec!r}: expected NAME=FOLDER, e.g. --head fspad=artifacts/smollm2-heads/03_fspad.finetune")
         if name in head_folders:
             ap.error(f"--head {spec!r}: the name {name!r} is given twice; give each head its own name")
-        if not Path(folder).is_dir():
-            ap.error(f"--head {spec!r}: folder not found: {folder}")
-        if not head_io.is_head(folder):
-            ap.error(f"--head {spec!r}: {folder} is not an sd2 head folder (its config.json has no "
-                     f"{head_io.CONFIG_KEY!r}); give a head stage's output folder")
-        if not (Path(folder) / head_io.WEIGHTS).is_file():
-            ap.error(f"--head {spec!r}: {folder} has no {head_io.WEIGHTS} (an unfinished or damaged head folder)")
+        try:
+            head_io.check(folder)
+        except Sd2Error as e:
+            ap.error(f"--head {spec!r}: {e}")
         head_folders[name] = folder
 
     target, tok, drafter, drafter_desc = load_pair(args.drafter)

@@ -136,6 +136,17 @@ def load_prompts(cfg: PromptsConfig | list[PromptsConfig]) -> list[Conversation]
     return convs
 
 
+def with_user_turn(convs: list[Conversation], field: str, log) -> list[Conversation]:
+    """The conversations that have a user turn (the others cannot prompt the target), the dropped
+    ones counted in ``log``. Raises Sd2Error naming ``field`` when none is left."""
+    kept = [c for c in convs if c.turns]
+    if len(kept) < len(convs):
+        log.info("%s: dropped %d conversation(s) without a user turn", field, len(convs) - len(kept))
+    if not kept:
+        raise Sd2Error(f"{field} selected no conversation with a user turn; check source, skip and limit")
+    return kept
+
+
 def check_file(cfg: PromptsConfig) -> None:
     """Read a local prompt file's every record, as a run would, without keeping them: ``sd2 validate``
     and ``sd2 run`` call it before any model loads, so a broken file (invalid JSON at line N, a record

@@ -78,6 +78,23 @@ def save(head: Head, out_dir, tokenizer=None, extra_files: dict | None = None) -
     return out
 
 
+def check(folder) -> Path:
+    """The head folder's path, after checking without loading anything that it exists, is an sd2
+    head (config.json with ``sd2_head``) and holds its weights. Raises Sd2Error naming what is wrong."""
+    from sd2.core.errors import Sd2Error
+
+    ref = Path(str(getattr(folder, "ref", folder)))
+    if not ref.is_dir():
+        raise Sd2Error(f"head folder not found: {ref}")
+    if not is_head(ref):
+        raise Sd2Error(f"{ref} is not an sd2 head folder (its config.json has no {CONFIG_KEY!r}); give a head "
+                       "stage's output folder")
+    if not (ref / WEIGHTS).is_file():
+        raise Sd2Error(f"head {ref} has no {WEIGHTS}: an unfinished or damaged head folder; rerun the stage "
+                       "that wrote it")
+    return ref
+
+
 def load(folder, target_model=None, device: str = "cpu", dtype=None) -> Head:
     """The head of ``folder`` bound to ``target_model`` (loaded from the config's ``target`` when None).
 
@@ -87,11 +104,8 @@ def load(folder, target_model=None, device: str = "cpu", dtype=None) -> Head:
     from sd2.core.errors import Sd2Error
     from sd2.core.models import load_model
 
-    ref = Path(str(getattr(folder, "ref", folder)))
+    ref = check(folder)                    # before the target loads
     cfg = read_config(ref)
-    if not (ref / WEIGHTS).is_file():      # checked before the target loads
-        raise Sd2Error(f"head {ref} has no {WEIGHTS}: an unfinished or damaged head folder; rerun the stage "
-                       "that wrote it")
     if target_model is None:
         if not cfg.target:
             raise Sd2Error(f"{ref}/config.json names no target; pass the target model explicitly")

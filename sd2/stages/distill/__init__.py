@@ -70,17 +70,12 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.core.artifacts import write_json_atomic
     from sd2.core.errors import Sd2Error
     from sd2.data.dataset import DISTILL_JSON, features
-    from sd2.data.prompts import load_prompts
+    from sd2.data.prompts import load_prompts, with_user_turn
     from sd2.stages.distill import shards
     from sd2.stages.distill.chat import ChatFormat, RecordedAnswers, converse, with_recorded_answers
     from sd2.stages.distill.generate import topk_on_responses
 
-    loaded = load_prompts(config.prompts)
-    convs = [c for c in loaded if c.turns]
-    if len(convs) < len(loaded):
-        ctx.log.info("distill: dropped %d conversation(s) without a user turn", len(loaded) - len(convs))
-    if not convs:
-        raise Sd2Error("distill.prompts selected no conversation with a user turn; check source, skip and limit")
+    convs = with_user_turn(load_prompts(config.prompts), "distill.prompts", ctx.log)
     no_answer = 0
     if config.answers == "dataset":
         convs, no_answer = with_recorded_answers(convs)

@@ -42,7 +42,7 @@ def load_target(config, inputs, ctx) -> Setup:
     import torch
 
     from sd2.core.models import load_model, load_tokenizer, model_eos_ids
-    from sd2.data.prompts import load_prompts
+    from sd2.data.prompts import load_prompts, with_user_turn
     from sd2.macs import count_macs
     from sd2.engine.cached import CachedLM
     from sd2.stages.evaluate import measure as M
@@ -53,12 +53,7 @@ def load_target(config, inputs, ctx) -> Setup:
     if config.prompt_lookup and config.prompt_lookup.name in (inputs.drafters or {}):
         raise Sd2Error(f"evaluate.prompt_lookup.name {config.prompt_lookup.name!r} is also a drafter's name; "
                        "choose another")
-    loaded = load_prompts(config.prompts)      # bad prompts fail before the model loads
-    convs = [c for c in loaded if c.turns]
-    if len(convs) < len(loaded):
-        ctx.log.info("evaluate: dropped %d prompt conversation(s) without a user turn", len(loaded) - len(convs))
-    if not convs:
-        raise Sd2Error("evaluate.prompts selected no conversation with a user turn; check source, skip and limit")
+    convs = with_user_turn(load_prompts(config.prompts), "evaluate.prompts", ctx.log)   # before the model loads
     model = load_model(inputs.target, device=ctx.device, dtype=getattr(torch, config.dtype))
     tok = load_tokenizer(inputs.target)
     target = CachedLM(model)
