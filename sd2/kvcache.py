@@ -89,7 +89,21 @@ class GrowingLayer(DynamicLayer):
         if self._kbuf is None or not self._in_sync():
             super().batch_select_indices(indices)
             return
-        self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+        keep = indices.tolist()
+        if any(b <= a for a, b in zip(keep, keep[1:])):   # not a sorted subset: gather into new buffers
+            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+            self._views()
+            return
+        # Dropping finished rows (sd2.stages.distill.generate): move each kept row's filled part down in
+        # place, in order (row keep[i] >= i, so no row is overwritten before it is read). A gather into new
+        # full-capacity buffers cost about one decode step per call (fresh pages, the unfilled reserve
+        # copied too); this moves only the rows after the first dropped one, only their filled length.
+        n = self._len
+        for i, j in enumerate(keep):
+            if i != j:
+                self._kbuf[i, :, :n].copy_(self._kbuf[j, :, :n])
+                self._vbuf[i, :, :n].copy_(self._vbuf[j, :, :n])
+        self._kbuf, self._vbuf = self._kbuf[:len(keep)], self._vbuf[:len(keep)]
         self._views()
 
 

@@ -396,3 +396,17 @@ def test_prefill_chunks_split_where_padding_costs_more_than_a_chunk():
         cost = sum(CHUNK_COST + (e - s) * max(lengths[s:e]) for s, e in chunks)
         fixed = sum(CHUNK_COST + (min(s + 3, len(lengths)) - s) * max(lengths[s:s + 3]) for s in range(0, len(lengths), 3))
         assert cost <= fixed
+
+
+def test_length_buckets_are_few_near_equal_and_longest_first():
+    from sd2.stages.distill.generate import length_buckets
+
+    lengths = [(i * 37) % 101 for i in range(80)]
+    batches = length_buckets(lengths, 64)
+    assert [len(b) for b in batches] == [40, 40]          # not 64 + 16: a small tail batch decodes slowly
+    assert sorted(i for b in batches for i in b) == list(range(80))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)
+    assert [len(b) for b in length_buckets(lengths[:64], 64)] == [64]
+    assert [len(b) for b in length_buckets(lengths[:65], 32)] == [21, 22, 22]
+    assert length_buckets([], 8) == []

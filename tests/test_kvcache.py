@@ -67,3 +67,31 @@ def test_keys_set_from_outside_are_adopted(model):
     torch.testing.assert_close(_step(model, mine, tok, None), _step(model, ref, tok, None), rtol=0, atol=0)
     layer = mine.layers[0]
     assert layer._kbuf.shape[-2] == 5 + 4 and layer._len == 6 == mine.get_seq_length()   # adopted 5, reserve 4
+
+
+@torch.inference_mode()
+def test_dropping_rows_moves_them_in_place_and_matches_dynamic_cache(model):
+    """Finished rows leave the distill batch in place: the same buffer, the kept rows' keys and
+    values moved down in order; an unsorted selection gathers into new buffers. Both match
+    DynamicCache exactly on the next steps."""
+    torch.manual_seed(1)
+    b, n = 5, 6
+    ids = torch.randint(5, 200, (b, n))
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[3, :3] = 0
+    for keep in ([1, 3, 4], [4, 0, 2]):
+        ref, mine = DynamicCache(config=model.config), growing_cache(model.config, reserve=8)
+        _step(model, ref, ids, mask)
+        _step(model, mine, ids, mask)
+        buf = mine.layers[0]._kbuf
+        idx = torch.tensor(keep)
+        ref.batch_select_indices(idx)
+        mine.batch_select_indices(idx)
+        in_place = keep == sorted(keep)
+        assert (mine.layers[0]._kbuf.data_ptr() == buf.data_ptr()) == in_place
+        assert mine.layers[0]._kbuf.shape[0] == len(keep) and mine.get_seq_length() == n
+        m = mask[idx]
+        for step in range(3):
+            tok = torch.randint(5, 200, (len(keep), 1))
+            m = torch.cat([m, m.new_ones((len(keep), 1))], dim=1)
+            torch.testing.assert_close(_step(model, mine, tok, m), _step(model, ref, tok, m), rtol=0, atol=0)

@@ -30,7 +30,8 @@ class Config(BaseModel):
     prompts: Prompts = Field(
         description="the prompt set (see docs/distill.md); a list is a mix, concatenated in order")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="the longest answer per turn, in tokens")
-    batch_size: int = Field(32, ge=1, le=4096, description="prompts decoded together (hf backend)")
+    batch_size: int = Field(32, ge=1, le=4096, description="the most prompts decoded together (hf backend); a shard's prompts "
+                                                           "are split into as few length-sorted batches of near-equal size")
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="sampling temperature; 0 = greedy (deterministic)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (temperature > 0)")
     topk_logits: int | None = Field(None, ge=1, le=1024,

@@ -2,7 +2,7 @@
 
 Why a small decoding loop of our own rather than ``model.generate``: on CPU the cost is dominated
 by the rows still running, so a row that reached EOS or ``max_new_tokens`` is dropped from the
-batch and from the KV cache at once (``Cache.batch_select_indices``), instead of being carried as
+batch and from the KV cache at once (``Cache.batch_select_indices``, in place), instead of being carried as
 padding until the longest answer ends. Prompts are sorted by length before batching, so a batch
 pads little. The KV cache is written in place (sd2/kvcache.py): transformers' DynamicCache copies
 the whole cache on every step, which measured a third of a batch-32 decode step on CPU. Attention
@@ -30,9 +30,14 @@ class Generated:
 
 
 def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
+    """Indices grouped into batches of similar length (longest first, so memory peaks early), as few
+    batches as ``batch_size`` allows and of near-equal sizes: 80 prompts at batch_size 64 make two
+    batches of 40, not 64 and 16 (a 16-row batch decodes at about half the tokens/s of a 40-row one
+    on the 2-core Xeon: benchmarks/results/distill_throughput.md)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    n = -(-len(order) // batch_size) if order else 0
+    cuts = [len(order) * k // n for k in range(n + 1)] if n else [0]
+    return [order[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 PREFILL_ROWS = 8  # the most rows prefilled together (see HFGenerator._prefill)
