@@ -52,3 +52,11 @@ def tiny_drafter(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def mtbench_file(tmp_path_factory) -> Path:
     return write_mtbench(tmp_path_factory.mktemp("data") / "question.jsonl", n=4)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, tokenizer, mtbench_file) -> Path:
+    """A finished run folder with a real evaluate report (tests/publish_run.py), read-only for tests."""
+    from publish_run import build_run
+
+    return build_run(tmp_path_factory.mktemp("runs"), tokenizer, mtbench_file)

@@ -1,99 +1,29 @@
-"""sd2 publish: drafter selection, the Hub-ready folder, the model card, trimmed vocabularies, and the
-upload path against a local stand-in for the Hub (tests/hub_stub.py; the real Hub is unreachable here).
+"""sd2 publish: drafter selection, the Hub-ready folder, the model card, trimmed vocabularies, heads,
+and no local paths in what is published. The upload path is tests/test_publish_upload.py.
 
-The run folder holds tiny models in stage folders with manifests (lineage), and its report.json is
-written by a real evaluate run over them, so a drift between evaluate (the writer) and publish (the
-reader) fails here.
+The run folder (``run_dir``, built by tests/publish_run.py) holds tiny models in stage folders with
+manifests (lineage), and its report.json is written by a real evaluate run over them, so a drift
+between evaluate (the writer) and publish (the reader) fails here.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from hub_stub import HubStub
+from publish_run import REPO, _lineage, _manifest
 from tiny import make_model
 
 from sd2.core.errors import Sd2Error
-
-TOKEN = "hf_sd2TestTokenDoNotLeak0123456789"
-REPO = "sd2-org/tiny-drafter"
-
-
-# -- a run folder built by hand ------------------------------------------------------------------
-def _lineage(*steps):
-    return [{"id": sid, "stage": stage, "config": cfg, "fingerprint": f"fp-{sid}"} for sid, stage, cfg in steps]
-
-
-def _manifest(folder: Path, sid: str, stage: str, lineage: list, branch=None):
-    (folder / "manifest.json").write_text(json.dumps({"id": sid, "stage": stage, "branch": branch, "fingerprint": f"fp-{sid}",
-                                                      "output_id": f"out-{sid}", "lineage": lineage}))
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tokenizer, mtbench_file):
-    from sd2.core.context import StageInputs, standalone_context
-    from sd2.core.models import ModelSource
-    from sd2.core.report import Report
-    from sd2.data.prompts import PromptsConfig
-    from sd2.stages import evaluate
-
-    root = tmp_path_factory.mktemp("runs")
-    target = make_model(root / "target", "llama", n_layers=4, seed=0, tokenizer=tokenizer)
-    (target / "README.md").write_text("---\nlicense: mit\n---\n# tiny target\n")
-    run = root / "quick"
-    run.mkdir()
-    recipe = {"name": "quick", "target": {"path": str(target)}, "drafter": {"derive": "target", "keep_layers": 2}}
-    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    derive = _lineage(("drafter.derive", "derive", {"keep_layers": 2, "layers": None}))
-    d0 = make_model(run / "00_drafter.derive", "llama", n_layers=2, seed=1, tokenizer=tokenizer)
-    _manifest(d0, "drafter.derive", "derive", derive)
-    dense_lin = derive + _lineage(("dense.finetune", "finetune", {"epochs": 1, "lr": 0.001}))
-    d1 = make_model(run / "02_dense.finetune", "llama", n_layers=2, seed=2, tokenizer=tokenizer)
-    _manifest(d1, "dense.finetune", "finetune", dense_lin, "dense")
-    sparse_lin = derive + _lineage(("sparse.prune", "prune", {"method": "magnitude", "sparsity": 0.5}))
-    d2 = make_model(run / "03_sparse.prune", "llama", n_layers=2, seed=3, tokenizer=tokenizer)
-    _sparsify(d2)
-    _manifest(d2, "sparse.prune", "prune", sparse_lin, "sparse")
-    (run / "01_distill").mkdir()
-    ev = run / "04_evaluate"
-    ev.mkdir()
-    cfg = evaluate.Config(prompts=PromptsConfig(source=str(mtbench_file), limit=2), gamma=[4, 2],
-                          temperature=[0.0, 1.0], max_new_tokens=8, warmup=0)
-    drafters = {"raw": ModelSource(str(d0), "rawfp"), "dense": ModelSource(str(d1), "densefp"),
-                "sparse": ModelSource(str(d2), "sparsefp")}
-    evaluate.run(cfg, StageInputs(target=ModelSource(str(target), "tfp0123456789abc"), drafters=drafters), ev,
-                 standalone_context(ev))
-    # a path relative to the run folder (a run under a relative --out): the reader must resolve it
-    report = Report.read(ev)
-    report.drafters["sparse"].path = "03_sparse.prune"
-    report.save(ev / "report.json")
-    _manifest(ev, "evaluate", "evaluate", [])
-    return run
 
 
 def _report(run_dir):
     from sd2.core.report import Report
 
     return Report.read(run_dir / "04_evaluate")
-
-
-def _sparsify(folder: Path) -> None:
-    """Zero half of every decoder linear weight (by magnitude) and write a sparsity.json, as prune would."""
-    from safetensors.torch import load_file, save_file
-
-    path = folder / "model.safetensors"
-    sd = load_file(str(path))
-    for k, v in sd.items():
-        if ".layers." in k and v.dim() == 2:
-            v[v.abs() < v.abs().median()] = 0.0
-    save_file(sd, str(path), metadata={"format": "pt"})
-    (folder / "sparsity.json").write_text(json.dumps({"overall": 0.5, "structure": "unstructured"}))
 
 
 # -- selection ---------------------------------------------------------------------------------------
@@ -236,121 +166,6 @@ def test_trimmed_drafter_exports_an_exact_full_vocabulary_equivalent(tmp_path, t
     assert (zero_rows.argmax(-1) != want).any()
     card = (out / "README.md").read_text()
     assert "## Vocabulary" in card and "convex hull" in card and "No sd2 lineage" in card
-
-
-# -- upload against the local Hub stand-in ------------------------------------------------------------
-@pytest.fixture
-def hub_env(monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)      # read at import: patch the constant too
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)         # conftest sets HF_HUB_OFFLINE=1 for loading
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
-    return monkeypatch
-
-
-@pytest.fixture(scope="module")
-def exported(run_dir, tmp_path_factory):
-    from sd2.publish import publish
-
-    out = tmp_path_factory.mktemp("exp") / "folder"
-    publish(run_dir, REPO, dry_run=True, out=out, say=lambda s: None)
-    return out
-
-
-def _no_leak(*texts):
-    for t in texts:
-        assert TOKEN not in t
-
-
-def test_upload_creates_repo_and_commits_every_file(hub_env, run_dir, exported, capsys, caplog):
-    from sd2.publish import publish
-
-    caplog.set_level(logging.DEBUG)
-    with HubStub(TOKEN) as hub:
-        hub_env.setenv("HF_ENDPOINT", hub.url)
-        lines = []
-        res = publish(run_dir, REPO, private=True, say=lines.append)
-        assert res.created and res.url == f"{hub.url}/{REPO}" and res.folder is None
-        repo = hub.repos[REPO]
-        assert repo["private"] and repo["commits"] == 1
-        assert set(repo["files"]) == set(p.name for p in exported.iterdir())
-        for name in ("model.safetensors", "README.md", "sparsity.json", "tokenizer.json"):
-            assert repo["files"][name] == (exported / name).read_bytes(), name
-        kinds = [p.split("/")[-2] if "/api/models/" in p else p for _, p in hub.calls]
-        assert kinds[0] == "/api/repos/create" and "preupload" in kinds and kinds[-1] == "commit"
-        # with --exist-ok a second publish is a new commit on the same repo
-        publish(exported, REPO, exist_ok=True, say=lines.append)
-        assert repo["commits"] == 2
-    out = capsys.readouterr()
-    _no_leak(out.out, out.err, caplog.text, "\n".join(lines))
-    assert not any(TOKEN in p.read_text(errors="ignore") for p in exported.iterdir() if p.is_file())
-
-
-def _fails(fn, match):
-    with pytest.raises(Sd2Error, match=match) as e:
-        fn()
-    _no_leak(str(e.value))
-    return str(e.value)
-
-
-def test_upload_errors_are_clear_and_leave_nothing_half_written(hub_env, exported, tmp_path, capsys, caplog):
-    from sd2.publish import publish
-
-    caplog.set_level(logging.DEBUG)
-    quiet = lambda s: None  # noqa: E731
-    with HubStub(TOKEN) as hub:
-        hub_env.setenv("HF_ENDPOINT", hub.url)
-        # an existing repo, without --exist-ok: refused before any upload, the repo untouched
-        hub.repos[REPO] = {"private": False, "files": {"README.md": b"old"}, "commits": 1}
-        _fails(lambda: publish(exported, REPO, say=quiet), r"already exists.*--exist-ok")
-        assert hub.repos[REPO]["files"] == {"README.md": b"old"} and not any("commit" in p for _, p in hub.calls)
-        # the commit fails after this call created the repo: the repo is deleted again
-        hub.fail_commit = 403
-        msg = _fails(lambda: publish(exported, "sd2-org/other", say=quiet), r"permission denied \(HTTP 403\)")
-        assert "deleted again" in msg and "sd2-org/other" not in hub.repos
-        # ... but an existing repo (--exist-ok) is never deleted; its files stay as they were
-        msg = _fails(lambda: publish(exported, REPO, exist_ok=True, say=quiet), "HTTP 403")
-        assert "unchanged" in msg and hub.repos[REPO]["files"] == {"README.md": b"old"}
-        hub.fail_commit = None
-        # a refused token (401)
-        hub_env.setenv("HF_TOKEN", "hf_wrong")
-        _fails(lambda: publish(exported, "sd2-org/third", say=quiet), r"token was refused \(HTTP 401\)")
-        hub_env.setenv("HF_TOKEN", TOKEN)
-        # no write access to the namespace (403 on create)
-        hub.deny_create = True
-        _fails(lambda: publish(exported, "sd2-org/fourth", say=quiet), r"cannot create .*permission denied")
-        assert set(hub.repos) == {REPO}
-        # no token at all: nothing is sent
-        n_calls = len(hub.calls)
-        hub_env.delenv("HF_TOKEN")
-        _fails(lambda: publish(exported, "sd2-org/fifth", say=quiet), r"no Hugging Face token.*hf auth login")
-        assert len(hub.calls) == n_calls
-        for headers in hub.headers_seen:                      # the token travels only in the Authorization header
-            assert all(TOKEN not in v for k, v in headers.items() if k.lower() != "authorization")
-    # an unreachable network: a closed local port
-    hub_env.setenv("HF_TOKEN", TOKEN)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    hub_env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    _fails(lambda: publish(exported, "sd2-org/sixth", say=quiet), r"cannot reach http://127\.0\.0\.1")
-    # an invalid repo id is refused before anything else
-    _fails(lambda: publish(exported, "not a repo", say=quiet), "not a valid Hub repo id")
-    out = capsys.readouterr()
-    _no_leak(out.out, out.err, caplog.text)
-    assert {p.name for p in exported.iterdir()} >= {"README.md", "model.safetensors"}   # the local folder is intact
-
-
-def test_offline_mode_is_a_clear_error(hub_env, exported):
-    from huggingface_hub import constants
-
-    from sd2.publish import publish
-
-    hub_env.setattr(constants, "HF_HUB_OFFLINE", True)
-    _fails(lambda: publish(exported, REPO, say=lambda s: None), "offline mode")
 
 
 def test_report_snippet_for_a_trimmed_best_drafter_exports_then_loads_with_plain_transformers(tmp_path, tokenizer):
