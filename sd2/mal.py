@@ -38,22 +38,37 @@ class Round:
             object.__setattr__(self, "depth", self.drafted)
 
 
-def teacher_forced_rounds(match: Sequence[bool], gamma: int) -> list[Round]:
+def draft_length(gamma: int, done: int, left: int, budget: int | None = None) -> int:
+    """Draft tokens the engine asks for in a round that starts after ``done`` response tokens, with
+    ``left`` tokens of the response still to come. With ``budget`` (the request's max_new_tokens) it
+    is the engine's own rule, min(gamma, budget - done - 1), so that the round's committed tokens stay
+    within the budget (sd2.engine.loop); without it, min(gamma, left)."""
+    return min(gamma, budget - done - 1) if budget is not None else min(gamma, left)
+
+
+def teacher_forced_rounds(match: Sequence[bool], gamma: int, budget: int | None = None) -> list[Round]:
     """Exact greedy speculative-decoding rounds over a response of len(match) tokens.
 
     ``match[t]`` is True when the drafter's argmax, given the target's prefix, equals the target's
-    response token t. The drafter always drafts gamma tokens (fewer only when fewer remain to the
-    end of the response); the target commits the accepted run plus one token.
+    response token t. The target commits the accepted run plus one token. Without ``budget`` the
+    drafter drafts gamma tokens, fewer only when fewer remain to the end of the response. With
+    ``budget`` (the max_new_tokens the response was generated under) it drafts what the engine asks
+    for (``draft_length``), and a draft that matches the rest of an answer ended by EOS stops there,
+    as drafters do at EOS; then the rounds, drafted counts included, are the engine's, except when a
+    drafter would have drafted an EOS of its own after a mismatch (it stops early; teacher forcing
+    cannot see that token). MAL, accepted and committed tokens are exact either way.
     """
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     n = len(match)
     rounds, j = [], 0
     while j < n:
-        drafted = min(gamma, n - j)
+        drafted = draft_length(gamma, j, n - j, budget)
         a = 0
-        while a < drafted and match[j + a]:
+        while a < min(drafted, n - j) and match[j + a]:
             a += 1
+        if a == n - j:
+            drafted = a                 # matched to the answer's last token (its EOS): drafting stopped there
         committed = min(a + 1, n - j)
         rounds.append(Round(drafted, a, committed))
         j += committed

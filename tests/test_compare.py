@@ -43,7 +43,13 @@ def test_mal_drop_beyond_threshold_exits_1(tmp_path):
 
 
 def test_lost_losslessness_or_missing_drafter_exits_1(tmp_path):
-    assert _cmp(tmp_path, _report(2.0, lossless=False), _report(2.0)).exit_code == 1
+    res = _cmp(tmp_path, _report(2.0, lossless=False), _report(2.0))
+    assert res.exit_code == 1 and "no longer lossless" in res.output
+    # a MAL-only report (decode: false) checks no losslessness: not a pass against a checked baseline...
+    res = _cmp(tmp_path, _report(2.0, lossless=None), _report(2.0))
+    assert res.exit_code == 1 and "not checked in NEW (a MAL-only report" in res.output
+    # ... but two MAL-only reports gate on MAL alone
+    assert _cmp(tmp_path, _report(2.0, lossless=None), _report(2.0, lossless=None)).exit_code == 0
     res = _cmp(tmp_path, _report(2.0), _report(2.0, drafters=("dense", "sparse")))
     assert res.exit_code == 1 and "missing in NEW" in res.output
 

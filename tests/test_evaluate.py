@@ -133,6 +133,19 @@ def test_sd2_eval_command(tmp_path, tiny_target, tiny_drafter, mtbench_file):
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert rep["results"][0]["drafter"] == "drafter" and rep["results"][0]["lossless"] is True
     assert rep["settings"]["n_prompts"] == 2
+    # --mal-only: the same rounds by teacher forcing, nothing decoded; what it cannot simulate is refused
+    res = CliRunner().invoke(app, ["eval", "--target", str(tiny_target), "--drafter", str(tiny_drafter),
+                                   "--prompts", str(mtbench_file), "--limit", "2", "--gamma", "2",
+                                   "--max-new-tokens", "6", "--out", str(tmp_path / "tf"), "--mal-only"])
+    assert res.exit_code == 0, res.output
+    tf = json.loads((tmp_path / "tf" / "report.json").read_text())
+    assert tf["results"][0]["mal"] == rep["results"][0]["mal"] and tf["results"][0]["wall_s"] is None
+    assert tf["settings"]["decode"] is False and "MAL only" in res.output
+    res = CliRunner().invoke(app, ["eval", "--target", str(tiny_target), "--drafter", str(tiny_drafter),
+                                   "--prompts", str(mtbench_file), "--temperature", "1", "--gamma", "auto",
+                                   "--mal-only", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 1 and "--mal-only simulates greedy chain rounds" in res.output
+    assert "--temperature 0 only, a fixed --gamma, not auto;" in res.output and not (tmp_path / "bad").exists()
 
 
 def test_sd2_eval_names_drafters_and_rejects_clashing_names(tmp_path, tiny_target, tiny_drafter, mtbench_file):
@@ -205,3 +218,51 @@ def test_snippets_for_a_best_head_name_sd2_and_vllm_eagle_never_assistant_model(
         s = snippets("T", d, 2)
         assert "assistant_model" not in "".join(s.values())
         assert "Nothing in vLLM" in s["vllm"] and "sd2 eval" in s["sd2"]
+
+
+def test_mal_only_gives_the_decoding_runs_rounds_without_decoding(tmp_path, tiny_target, tiny_drafter, tokenizer,
+                                                                   mtbench_file):
+    """decode: false simulates greedy chain rounds by teacher forcing: every round statistic equals what
+    the engine measured decoding the same prompts (a standalone drafter, the target as its own drafter,
+    and an FSPAD head fed its own predicted features), with nothing timed and losslessness not claimed."""
+    from sd2.core.models import load_model
+    from sd2.heads import io
+
+    head = io.save(io.build("fspad", load_model(tiny_target), target_ref=str(tiny_target)), tmp_path / "head", tokenizer)
+    inputs = StageInputs(target=ModelSource(str(tiny_target), "fp-t"),
+                         drafters={"raw": ModelSource(str(tiny_drafter), "fp-d"),
+                                   "self": ModelSource(str(tiny_target), "fp-t"), "head": ModelSource(str(head), "fp-h")})
+    reports = {}
+    for decode in (True, False):
+        out = tmp_path / f"decode-{decode}"
+        out.mkdir()
+        cfg = Config(prompts=PromptsConfig(source=str(mtbench_file), limit=3), gamma=[1, 3], max_new_tokens=12,
+                     warmup=0, turns=2, decode=decode)
+        metrics = run(cfg, inputs, out, standalone_context(out))
+        reports[decode] = (json.loads((out / "report.json").read_text()), metrics, (out / "report.md").read_text())
+    (dec, _, _), (tf, metrics, md) = reports[True], reports[False]
+    key = lambda r: (r["drafter"], r["gamma"])  # noqa: E731
+    assert sorted(map(key, tf["results"])) == sorted(map(key, dec["results"])) and len(tf["results"]) == 6
+    engine = {key(r): r for r in dec["results"]}
+    for r in tf["results"]:
+        e = engine[key(r)]
+        for f in ("mal", "mal_per_request", "acceptance_rate", "acceptance_per_position", "mal_per_category",
+                  "tokens", "requests", "drafted", "drafted_depth", "accepted", "target_forwards"):
+            assert r[f] == e[f], (key(r), f, r[f], e[f])
+        assert r["greedy_mal_teacher_forced"] == r["mal"]
+        assert r["wall_s"] is None and r["speedup"] is None and r["lossless"] is None and r["c_measured"] is None
+        assert r["draft_cost"] is None and r["drafter_forwards"] is None and r["mac_speedup"] is not None
+    assert {r["drafter"]: r["mal"] for r in tf["results"] if r["gamma"] == 3}["self"] > 1.5
+    assert tf["settings"]["decode"] is False and dec["settings"]["decode"] is True
+    assert tf["baseline"]["0.0"]["tokens"] == dec["baseline"]["0.0"]["tokens"] and tf["baseline"]["0.0"]["wall_s"] > 0
+    assert tf["best"]["by"] == "mac_speedup" and metrics["lossless"] is None
+    assert "**MAL only** (`decode: false`)" in md and "not checked" in md
+
+
+def test_mal_only_refuses_what_it_cannot_simulate():
+    p = PromptsConfig(source="mtbench")
+    for extra, what in (({"temperature": [0.0, 1.0]}, "temperature 0 only"), ({"gamma": "auto"}, "a fixed gamma"),
+                        ({"width": [1, 2]}, "width 1"), ({"prompt_lookup": {}}, "no prompt_lookup")):
+        with pytest.raises(ValidationError, match=rf"decode: false measures greedy chain MAL .*{what}.*set decode: true"):
+            Config(prompts=p, decode=False, **extra)
+    assert Config(prompts=p, decode=False, gamma=[2, 4]).gammas == [2, 4]

@@ -44,3 +44,20 @@ def test_pooled_vs_per_request_and_categories():
 def test_gamma_must_be_positive():
     with pytest.raises(ValueError, match="gamma must be >= 1"):
         teacher_forced_rounds([True], 0)
+
+
+def test_budget_gives_the_engines_draft_lengths():
+    """With the request's max_new_tokens, rounds draft what the engine asks for: at most
+    budget - done - 1 (so a full-length answer's last round drafts nothing), and a draft that
+    matches an EOS-ended answer to its end stops at the EOS."""
+    full = [True] * 5                       # an answer cut at max_new_tokens = 5
+    assert teacher_forced_rounds(full, 3, budget=5) == [Round(3, 3, 4), Round(0, 0, 1)]
+    assert teacher_forced_rounds(full, 3) == [Round(3, 3, 4), Round(1, 1, 1)]
+    # an answer ended by EOS after 4 tokens, under a budget of 10
+    assert teacher_forced_rounds([True, True, False, True], 3, budget=10) == [Round(3, 2, 3), Round(1, 1, 1)]
+    assert teacher_forced_rounds([True, False], 3, budget=10) == [Round(3, 1, 2)]
+    # MAL (tokens per round) does not depend on the budget
+    for match in ([True, False, True, True, False, True], [False] * 4, [True] * 7):
+        for g in (1, 2, 4):
+            a, b = teacher_forced_rounds(match, g), teacher_forced_rounds(match, g, budget=len(match))
+            assert [r.committed for r in a] == [r.committed for r in b]

@@ -217,6 +217,7 @@ class Settings(_Model):
     seed: int | None = None
     device: str | None = None
     dtype: str | None = None
+    decode: bool = Field(True, description="False: MAL only, by teacher forcing (evaluate.decode); no speculative decoding ran")
     machine: dict[str, Any] = Field(default_factory=dict)
 
 

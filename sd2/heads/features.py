@@ -19,7 +19,7 @@ import torch
 
 from sd2.engine.sampling import DraftVocab
 from sd2.heads.model import Head, cache_len
-from sd2.mal import Round
+from sd2.mal import Round, draft_length
 
 
 @torch.no_grad()
@@ -56,7 +56,7 @@ def head_inputs(input_ids: torch.Tensor, features: torch.Tensor):
 
 @torch.no_grad()
 def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tuple[int, int]],
-                 gamma: int) -> list[list[Round]]:
+                 gamma: int, budget: int | None = None) -> list[list[Round]]:
     """Exact greedy speculative-decoding rounds of the head as a chain drafter, one list per span.
 
     ``ids`` is one row (prompt + the target's response), ``feats`` its target features [L, d], and
@@ -65,7 +65,8 @@ def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tu
     step feeds the head its own predicted feature, exactly as drafting does, and the round accepts
     the drafts that equal the data's tokens. This simulates the rounds without the target (the data
     holds the target's output), so it equals the engine's greedy MAL when the data is the target's
-    greedy output."""
+    greedy output. ``budget``: the max_new_tokens of each span's generation, for the engine's draft
+    lengths (sd2.mal.draft_length and teacher_forced_rounds)."""
     device = feats.device
     x = torch.tensor(ids, dtype=torch.long, device=device)
     n_pos = len(ids) - 1
@@ -79,14 +80,14 @@ def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tu
         rounds = []
         n = a                             # tokens committed: x_0..x_{n-1}; next to predict is x_n
         while n < b:
-            drafted = min(gamma, b - n)
+            drafted = draft_length(gamma, n - a, b - n, budget)
             acc = 0
             t = n - 2                     # head position of the first draft
-            if t >= 0 and int(greedy1[t]) == ids[n]:
+            if t >= 0 and drafted > 0 and int(greedy1[t]) == ids[n]:
                 acc = 1
                 feat = hf[0, t]
                 local = [[kv[0][:, :, : t + 1], kv[1][:, :, : t + 1]] for kv in cache]
-                while acc < drafted:
+                while acc < min(drafted, b - n):
                     p = t + acc
                     l2, f2 = head(x[None, n + acc - 1: n + acc], feat[None, None], torch.tensor([[p]], device=device),
                                   cache=local)
@@ -94,6 +95,8 @@ def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tu
                         break
                     acc += 1
                     feat = f2[0, 0]
+            if acc == b - n:
+                drafted = acc             # matched to the answer's last token (its EOS): drafting stopped there
             committed = min(acc + 1, b - n)
             rounds.append(Round(drafted, acc, committed))
             n += committed

@@ -173,12 +173,15 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
           repeats: int = typer.Option(1, "--repeats", help="timed passes; wall-clock is the median"),
           device: str = typer.Option("auto", "--device", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16, for both models"),
-          out: Path = typer.Option(Path("artifacts/eval"), "--out", help="where report.json/.md go")):
+          out: Path = typer.Option(Path("artifacts/eval"), "--out", help="where report.json/.md go"),
+          mal_only: bool = typer.Option(False, "--mal-only", help="MAL only: greedy chain rounds simulated exactly by "
+                                        "teacher forcing, no speculative decoding and no wall-clock (evaluate.decode: false)")):
     """Evaluate any drafter against a target, without a recipe."""
     from sd2.pipeline.commands import eval_command
 
     metrics = eval_command(target, drafter, prompts, limit, skip, gamma, temperature, max_new_tokens, repeats, out,
-                           device=device, dtype=dtype, width=width, top_k=top_k, top_p=top_p, min_p=min_p)
+                           device=device, dtype=dtype, width=width, top_k=top_k, top_p=top_p, min_p=min_p,
+                           decode=not mal_only)
     report = out / "report.md"
     typer.echo(report.read_text() if report.is_file() else json.dumps(metrics))
 

@@ -58,7 +58,7 @@ def _int_option(flag: str, text: str) -> int:
 def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list,
                  temperature: list[float], max_new_tokens: int, repeats: int, out: Path, seed: int = 0,
                  device: str = "auto", dtype: str = "float32", width: list[int] | None = None, top_k: int = 0,
-                 top_p: float = 1.0, min_p: float = 0.0) -> dict:
+                 top_p: float = 1.0, min_p: float = 0.0, decode: bool = True) -> dict:
     from pydantic import ValidationError
 
     from sd2.data.prompts import PromptsConfig, check_file
@@ -75,13 +75,20 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     gamma = [g if g == "auto" else _int_option("--gamma", g) for g in map(str, gamma)]
     if "auto" in gamma and len(gamma) > 1:
         raise Sd2Error("--gamma auto picks the depth itself; give it alone, not with other --gamma values")
+    if not decode:
+        bad = [what for what, wrong in (("--temperature 0 only", set(temperature) != {0.0}),
+                                        ("a fixed --gamma, not auto", "auto" in gamma), ("--width 1", set(width) != {1}),
+                                        ("no prompt lookup drafter", bool(lookup))) if wrong]
+        if bad:
+            raise Sd2Error("--mal-only simulates greedy chain rounds by teacher forcing, so it needs "
+                           + ", ".join(bad) + "; drop --mal-only to run speculative decoding")
     try:
         cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1),
                      gamma=gamma if len(gamma) > 1 else gamma[0], width=width if len(width) > 1 else width[0],
                      temperature=temperature if len(temperature) > 1 else temperature[0],
                      top_k=top_k, top_p=top_p, min_p=min_p,
                      prompt_lookup={"name": lookup[0]} if lookup else None,
-                     max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype)
+                     max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype, decode=decode)
     except ValidationError as e:
         raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-') or 'prompts'}: "
                                  f"{err['msg'].removeprefix('Value error, ')}"  # an empty loc: PromptsConfig's own check

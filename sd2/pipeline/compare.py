@@ -2,7 +2,8 @@
 
 Results are matched by (drafter, gamma, temperature). A setting regresses when:
 - its MAL dropped by more than ``max_mal_drop``, relative to the baseline: (base - new) / base;
-- it was lossless in the baseline and is not now (temperature 0);
+- it was lossless in the baseline and is not now, or is not checked now (temperature 0; a MAL-only
+  report, ``evaluate.decode: false``, checks no losslessness);
 - it is in the baseline but missing from the new report.
 MAL is the gate because it is deterministic (greedy) and machine-independent; wall-clock speedup is
 shown for information only, since it moves with the machine and its load.
@@ -46,8 +47,11 @@ def compare(new: Report, base: Report, max_mal_drop: float = 0.05) -> list[Row]:
         bm, nm = b.mal, n.mal
         if bm and nm is not None and (bm - nm) / bm > max_mal_drop:
             problems.append(f"MAL -{100 * (bm - nm) / bm:.1f}% > {100 * max_mal_drop:g}%")
-        if b.lossless is True and n.lossless is not True:
+        if b.lossless is True and n.lossless is False:
             problems.append("no longer lossless")
+        elif b.lossless is True and n.lossless is None and n.temperature == 0:
+            problems.append("lossless in BASELINE, not checked in NEW (a MAL-only report, evaluate.decode: false: "
+                            "compare it with a MAL-only baseline)")
         rows.append(Row(key, bm, nm, b.speedup, n.speedup, n.lossless,
                         "REGRESSION: " + "; ".join(problems) if problems else "ok"))
     return rows

@@ -70,6 +70,11 @@ class Config(BaseModel):
     repeats: int = Field(1, ge=1, le=20, description="timed passes over the prompts; wall-clock is the median")
     warmup: int = Field(1, ge=0, le=10, description="untimed warm-up runs before timing")
     teacher_forced: bool = Field(True, description="also compute greedy MAL by teacher forcing (one drafter forward per prompt)")
+    decode: bool = Field(True, description="false: MAL only, no speculative decoding. The target's greedy answers are "
+                                           "generated (timed: the baseline) and each drafter's greedy chain rounds at "
+                                           "each gamma are simulated exactly by teacher forcing, one drafter forward per "
+                                           "prompt. No wall-clock speedup, c or losslessness check; needs temperature 0, "
+                                           "width 1, a fixed gamma and no prompt_lookup")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of both models")
 
     @field_validator("gamma")
@@ -88,6 +93,18 @@ class Config(BaseModel):
     @classmethod
     def _temperature(cls, v):
         return _in_range(v, 0, 10, "temperature must be in [0, 10] or a non-empty list of such")
+
+    @model_validator(mode="after")
+    def _mal_only(self):
+        if self.decode:
+            return self
+        bad = [what for what, wrong in (
+            ("temperature 0 only", self.temperatures != [0.0]), ("a fixed gamma, not 'auto'", self.auto),
+            ("width 1", self.widths != [1]), ("no prompt_lookup", self.prompt_lookup is not None)) if wrong]
+        if bad:
+            raise ValueError("decode: false measures greedy chain MAL by teacher forcing, so it needs "
+                             + ", ".join(bad) + "; set decode: true (the default) to run speculative decoding")
+        return self
 
     @property
     def auto(self) -> bool:

@@ -146,7 +146,8 @@ def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
 
 
 def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gammas: list[int]) -> dict:
-    """Fill c and the vocabulary of each DrafterInfo; return teacher-forced greedy MAL per drafter and γ."""
+    """Fill c and the vocabulary of each DrafterInfo; return teacher-forced greedy chain statistics
+    (MalStats) per drafter and γ, for the drafters that have them (a model on the target's tokenizer)."""
     from sd2.stages.evaluate import measure as M
 
     greedy_tokens = [t for toks in greedy_ref.values() for t in toks]
@@ -155,14 +156,27 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gamma
         info = infos[d.name]
         info.c_measured = _r(M.c_measured(d.timed, setup.target)) if d.timed is not None else None
         info.vocab = vocab_info(info.path, maps[d.name], greedy_tokens)
-        if config.teacher_forced and greedy_ref and d.lm is not None and not d.cross:
-            tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, gammas)
-        elif config.teacher_forced and greedy_ref and info.kind == "head":
-            tf[d.name] = head_teacher_forced_mal(d.proposer.head, setup, greedy_ref, gammas)
+        wanted = (config.teacher_forced or not config.decode) and greedy_ref
+        if wanted and d.lm is not None and not d.cross:
+            tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, gammas, config.max_new_tokens)
+        elif wanted and info.kind == "head":
+            tf[d.name] = head_teacher_forced_mal(d.proposer.head, setup, greedy_ref, gammas, config.max_new_tokens)
     return tf
 
 
-def head_teacher_forced_mal(head, setup: Setup, greedy_ref, gammas: list[int]) -> dict[int, float]:
+def teacher_forced_cells(drafters, tf: dict, gammas: list[int]) -> dict:
+    """``evaluate.decode: false``: one cell per (drafter, γ) holding the teacher-forced rounds, untimed
+    and with losslessness not checked (None), in place of the engine's measured cells."""
+    from sd2.stages.evaluate import measure as M
+
+    missing = [d.name for d in drafters if d.name not in tf]
+    if missing:
+        raise Sd2Error(f"evaluate.decode: false cannot simulate {', '.join(missing)} (a drafter with another "
+                       "tokenizer has no teacher-forced rounds); set decode: true")
+    return {(d.name, g, 1, 0.0): M.Cell(stats=tf[d.name][g], lossless=None) for d in drafters for g in gammas}
+
+
+def head_teacher_forced_mal(head, setup: Setup, greedy_ref, gammas: list[int], max_new_tokens: int | None = None) -> dict:
     """The head's exact greedy chain MAL on the target's greedy answers (sd2.heads.features.chain_rounds):
     one target forward for the features, then the head's rounds simulated with its own predicted features."""
     import torch
@@ -179,8 +193,9 @@ def head_teacher_forced_mal(head, setup: Setup, greedy_ref, gammas: list[int]) -
             ids = list(req.ids) + list(resp)
             feats = target_features(setup.target.model, torch.tensor([ids], device=setup.target.device))[0]
             for g in gammas:
-                stats[g].add_request(chain_rounds(head, ids, feats, [(len(req.ids), len(ids))], g)[0], req.category)
-    return {g: s.summary(g)["mal"] for g, s in stats.items()}
+                stats[g].add_request(chain_rounds(head, ids, feats, [(len(req.ids), len(ids))], g, max_new_tokens)[0],
+                                     req.category)
+    return stats
 
 
 def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
@@ -196,21 +211,23 @@ def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
         info = infos[name]
         s = cell.stats.summary(gamma)
         n = s["target_forwards"]
+        timed = bool(cell.walls)   # False: teacher-forced rounds (decode: false), nothing was decoded or timed
         # v(n) at the full shape, 1 + gamma*width nodes (a model drafter's rounds are full but near the end)
         v = M.verify_cost(target, 1 + gamma * width) if info.kind != "prompt_lookup" else None
         rows.append(Result(
             drafter=name, kind=info.kind, gamma=gamma, width=width, temperature=temp,
             predicted_speedup=info.shape.predicted_speedup if info.shape is not None and temp == 0 else None,
             drafted_depth=s["drafted_depth"], nodes_per_round=_r(s["drafted"] / n) if n else None,
-            draft_cost=_r(cell.propose_s / n / step) if n and step else None,
-            verify_cost_mean=_r(cell.verify_s / n / step) if n and step else None,
+            draft_cost=_r(cell.propose_s / n / step) if n and step and timed else None,
+            verify_cost_mean=_r(cell.verify_s / n / step) if n and step and timed else None,
             **{k: _r(s[k]) for k in ("mal", "mal_per_request", "acceptance_rate")},
             acceptance_per_position=[_r(x) for x in s["acceptance_per_position"]],
             mal_per_category={k: _r(v) for k, v in s["mal_per_category"].items()},
-            greedy_mal_teacher_forced=_r(tf[name][gamma]) if temp == 0 and name in tf and width == 1 else None,
+            greedy_mal_teacher_forced=_r(tf[name][gamma].summary(gamma)["mal"]) if temp == 0 and name in tf and width == 1
+            else None,
             tokens=s["tokens"], requests=s["requests"], drafted=s["drafted"], accepted=s["accepted"],
-            target_forwards=s["target_forwards"], drafter_forwards=cell.drafter_forwards,
-            wall_s=_r(statistics.median(cell.walls)), walls=[_r(w) for w in cell.walls],
+            target_forwards=s["target_forwards"], drafter_forwards=cell.drafter_forwards if timed else None,
+            wall_s=_r(statistics.median(cell.walls)) if cell.walls else None, walls=[_r(w) for w in cell.walls],
             target_wall_s=_r(baseline[temp]["wall_s"]), c_measured=info.c_measured, verify_cost=_r(v),
             mac_ratio=info.mac_ratio, macs_per_token=info.macs.get("effective", 0),
             dense_macs_per_token=info.macs.get("dense", 0), sparsity=info.sparsity,
@@ -219,14 +236,13 @@ def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
 
 
 def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
-    from sd2 import __version__
-    from sd2.core.artifacts import machine
-    from sd2.core.report import Baseline, Report, Settings, ShapeChoice, TargetInfo
+    from sd2.core.report import ShapeChoice
     from sd2.stages.evaluate import measure as M
-    from sd2.stages.evaluate.report import write_report
 
     setup = load_target(config, inputs, ctx)
     drafters, infos, maps = load_drafters(config, inputs, setup, ctx)
+    if not config.decode:
+        return _mal_only(config, inputs, setup, drafters, infos, maps, out_dir, ctx)
     ctx.log.info("evaluating %d drafter(s) on %d request(s): gamma %s, temperature %s, %d new tokens, %d pass(es)",
                  len(drafters), len(setup.requests), config.gammas, config.temperatures, config.max_new_tokens,
                  config.repeats)
@@ -247,6 +263,32 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
         progress=lambda it, **kw: ctx.progress(it, total=len(setup.requests), **kw))
     gammas = sorted({g for s in shapes.values() for g, _ in s})
     tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref, gammas)
+    return _write(config, inputs, setup, infos, baseline, cells, tf, gammas, out_dir, ctx)
+
+
+def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path, ctx) -> dict:
+    """``decode: false``: the target's greedy answers (timed, the baseline), then each drafter's exact
+    greedy chain rounds at every γ by teacher forcing; no speculative decoding runs."""
+    from sd2.engine.proposer import Sampling
+    from sd2.stages.evaluate import measure as M
+
+    ctx.log.info("evaluating %d drafter(s) on %d request(s): gamma %s, greedy, %d new tokens, MAL only (decode: "
+                 "false: teacher-forced chain rounds, no speculative decoding)", len(drafters),
+                 len(setup.requests), config.gammas, config.max_new_tokens)
+    baseline, _, greedy_ref = M.measure(
+        setup.target, [], setup.requests, {}, [Sampling()], config.max_new_tokens, config.repeats, config.warmup,
+        ctx.seed, setup.eos, progress=lambda it, **kw: ctx.progress(it, total=len(setup.requests), **kw))
+    tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref, config.gammas)
+    cells = teacher_forced_cells(drafters, tf, config.gammas)
+    return _write(config, inputs, setup, infos, baseline, cells, tf, config.gammas, out_dir, ctx)
+
+
+def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out_dir: Path, ctx) -> dict:
+    from sd2 import __version__
+    from sd2.core.artifacts import machine
+    from sd2.core.report import Baseline, Report, Settings, TargetInfo
+    from sd2.stages.evaluate.report import write_report
+
     results = result_rows(config, setup, infos, baseline, cells, tf)
     for row in results:
         ctx.log_metrics(**{k: v for k, v in row.model_dump().items() if not isinstance(v, (list, dict))})
@@ -260,7 +302,7 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
                           max_new_tokens=config.max_new_tokens, n_prompts=len(setup.requests), turns=config.turns,
                           prompts=config.model_dump(mode="json")["prompts"], repeats=config.repeats,
                           warmup=config.warmup, seed=ctx.seed, device=str(ctx.device), dtype=config.dtype,
-                          machine=machine()),
+                          decode=config.decode, machine=machine()),
         baseline={str(t): Baseline(**{k: (_r(v) if isinstance(v, float) else v) for k, v in b.items()})
                   for t, b in baseline.items()},
         drafters=infos, results=results)
@@ -270,10 +312,11 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
 
 def summary(report, ctx) -> dict:
     """The stage's key metrics (manifest, `sd2 show`); logs an error when greedy was not lossless."""
+    checked = [r.lossless for r in report.rows(temperature=0.0) if r.lossless is not None]
+    lossless = all(checked) if checked else None      # None: nothing decoded greedily (or decode: false)
     greedy = report.rows(temperature=0.0)
-    lossless = all(r.lossless for r in greedy) if greedy else None
     if lossless is False:
-        bad = [f"{r.drafter} gamma={r.gamma}: {r.lossless_mismatches[:3]}" for r in greedy if not r.lossless]
+        bad = [f"{r.drafter} gamma={r.gamma}: {r.lossless_mismatches[:3]}" for r in greedy if r.lossless is False]
         ctx.log.error("NOT LOSSLESS at temperature 0 (prompts differ from target-only greedy): %s", "; ".join(bad))
     best, top = report.best, report.best_row()
     return {"best": best.drafter if best else None, "best_mal": top.mal if top else None,

@@ -94,11 +94,11 @@ def _gen(device, seed: int, *parts: int) -> torch.Generator:
 class Cell:
     """One (drafter, gamma, width, temperature) setting."""
     stats: MalStats = field(default_factory=MalStats)
-    walls: list[float] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)     # empty: not timed (evaluate.decode: false)
     drafter_forwards: int = 0
     propose_s: float = 0.0           # first pass: time inside propose
     verify_s: float = 0.0            # first pass: time inside the target's round forwards
-    lossless: bool = True
+    lossless: bool | None = True     # None: not checked (teacher-forced rounds, no decoding)
     mismatches: list[str] = field(default_factory=list)
 
 
@@ -218,9 +218,11 @@ def c_measured(drafter: CachedLM, target: CachedLM) -> float | None:
 
 @torch.inference_mode()
 def teacher_forced_mal(d: Drafter, requests: list[Request], greedy_ref: dict[str, list[int]],
-                       gammas: list[int]) -> dict[int, float]:
-    """Exact greedy chain MAL without drafting (docs/design.md): one drafter forward over prompt + the
-    target's greedy response gives the drafter's argmax at every response position."""
+                       gammas: list[int], max_new_tokens: int | None = None) -> dict[int, MalStats]:
+    """Exact greedy chain rounds without drafting (docs/evaluate.md): one drafter forward over prompt +
+    the target's greedy response gives the drafter's argmax at every response position; the rounds at
+    each gamma follow from where it matches (sd2.mal.teacher_forced_rounds, with the engine's draft
+    lengths under ``max_new_tokens``). Returns MalStats per gamma, the statistics the engine's rounds give."""
     stats = {g: MalStats() for g in gammas}
     model = d.lm.model
     for req in requests:
@@ -233,5 +235,5 @@ def teacher_forced_mal(d: Drafter, requests: list[Request], greedy_ref: dict[str
         pred = (d.vocab.map[idx] if d.vocab.map is not None else idx).tolist()
         match = [p == t for p, t in zip(pred, resp)]
         for g in gammas:
-            stats[g].add_request(teacher_forced_rounds(match, g), req.category)
-    return {g: s.summary(g)["mal"] for g, s in stats.items()}
+            stats[g].add_request(teacher_forced_rounds(match, g, max_new_tokens), req.category)
+    return stats

@@ -112,6 +112,10 @@ def markdown(report: Report, plots: list[str]) -> str:
              f"{s.device} {s.dtype}.", ""]
     for temp, b in report.baseline.items():
         lines.append(f"- target alone at T={temp}: {b.tokens} tokens in {b.wall_s:.2f} s ({b.tokens_per_s:.1f} tok/s)")
+    if not s.decode:
+        lines.append("- **MAL only** (`decode: false`): no speculative decoding ran. MAL and acceptance are each "
+                     "drafter's exact greedy chain rounds, simulated by teacher forcing on the target's greedy answers "
+                     "(docs/evaluate.md); there is no wall-clock speedup and losslessness was not checked.")
     filters = ([f"top-k {s.top_k}"] if s.top_k else []) + ([f"top-p {s.top_p:g}"] if s.top_p < 1 else []) \
         + ([f"min-p {s.min_p:g}"] if s.min_p > 0 else [])
     if filters:
@@ -120,7 +124,7 @@ def markdown(report: Report, plots: list[str]) -> str:
               "theoretical | MAC-based | modeled | c | lossless |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.results:
-        ll = {True: "yes", False: "**NO**", None: "n/a (T>0)"}[r.lossless]
+        ll = {True: "yes", False: "**NO**", None: "n/a (T>0)" if r.temperature > 0 else "not checked"}[r.lossless]
         lines.append(f"| {r.drafter} | {r.gamma} | {r.width} | {r.temperature:g} | "
                      f"{_fmt(100 * r.sparsity if r.sparsity is not None else None, 1, '%')} | "
                      f"{_macs(r.macs_per_token or 0)} | {_fmt(r.mac_ratio, 3)} | {_fmt(r.mal, 3)} | "
