@@ -108,6 +108,11 @@ def test_force_and_until(tmp_path, tiny_target, fake_stages):
     assert fake_stages == ["dense.finetune", "sparse.finetune", "evaluate"]
     with pytest.raises(Sd2Error, match="did you mean 'sparse.prune'"):
         Runner(recipe(tiny_target), tmp_path, force=["sparse.prun"])
+    # --until a stage name several steps share is refused, naming them; a step id picks one
+    with pytest.raises(Sd2Error, match=r"--until 'finetune' names 2 steps \(dense.finetune, sparse.finetune\); "
+                                       r"give the step id .* e.g. --until dense.finetune"):
+        Runner(recipe(tiny_target), tmp_path, until="finetune")
+    assert Runner(recipe(tiny_target), tmp_path, until="sparse.prune").last == 3
 
 
 def test_adding_a_branch_renumbers_without_rerunning(tmp_path, tiny_target, fake_stages):

@@ -102,6 +102,16 @@ def _match(steps: list[Step], key: str, option: str) -> list[Step]:
     return hits
 
 
+def _until(steps: list[Step], key: str) -> Step:
+    """The one step ``--until`` names. A stage name that several steps share (the top-level distill and a
+    branch's own) is refused: running on to the last of them ran far past what was meant."""
+    hits = _match(steps, key, "--until")
+    if len(hits) > 1:
+        raise Sd2Error(f"--until {key!r} names {len(hits)} steps ({', '.join(s.id for s in hits)}); give the step "
+                       f"id or folder of the one to stop after, e.g. --until {hits[0].id}")
+    return hits[0]
+
+
 @dataclass
 class Produced:
     path: Path
@@ -115,7 +125,7 @@ class Runner:
         self.run_dir = Path(out) / recipe.name
         self.steps = plan(recipe)
         self.force = {s.id for key in (force or []) for s in _match(self.steps, key, "--force")}
-        self.last = max(s.index for s in _match(self.steps, until, "--until")) if until else len(self.steps) - 1
+        self.last = _until(self.steps, until).index if until else len(self.steps) - 1
         self.produced: dict[str, Produced] = {}
         self._external: dict[str, ModelSource] = {}
         self._converted: set[str] = set()
