@@ -192,7 +192,7 @@ def write_report(path: str, state: dict, wanted: list[str], dtypes: list[str]) -
                     "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "load_average_start": [round(x, 2) for x in state["load_start"]],
                     "load_average_end": [round(x, 2) for x in os.getloadavg()],
-                    "shared": "the machine was shared with other jobs; see the load averages of each measurement"},
+                    "load": "whether other jobs ran beside: see load_average_start/end and each measurement's load_1min"},
         "summary": summary,
         "rounds": rounds,
     }

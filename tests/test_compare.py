@@ -49,7 +49,9 @@ def test_lost_losslessness_or_missing_drafter_exits_1(tmp_path):
     res = _cmp(tmp_path, _report(2.0, lossless=None), _report(2.0))
     assert res.exit_code == 1 and "not checked in NEW (a MAL-only report" in res.output
     # ... but two MAL-only reports gate on MAL alone
-    assert _cmp(tmp_path, _report(2.0, lossless=None), _report(2.0, lossless=None)).exit_code == 0
+    res = _cmp(tmp_path, _report(2.0, lossless=None), _report(2.0, lossless=None))
+    assert res.exit_code == 0 and "losslessness not checked where NEW is MAL only" in res.output
+    assert "still lossless" in _cmp(tmp_path, _report(2.0), _report(2.0)).output
     res = _cmp(tmp_path, _report(2.0), _report(2.0, drafters=("dense", "sparse")))
     assert res.exit_code == 1 and "missing in NEW" in res.output
 

@@ -257,12 +257,14 @@ def test_mal_only_gives_the_decoding_runs_rounds_without_decoding(tmp_path, tiny
     assert tf["baseline"]["0.0"]["tokens"] == dec["baseline"]["0.0"]["tokens"] and tf["baseline"]["0.0"]["wall_s"] > 0
     assert tf["best"]["by"] == "mac_speedup" and metrics["lossless"] is None
     assert "**MAL only** (`decode: false`)" in md and "not checked" in md
+    assert "among results (losslessness not checked: MAL only)" in md
 
 
 def test_mal_only_refuses_what_it_cannot_simulate():
     p = PromptsConfig(source="mtbench")
-    for extra, what in (({"temperature": [0.0, 1.0]}, "temperature 0 only"), ({"gamma": "auto"}, "a fixed gamma"),
-                        ({"width": [1, 2]}, "width 1"), ({"prompt_lookup": {}}, "no prompt_lookup")):
+    for extra, what in (({"temperature": [0.0, 1.0]}, r"temperature 0 only \(temperature is \[0.0, 1.0\]\)"),
+                        ({"gamma": "auto"}, "a fixed gamma"), ({"width": [1, 2]}, r"width 1 \(width is \[1, 2\]\)"),
+                        ({"prompt_lookup": {}}, "no prompt_lookup")):
         with pytest.raises(ValidationError, match=rf"decode: false measures greedy chain MAL .*{what}.*set decode: true"):
             Config(prompts=p, decode=False, **extra)
     assert Config(prompts=p, decode=False, gamma=[2, 4]).gammas == [2, 4]

@@ -99,8 +99,10 @@ class Config(BaseModel):
         if self.decode:
             return self
         bad = [what for what, wrong in (
-            ("temperature 0 only", self.temperatures != [0.0]), ("a fixed gamma, not 'auto'", self.auto),
-            ("width 1", self.widths != [1]), ("no prompt_lookup", self.prompt_lookup is not None)) if wrong]
+            (f"temperature 0 only (temperature is {self.temperature})", self.temperatures != [0.0]),
+            ("a fixed gamma, not 'auto' (gamma is 'auto')", self.auto),
+            (f"width 1 (width is {self.width})", self.widths != [1]),
+            ("no prompt_lookup (prompt_lookup is set)", self.prompt_lookup is not None)) if wrong]
         if bad:
             raise ValueError("decode: false measures greedy chain MAL by teacher forcing, so it needs "
                              + ", ".join(bad) + "; set decode: true (the default) to run speculative decoding")

@@ -188,7 +188,8 @@ def markdown(report: Report, plots: list[str]) -> str:
         b = report.best
         what = "measured speedup" if b.by == "speedup" else "MAC-based speedup (no timings)"
         lines += [f"## Use the best drafter: `{b.drafter}` (γ={b.gamma})", "",
-                  f"The best is the highest {what} at T={b.temperature:g} among lossless results of the drafters with a model (prompt lookup is the baseline, never the best): "
+                  f"The best is the highest {what} at T={b.temperature:g} among "
+                  f"{'lossless results' if s.decode else 'results (losslessness not checked: MAL only)'} of the drafters with a model (prompt lookup is the baseline, never the best): "
                   f"{b.value:.2f}× (docs/evaluate.md \"best\"). `sd2 publish` publishes it by default.", "",
                   *[line for name, text in snip.items()
                     for line in (f"{_LABEL[name]}:", "", f"```{'bash' if name == 'sd2' else 'python'}", text.rstrip(),
