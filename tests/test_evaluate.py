@@ -260,7 +260,15 @@ def test_mal_only_gives_the_decoding_runs_rounds_without_decoding(tmp_path, tiny
     assert "among results (losslessness not checked: MAL only)" in md
 
 
-def test_mal_only_refuses_what_it_cannot_simulate():
+def test_mal_only_refuses_what_it_cannot_simulate(tmp_path, tiny_target, tiny_drafter, mtbench_file):
+    from sd2.core.errors import Sd2Error
+
+    cfg = Config(prompts=PromptsConfig(source=str(mtbench_file), limit=1), gamma=2, max_new_tokens=4, decode=False)
+    inputs = StageInputs(target=ModelSource(str(tiny_target), "fp-t"), drafters={"x": ModelSource(str(tiny_drafter), "fp-d")},
+                         cross_tokenizer=True)   # drafts through text, as a drafter with another tokenizer does
+    with pytest.raises(Sd2Error, match=r"decode: false cannot simulate x: a drafter with another tokenizer"):
+        run(cfg, inputs, tmp_path, standalone_context(tmp_path))
+    assert not (tmp_path / "report.json").exists()
     p = PromptsConfig(source="mtbench")
     for extra, what in (({"temperature": [0.0, 1.0]}, r"temperature 0 only \(temperature is \[0.0, 1.0\]\)"),
                         ({"gamma": "auto"}, "a fixed gamma"), ({"width": [1, 2]}, r"width 1 \(width is \[1, 2\]\)"),

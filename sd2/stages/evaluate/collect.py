@@ -171,8 +171,7 @@ def teacher_forced_cells(drafters, tf: dict, gammas: list[int]) -> dict:
 
     missing = [d.name for d in drafters if d.name not in tf]
     if missing:
-        raise Sd2Error(f"evaluate.decode: false cannot simulate {', '.join(missing)} (a drafter with another "
-                       "tokenizer has no teacher-forced rounds); set decode: true")
+        raise Sd2Error(f"evaluate.decode: false has no teacher-forced rounds for {', '.join(missing)}; set decode: true")
     return {(d.name, g, 1, 0.0): M.Cell(stats=tf[d.name][g], lossless=None) for d in drafters for g in gammas}
 
 
@@ -272,6 +271,10 @@ def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path
     from sd2.engine.proposer import Sampling
     from sd2.stages.evaluate import measure as M
 
+    cross = [d.name for d in drafters if d.cross]
+    if cross:   # before the target generates anything
+        raise Sd2Error(f"evaluate.decode: false cannot simulate {', '.join(cross)}: a drafter with another tokenizer "
+                       "drafts through text and has no teacher-forced rounds; set decode: true")
     ctx.log.info("evaluating %d drafter(s) on %d request(s): gamma %s, greedy, %d new tokens, MAL only (decode: "
                  "false: teacher-forced chain rounds, no speculative decoding)", len(drafters),
                  len(setup.requests), config.gammas, config.max_new_tokens)
