@@ -65,7 +65,7 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     from sd2.core import artifacts as art
     from sd2.core.context import StageInputs, pick_device, standalone_context
     from sd2.core.models import resolve
-    from sd2.stages.evaluate import Config, run
+    from sd2.stages.evaluate import Config, mal_only_conflicts, run
 
     names = drafter_names(drafters)
     lookup = [n for n, ref in names.items() if ref == PROMPT_LOOKUP and not Path(ref).exists()]
@@ -76,9 +76,7 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     if "auto" in gamma and len(gamma) > 1:
         raise Sd2Error("--gamma auto picks the depth itself; give it alone, not with other --gamma values")
     if not decode:
-        bad = [what for what, wrong in (("--temperature 0 only", set(temperature) != {0.0}),
-                                        ("a fixed --gamma, not auto", "auto" in gamma), ("--width 1", set(width) != {1}),
-                                        ("no prompt lookup drafter", bool(lookup))) if wrong]
+        bad = mal_only_conflicts(list(temperature), gamma, width, lookup, flag="--")
         if bad:
             raise Sd2Error("--mal-only simulates greedy chain rounds by teacher forcing, so it needs "
                            + ", ".join(bad) + "; drop --mal-only to run speculative decoding")

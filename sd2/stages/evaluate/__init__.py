@@ -45,6 +45,24 @@ def _in_range(v, lo, hi, what: str):
     return v
 
 
+def mal_only_conflicts(temperature, gamma, width, prompt_lookup, flag: str = "") -> list[str]:
+    """The settings that MAL only (``decode: false``, teacher-forced greedy chain rounds) cannot simulate,
+    each as what it needs instead: ``evaluate``'s check with the values, and ``sd2 eval --mal-only``'s
+    (``flag="--"``: the options' names, no values). Each setting is one value or a list."""
+    as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    values = not flag
+    out = []
+    if {float(t) for t in as_list(temperature)} != {0.0}:
+        out.append(f"{flag}temperature 0 only" + (f" (temperature is {temperature})" if values else ""))
+    if "auto" in as_list(gamma):
+        out.append(f"a fixed {flag}gamma, not auto" + (" (gamma is 'auto')" if values else ""))
+    if set(as_list(width)) != {1}:
+        out.append(f"{flag}width 1" + (f" (width is {width})" if values else ""))
+    if prompt_lookup:
+        out.append("no prompt_lookup (prompt_lookup is set)" if values else "no prompt lookup drafter")
+    return out
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,13 +114,7 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _mal_only(self):
-        if self.decode:
-            return self
-        bad = [what for what, wrong in (
-            (f"temperature 0 only (temperature is {self.temperature})", self.temperatures != [0.0]),
-            ("a fixed gamma, not 'auto' (gamma is 'auto')", self.auto),
-            (f"width 1 (width is {self.width})", self.widths != [1]),
-            ("no prompt_lookup (prompt_lookup is set)", self.prompt_lookup is not None)) if wrong]
+        bad = [] if self.decode else mal_only_conflicts(self.temperature, self.gamma, self.width, self.prompt_lookup)
         if bad:
             raise ValueError("decode: false measures greedy chain MAL by teacher forcing, so it needs "
                              + ", ".join(bad) + "; set decode: true (the default) to run speculative decoding")

@@ -151,12 +151,12 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gamma
     from sd2.stages.evaluate import measure as M
 
     greedy_tokens = [t for toks in greedy_ref.values() for t in toks]
+    wanted = (config.teacher_forced or not config.decode) and greedy_ref
     tf = {}
     for d in drafters:
         info = infos[d.name]
         info.c_measured = _r(M.c_measured(d.timed, setup.target)) if d.timed is not None else None
         info.vocab = vocab_info(info.path, maps[d.name], greedy_tokens)
-        wanted = (config.teacher_forced or not config.decode) and greedy_ref
         if wanted and d.lm is not None and not d.cross:
             tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, gammas, config.max_new_tokens)
         elif wanted and info.kind == "head":
@@ -315,9 +315,9 @@ def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out
 
 def summary(report, ctx) -> dict:
     """The stage's key metrics (manifest, `sd2 show`); logs an error when greedy was not lossless."""
-    checked = [r.lossless for r in report.rows(temperature=0.0) if r.lossless is not None]
-    lossless = all(checked) if checked else None      # None: nothing decoded greedily (or decode: false)
     greedy = report.rows(temperature=0.0)
+    checked = [r.lossless for r in greedy if r.lossless is not None]
+    lossless = all(checked) if checked else None      # None: nothing decoded greedily (or decode: false)
     if lossless is False:
         bad = [f"{r.drafter} gamma={r.gamma}: {r.lossless_mismatches[:3]}" for r in greedy if r.lossless is False]
         ctx.log.error("NOT LOSSLESS at temperature 0 (prompts differ from target-only greedy): %s", "; ".join(bad))
