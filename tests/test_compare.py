@@ -51,6 +51,7 @@ def test_lost_losslessness_or_missing_drafter_exits_1(tmp_path):
     # ... but two MAL-only reports gate on MAL alone
     res = _cmp(tmp_path, _report(2.0, lossless=None), _report(2.0, lossless=None))
     assert res.exit_code == 0 and "losslessness not checked where NEW is MAL only" in res.output
+    assert "not checked" in res.output.splitlines()[2] and "None" not in res.output   # the table row, not a raw None
     assert "still lossless" in _cmp(tmp_path, _report(2.0), _report(2.0)).output
     res = _cmp(tmp_path, _report(2.0), _report(2.0, drafters=("dense", "sparse")))
     assert res.exit_code == 1 and "missing in NEW" in res.output

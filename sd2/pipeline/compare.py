@@ -57,15 +57,21 @@ def compare(new: Report, base: Report, max_mal_drop: float = 0.05) -> list[Row]:
     return rows
 
 
+def _lossless(r: Row) -> str:
+    if r.new_lossless is None:
+        return "not checked" if r.key[2] == 0 and r.new_mal is not None else "-"   # MAL only, T>0, or missing
+    return "yes" if r.new_lossless else "NO"
+
+
 def table(rows: list[Row]) -> str:
     def f(x, nd=3):
         return "-" if x is None else f"{x:.{nd}f}"
 
-    head = f"{'drafter':<16} {'γ':>3} {'T':>5}  {'MAL base':>9} {'MAL new':>9} {'Δ%':>7}  {'speedup base':>12} {'new':>7}  {'lossless':>8}  status"
+    head = f"{'drafter':<16} {'γ':>3} {'T':>5}  {'MAL base':>9} {'MAL new':>9} {'Δ%':>7}  {'speedup base':>12} {'new':>7}  {'lossless':>11}  status"
     out = [head, "-" * len(head)]
     for r in rows:
         d, g, t = r.key
         delta = f"{100 * (r.new_mal - r.base_mal) / r.base_mal:+.1f}" if r.base_mal and r.new_mal is not None else "-"
         out.append(f"{d:<16} {g:>3} {t:>5g}  {f(r.base_mal):>9} {f(r.new_mal):>9} {delta:>7}  "
-                   f"{f(r.base_speedup, 2):>12} {f(r.new_speedup, 2):>7}  {str(r.new_lossless):>8}  {r.status}")
+                   f"{f(r.base_speedup, 2):>12} {f(r.new_speedup, 2):>7}  {_lossless(r):>11}  {r.status}")
     return "\n".join(out)
