@@ -68,7 +68,7 @@ def mask_cost(model_dir: Path, repeats: int = 5) -> dict:
     import torch
 
     from sd2.core.models import load_model
-    from sd2.stages.finetune.mask import SparsityMask
+    from sd2.train.mask import SparsityMask
 
     model = load_model(model_dir)
     mask = SparsityMask.from_model(model)

@@ -175,7 +175,7 @@ def test_trimmed_head_maps_ids(target):
 
 
 def _random_rows(n_rows: int, seed: int, length: int = 36):
-    from sd2.stages.finetune.batches import Rows
+    from sd2.train.batches import Rows
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 300, (n_rows, length), generator=g).tolist()

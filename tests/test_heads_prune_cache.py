@@ -109,7 +109,7 @@ def test_refused_methods_name_the_working_ones(tmp_path, target):
 
 def _rows(n: int, seed: int):
     """Rows of different lengths (so batches pad) with a response part."""
-    from sd2.stages.finetune.batches import Rows
+    from sd2.train.batches import Rows
 
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(3, 300, (int(torch.randint(12, 30, (1,), generator=g)),), generator=g).tolist()

@@ -5,9 +5,7 @@ pruning. The loss is CE on the target's tokens, or a DistillSpec divergence (fkl
 against the target's distribution, from the cached top-k logits or an online target forward, or a
 weighted mix of CE and one divergence. User documentation: docs/finetune.md.
 
-Modules: ``batches`` (data, checks, order), ``losses``, ``mask``, ``train`` (the loop),
-``evaluation`` (validation loss, top-1, exact greedy MAL), ``checkpoint`` (resume),
-``distributed`` (accelerate).
+The training loop is sd2/train/ (shared by every drafter kind); the drafter kind brings its loss.
 """
 
 from __future__ import annotations
@@ -96,10 +94,10 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.core.models import load_model, load_tokenizer, save_model
     from sd2.modeling import untie_lm_head
 
-    from . import checkpoint, train as training
-    from .batches import load_rows, split_rows
-    from .losses import target_to_draft_map
-    from .train import Objective
+    from sd2.drafters.lm_train import LMTask, Objective
+    from sd2.train import checkpoint, loop
+    from sd2.train.batches import load_rows, split_rows
+    from sd2.train.losses import target_to_draft_map
 
     out_dir = Path(out_dir)
     if inputs.model is None or inputs.dataset is None:
@@ -152,8 +150,9 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     ctx.log.info("finetune on %d conversations (%d held out), loss %s%s, %s", len(rows_train), len(rows_val),
                  config.loss, f" (teacher {config.teacher})" if kd else "", "mask held" if config.hold_mask else "mask off")
     config_json = config.model_dump(mode="json") | {"seed": ctx.seed, "world_size": world}
-    metrics = training.train(config, model, rows_train, rows_val, tok.pad_token_id or 0, out_dir, ctx, objective,
-                             config_json, teacher_model=teacher_model)
+    pad_id = tok.pad_token_id or 0
+    task = LMTask(model, objective, rows_val, config, pad_id, teacher_model)
+    metrics = loop.train(config, task, rows_train, pad_id, out_dir, ctx, config_json)
     if not metrics.get("mask_exact", True):
         raise Sd2Error(f"finetune broke the sparsity mask: {metrics['mask_violations']} pruned entries are nonzero")
 
