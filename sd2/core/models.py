@@ -175,6 +175,7 @@ class ModelSource:
     revision: str | None = None
     label: str = ""                 # the model as a user names it to sd2 (hub id, folder, PACKAGE:FILE.gguf)
     hub_id: str | None = None       # its Hub id where known (a hub ref, or the repo a GGUF was converted from)
+    kind: str = "lm"                # the drafter kind (sd2.drafters.KINDS) its folder holds, set by the planner
 
     @property
     def is_local(self) -> bool:

@@ -61,6 +61,9 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
                  top_p: float = 1.0, min_p: float = 0.0, decode: bool = True) -> dict:
     from pydantic import ValidationError
 
+    from dataclasses import replace
+
+    from sd2 import drafters as kinds
     from sd2.data.prompts import PromptsConfig, check_file
     from sd2.core import artifacts as art
     from sd2.core.context import StageInputs, pick_device, standalone_context
@@ -114,6 +117,7 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
 
     tgt = source("--target", target)
     srcs = {name: source("--drafter", ref) for name, ref in names.items() if name not in lookup}
+    srcs = {name: src and replace(src, kind=kinds.kind_of(src)) for name, src in srcs.items()}
     if problems:
         raise Sd2Error("; ".join(problems))
     inputs = StageInputs(target=tgt, drafters=srcs)

@@ -13,7 +13,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -39,6 +39,7 @@ class Step:
     branch: str | None = None
     # where each consumed input comes from: "target", "drafter" or the id of an earlier step
     sources: dict[str, object] = field(default_factory=dict)
+    kind: str | None = None     # the drafter kind of the model it produces (sd2.drafters.KINDS)
 
     @property
     def folder(self) -> str:
@@ -48,8 +49,8 @@ class Step:
 def plan(recipe: ValidatedRecipe) -> list[Step]:
     steps: list[Step] = []
 
-    def add(sid, stage, config, branch=None, **sources):
-        steps.append(Step(len(steps), sid, stage, config, branch, sources))
+    def add(sid, stage, config, branch=None, kind=None, **sources):
+        steps.append(Step(len(steps), sid, stage, config, branch, sources, get_stage(stage).kind or kind))
 
     r = recipe.recipe
     drafter_src = "drafter"
@@ -77,10 +78,10 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
         if bname in recipe.branch_from:   # {from: earlier}: continue from that branch's model and dataset
             model_src, data_src = finals[recipe.branch_from[bname]], data_finals[recipe.branch_from[bname]]
         seen: dict[str, int] = {}
-        for sname, cfg in bsteps:
+        for i, (sname, cfg) in enumerate(bsteps):
             seen[sname] = seen.get(sname, 0) + 1
             sid = f"{bname}.{sname}" + (f"-{seen[sname]}" if seen[sname] > 1 else "")
-            add(sid, sname, cfg, bname, target="target", model=model_src, dataset=data_src)
+            add(sid, sname, cfg, bname, recipe.kinds[bname][i], target="target", model=model_src, dataset=data_src)
             produces = get_stage(sname).produces
             if produces == "model":
                 model_src = sid
@@ -130,6 +131,7 @@ class Runner:
         self._external: dict[str, ModelSource] = {}
         self._converted: set[str] = set()
         self._cross_tokenizer: bool | None = None
+        self.kinds = {"drafter": recipe.drafter_kind} | {s.id: s.kind for s in self.steps if s.kind}
 
     # -- external models ------------------------------------------------------------------
     def _source(self, role: str, load: bool) -> ModelSource:
@@ -148,9 +150,9 @@ class Runner:
         if name == "drafters":
             return {k: self._input("model", v, load) for k, v in src.items()}
         if src in ("target", "drafter"):
-            return self._source(src, load)
+            return replace(self._source(src, load), kind=self.kinds.get(src, "lm"))
         p = self.produced[src]
-        return p.path if name == "dataset" else ModelSource(str(p.path), p.output_id)
+        return p.path if name == "dataset" else ModelSource(str(p.path), p.output_id, kind=self.kinds[src])
 
     def _identity(self, src):
         """What identifies an input in a fingerprint: an external model's content fingerprint, or the

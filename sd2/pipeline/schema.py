@@ -169,6 +169,8 @@ class ValidatedRecipe:
         self.evaluate = evaluate
         self.raw = raw
         self.branch_from = branch_from or {}   # branch -> the earlier branch whose model and dataset it starts from
+        self.drafter_kind = drafter_kind(recipe)
+        self.kinds = step_kinds(self.drafter_kind, branches, self.branch_from)
 
     @property
     def name(self) -> str:
@@ -254,9 +256,50 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         issues.extend(_check_paths(recipe))
         issues.extend(_check_cross(recipe, data, branches, branch_from))
         issues.extend(_check_layers(recipe, branches, branch_from))
+        issues.extend(_check_kinds(recipe, branches, branch_from))
     if issues:
         raise RecipeError(issues, source)
     return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from)
+
+
+def drafter_kind(recipe: Recipe) -> str:
+    """The drafter kind (sd2.drafters.KINDS) of the recipe's drafter before any branch: a head for
+    ``drafter: {head: ...}``, what a local folder holds (read once, here), else a causal LM."""
+    from sd2 import drafters
+
+    d = recipe.drafter
+    if d.head is not None:
+        return "head"
+    return drafters.kind_of(expand(d.path)) if d.path is not None else drafters.DEFAULT
+
+
+def step_kinds(start: str, branches: dict, branch_from: dict) -> dict[str, list[str]]:
+    """{branch: the drafter kind each of its steps receives}: ``start``, changed by a step whose stage
+    produces another kind (``- head:``), carried on by a ``from:`` branch."""
+    out: dict[str, list[str]] = {}
+    ends: dict[str, str] = {}
+    for bname, steps in branches.items():
+        kind = ends.get(branch_from[bname], start) if bname in branch_from else start
+        out[bname] = []
+        for sname, _ in steps:
+            out[bname].append(kind)
+            kind = STAGES[sname].kind or kind
+        ends[bname] = kind
+    return out
+
+
+def _check_kinds(recipe: Recipe, branches: dict, branch_from: dict) -> list[Issue]:
+    """A branch step's options that the drafter kind it receives lacks (sd2.drafters.problems): a
+    head-only finetune option on a causal LM, layer pruning or a raw recipe on a head."""
+    from sd2 import drafters
+
+    issues = []
+    for bname, kinds in step_kinds(drafter_kind(recipe), branches, branch_from).items():
+        for i, ((sname, cfg), kind) in enumerate(zip(branches[bname], kinds)):
+            at = i + (1 if bname in branch_from else 0)   # the raw step index: `from:` is step 0
+            issues += [Issue(f"branches.{bname}[{at}].{sname}.{field}", msg)
+                       for field, msg in drafters.problems(sname, cfg, kind)]
+    return issues
 
 
 def _check_prompt_files(sections: list[tuple[str, Any]]) -> list[Issue]:

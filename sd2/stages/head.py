@@ -23,6 +23,12 @@ class Config(BaseModel):
 
 
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
-    from sd2.heads.stages import build_stage
+    from sd2 import drafters
 
-    return build_stage(config, inputs, Path(out_dir), ctx)
+    drafter = drafters.kind_module("head").build(config.type, config.layers, inputs.target, ctx.seed)
+    drafter.save(Path(out_dir))
+    macs = drafter.macs()
+    params = sum(p.numel() for p in drafter.module.parameters())
+    ctx.log.info("built a %s head over the target: %d layer(s), %.2f M parameters, %.1f M MACs/token (lm_head %.1f M)",
+                 config.type, config.layers, params / 1e6, macs.effective / 1e6, macs.lm_head / 1e6)
+    return {"head": config.type, "layers": config.layers, "parameters": params, "macs_per_token": macs.effective}

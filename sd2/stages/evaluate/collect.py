@@ -77,13 +77,13 @@ def load_drafters(config, inputs, setup: Setup, ctx):
     from sd2.engine.lookup import PromptLookupProposer
     from sd2.engine.sampling import DraftVocab
     from sd2.stages.evaluate import measure as M
-    from sd2.heads.io import is_head
+    from sd2.drafters import KINDS
     from sd2.vocab import draft_to_target
 
     drafters, infos, maps = [], {}, {}
     for name, src in (inputs.drafters or {}).items():
-        if is_head(src):
-            drafters.append(_head_drafter(name, src, setup, config, infos, maps, ctx))
+        if not KINDS[src.kind].causal_lm:   # a drafter that reads the target (its own proposer)
+            drafters.append(_reading_drafter(name, src, setup, config, infos, maps, ctx))
             continue
         model = load_model(src, device=ctx.device, dtype=getattr(torch, config.dtype))
         tok = load_tokenizer(src)
@@ -111,24 +111,22 @@ def load_drafters(config, inputs, setup: Setup, ctx):
     return drafters, infos, maps
 
 
-def _head_drafter(name, src, setup: Setup, config, infos, maps, ctx):
-    """A feature-level head (sd2.heads) as a proposer that reads the target's features; it shares
-    the evaluated target's embeddings and lm_head. MACs: fc + layer(s) + its output layer."""
+def _reading_drafter(name, src, setup: Setup, config, infos, maps, ctx):
+    """A drafter bound to the evaluated target (a feature-level head: it reads the target's features
+    and shares its embeddings and lm_head), as the proposer its kind builds (sd2.drafters)."""
     import torch
 
+    from sd2 import drafters as kinds
     from sd2.core.report import DrafterInfo
-    from sd2.heads import io
-    from sd2.heads.proposer import HeadProposer
-    from sd2.heads.stages import head_macs
     from sd2.stages.evaluate import measure as M
 
-    head = io.load(src, setup.target.model, device=ctx.device, dtype=getattr(torch, config.dtype))
-    maps[name] = head.d2t
-    macs = head_macs(head)
-    infos[name] = DrafterInfo(path=src.ref, kind="head", fingerprint=src.fingerprint, macs=macs.to_dict(),
+    drafter = kinds.load(src, setup.target.model, device=ctx.device, dtype=getattr(torch, config.dtype))
+    maps[name] = drafter.d2t()
+    macs = drafter.macs()
+    infos[name] = DrafterInfo(path=src.ref, kind=src.kind, fingerprint=src.fingerprint, macs=macs.to_dict(),
                               mac_ratio=_r(macs.ratio_to(setup.macs)), sparsity=_r(macs.decoder_sparsity),
-                              lineage=_lineage(src.ref), settings={"head": head.head_config.type})
-    return M.Drafter(name, HeadProposer(head, setup.eos, name))
+                              lineage=_lineage(src.ref), settings=drafter.settings())
+    return M.Drafter(name, drafter.proposer(setup.eos, name), drafter=drafter)
 
 
 def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
@@ -159,8 +157,9 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gamma
         info.vocab = vocab_info(info.path, maps[d.name], greedy_tokens)
         if wanted and d.lm is not None and not d.cross:
             tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, gammas, config.max_new_tokens)
-        elif wanted and info.kind == "head":
-            tf[d.name] = head_teacher_forced_mal(d.proposer.head, setup, greedy_ref, gammas, config.max_new_tokens)
+        elif wanted and d.drafter is not None:
+            tf[d.name] = d.drafter.teacher_forced_mal(setup.target.model, setup.requests, greedy_ref, gammas,
+                                                      config.max_new_tokens)
     return tf
 
 
@@ -173,28 +172,6 @@ def teacher_forced_cells(drafters, tf: dict, gammas: list[int]) -> dict:
     if missing:
         raise Sd2Error(f"evaluate.decode: false has no teacher-forced rounds for {', '.join(missing)}; set decode: true")
     return {(d.name, g, 1, 0.0): M.Cell(stats=tf[d.name][g], lossless=None) for d in drafters for g in gammas}
-
-
-def head_teacher_forced_mal(head, setup: Setup, greedy_ref, gammas: list[int], max_new_tokens: int | None = None) -> dict:
-    """The head's exact greedy chain MAL on the target's greedy answers (sd2.heads.features.chain_rounds):
-    one target forward for the features, then the head's rounds simulated with its own predicted features."""
-    import torch
-
-    from sd2.heads.features import chain_rounds, target_features
-    from sd2.mal import MalStats
-
-    stats = {g: MalStats() for g in gammas}
-    with torch.inference_mode():
-        for req in setup.requests:
-            resp = greedy_ref[req.id]
-            if not resp:
-                continue
-            ids = list(req.ids) + list(resp)
-            feats = target_features(setup.target.model, torch.tensor([ids], device=setup.target.device))[0]
-            for g in gammas:
-                stats[g].add_request(chain_rounds(head, ids, feats, [(len(req.ids), len(ids))], g, max_new_tokens)[0],
-                                     req.category)
-    return stats
 
 
 def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:

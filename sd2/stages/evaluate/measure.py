@@ -37,6 +37,7 @@ class Drafter:
     lm: CachedLM | None = None
     vocab: DraftVocab | None = None
     cross: bool = False              # a different tokenizer: drafts travel through text
+    drafter: object = None           # a drafter bound to the target (sd2.drafters; a head): its teacher-forced MAL
 
     @property
     def widths(self) -> bool:
