@@ -231,7 +231,7 @@ def test_mal_only_gives_the_decoding_runs_rounds_without_decoding(tmp_path, tiny
     head = io.save(io.build("fspad", load_model(tiny_target), target_ref=str(tiny_target)), tmp_path / "head", tokenizer)
     inputs = StageInputs(target=ModelSource(str(tiny_target), "fp-t"),
                          drafters={"raw": ModelSource(str(tiny_drafter), "fp-d"),
-                                   "self": ModelSource(str(tiny_target), "fp-t"), "head": ModelSource(str(head), "fp-h")})
+                                   "self": ModelSource(str(tiny_target), "fp-t"), "head": ModelSource(str(head), "fp-h", kind="head")})
     reports = {}
     for decode in (True, False):
         out = tmp_path / f"decode-{decode}"

@@ -19,14 +19,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sd2.core.errors import Sd2Error, reading, reason
 from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.paths import expand
-from sd2.data.prompts import Prompts
 
 log = logging.getLogger("sd2")
 
@@ -36,13 +35,16 @@ log = logging.getLogger("sd2")
 
 
 class ModelRef(BaseModel):
-    """Where a model comes from. Exactly one of ``hub``, ``path``, ``gguf``, ``derive`` or ``head``.
+    """Where a model's weights come from. Exactly one of ``hub``, ``path`` or ``gguf``. (A drafter
+    that a stage builds, derived from the target or a head, is a recipe's ``drafter:`` only:
+    sd2.pipeline.schema.DrafterRef.)
 
     A bare string is shorthand: an existing path or one starting with '.', '/' or '~' is a local
     folder, anything else a Hub id.
     """
 
     model_config = ConfigDict(extra="forbid")
+    SOURCES: ClassVar[tuple[str, ...]] = ("hub", "path", "gguf")
 
     hub: str | None = Field(None, description="Hugging Face Hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub only")
@@ -50,18 +52,6 @@ class ModelRef(BaseModel):
     gguf: str | None = Field(None, description="a .gguf file: a path, or a file name inside `package`")
     package: str | None = Field(None, description="installed Python package that ships the gguf file")
     tokenizer: str | None = Field(None, description="gguf only: a folder or hub id with the tokenizer, if the gguf's own is not wanted")
-    derive: Literal["target"] | None = Field(None, description="derive the drafter from the target by keeping a subset of layers")
-    keep_layers: int | None = Field(None, ge=1, description="derive: keep K layers (which: see select)")
-    layers: list[int] | None = Field(None, description="derive: the exact layer indices to keep")
-    select: Literal["first_last", "angular"] | None = Field(
-        None, description="derive with keep_layers: first_last (default) keeps the first K-2 and the last 2 layers; "
-                          "angular removes the contiguous block of L-K layers whose input and output hidden states "
-                          "are closest in angular distance (Gromov et al. 2024), measured on calibration prompts")
-    calibration: Prompts | None = Field(
-        None, description="derive with select: angular: the prompts (chat template applied) the distances are "
-                          "measured on; default: the recipe's distill prompts")
-    head: Literal["eagle", "fspad"] | None = Field(None, description="a feature-level head over the target (docs/heads.md)")
-    head_layers: int | None = Field(None, ge=1, le=8, description="head: decoder layers in the head (default 1)")
     trust_remote_code: bool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
 
     @model_validator(mode="before")
@@ -76,19 +66,9 @@ class ModelRef(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "ModelRef":
-        kinds = [k for k in ("hub", "path", "gguf", "derive", "head") if getattr(self, k) is not None]
+        kinds = [k for k in self.SOURCES if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"give exactly one of hub, path, gguf, derive, head (got {kinds or 'none'})")
-        if self.head is None and self.head_layers is not None:
-            raise ValueError("head_layers only goes with head: eagle | fspad")
-        if self.derive is None and (self.keep_layers is not None or self.layers is not None):
-            raise ValueError("keep_layers/layers only go with derive: target")
-        if self.derive is not None and (self.keep_layers is None) == (self.layers is None):
-            raise ValueError("derive needs exactly one of keep_layers or layers")
-        if (self.select is not None or self.calibration is not None) and self.keep_layers is None:
-            raise ValueError("select and calibration only go with derive: target and keep_layers")
-        if self.calibration is not None and self.select != "angular":
-            raise ValueError("calibration prompts are for select: angular")
+            raise ValueError(f"give exactly one of {', '.join(self.SOURCES)} (got {kinds or 'none'})")
         if self.package is not None and self.gguf is None:
             raise ValueError("package only goes with gguf")
         if self.revision is not None and self.hub is None:
@@ -97,7 +77,12 @@ class ModelRef(BaseModel):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("hub", "path", "gguf", "derive", "head") if getattr(self, k) is not None)
+        return next(k for k in self.SOURCES if getattr(self, k) is not None)
+
+    @property
+    def built(self) -> bool:
+        """True for a drafter a stage builds (derived, or a head): not a source of weights."""
+        return self.kind not in ModelRef.SOURCES
 
 
 def locate_gguf(ref: ModelRef) -> Path:
@@ -119,9 +104,9 @@ def locate_gguf(ref: ModelRef) -> Path:
 
 def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | None:
     """The number of decoder layers when it is cheap to know: a derived drafter's ``keep_layers`` /
-    ``layers``, a local folder's config.json, or a GGUF header. None otherwise (a Hub id)."""
-    if ref.derive is not None:
-        return ref.keep_layers if ref.keep_layers is not None else len(ref.layers or []) or None
+    ``layers``, a local folder's config.json, or a GGUF header. None otherwise (a Hub id, a head)."""
+    if ref.built:
+        return getattr(ref, "layer_count", None)
     if ref.path is not None:
         cfg = expand(ref.path) / "config.json"
         try:
@@ -142,7 +127,7 @@ def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | No
 def known_vocab_size(ref: ModelRef, target: ModelRef | None = None) -> int | None:
     """The model's vocabulary size when it is cheap to know (a local config.json, or a GGUF already
     converted in the cache); None otherwise, and the stage checks at run time."""
-    if ref.derive is not None or ref.head is not None:
+    if ref.built:
         return known_vocab_size(target) if target is not None else None
     folder = None
     if ref.path is not None:
@@ -224,8 +209,8 @@ def folder_fingerprint(folder: Path) -> str:
 
 
 def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
-    """A target or drafter reference as a ModelSource. ``derive`` refs are stages, not sources."""
-    if ref.derive is not None or ref.head is not None:
+    """A target or drafter reference as a ModelSource. A built drafter (derive, head) is a stage's output."""
+    if ref.built:
         raise ValueError("derive and head refs are produced by the derive and head stages")
     if ref.hub is not None:
         fp = hashlib.sha256(f"hub|{ref.hub}|{ref.revision}".encode()).hexdigest()[:16]

@@ -124,7 +124,7 @@ def problems(stage: str, config, kind: str) -> list[tuple[str, str]]:
     """(field, message) for each option of ``config`` that the drafter kind ``kind`` does not have."""
     k = KINDS[kind]
     return [(name, f"{stage}.{name} needs {CAPABILITIES[need]}, but this step's model is {k.label} ({kind}); "
-                   f"remove it{_instead(stage, name, kind)}")
+                   f"{_instead(stage, kind) or 'remove it'}")
             for name, need in requires(config).items() if not getattr(k, need)]
 
 
@@ -137,7 +137,7 @@ def check(stage: str, config, kind: str) -> None:
         raise Sd2Error("; ".join(msg for _, msg in found))
 
 
-def _instead(stage: str, name: str, kind: str) -> str:
+def _instead(stage: str, kind: str) -> str:
     if stage == "prune" and not KINDS[kind].causal_lm:
-        return "; use method: sparsegpt, wanda or magnitude"
+        return "use method: sparsegpt, wanda or magnitude"
     return ""

@@ -134,6 +134,26 @@ def load(source, target=None, device: str = "cpu", dtype=None) -> "HeadDrafter":
     return HeadDrafter(io.load(source, target, device=device, dtype=dtype), target, load_tokenizer(source))
 
 
+def usage_snippets(target: str, d, gamma: int, hub_id: str | None = None) -> dict[str, str]:
+    """A feature-level head reads the target's hidden states: it is no transformers ``assistant_model``.
+    sd2's engine runs both kinds; vLLM runs an untrimmed EAGLE head after ``sd2 publish`` exports it to
+    vLLM's EAGLE layout (sd2.heads.export); nothing in vLLM runs an FSPAD head."""
+    from sd2.heads.export import VLLM_CHECKED, vllm_snippet
+
+    kind = d.settings.get("head", "head")
+    sd2_cmd = f"sd2 eval --target {target} --drafter {kind}={d.path} --gamma {gamma}"
+    out = {"sd2": f"# A {kind.upper()} head runs beside its target in sd2's engine (greedy is lossless):\n{sd2_cmd}\n"}
+    if kind == "eagle" and not d.vocab:
+        export = f"{d.path.rstrip('/')}-vllm"
+        out["vllm"] = (f"# Export to vLLM's EAGLE layout (checked against {VLLM_CHECKED}) first:\n"
+                       f"#   sd2 publish {d.path} --repo-id you/head --dry-run --out {export}\n"
+                       + vllm_snippet(hub_id or target, export, gamma))
+    else:
+        out["vllm"] = (f"# Nothing in vLLM ({VLLM_CHECKED}) runs this head: vLLM's EAGLE-1 loader takes untrimmed "
+                       f"EAGLE heads only. Use sd2:\n# {sd2_cmd}\n")
+    return out
+
+
 def build(head_type: str, layers: int, target_source, seed: int) -> "HeadDrafter":
     """A fresh head of ``head_type`` with ``layers`` decoder layers over the target (the head stage)."""
     from sd2.core.models import load_model, load_tokenizer

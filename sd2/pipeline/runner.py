@@ -54,19 +54,11 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
 
     r = recipe.recipe
     drafter_src = "drafter"
-    if r.drafter.derive is not None:
-        calibration = r.drafter.calibration
-        if r.drafter.select == "angular" and calibration is None and recipe.distill is not None:
-            calibration = recipe.distill.prompts   # the schema checks one of the two is there
-        derive_cfg = get_stage("derive").config_cls(keep_layers=r.drafter.keep_layers, layers=r.drafter.layers,
-                                                    select=r.drafter.select or "first_last", calibration=calibration)
-        add("drafter.derive", "derive", derive_cfg, target="target")
-        drafter_src = "drafter.derive"
-    elif r.drafter.head is not None:
-        from sd2.stages.head import Config as HeadConfig
-
-        add("drafter.head", "head", HeadConfig(type=r.drafter.head, layers=r.drafter.head_layers or 1), target="target")
-        drafter_src = "drafter.head"
+    build = r.drafter.build_step(recipe.distill.prompts if recipe.distill is not None else None)
+    if build is not None:        # the schema checked that angular has prompts
+        stage, cfg = build
+        add(f"drafter.{stage}", stage, cfg, target="target")
+        drafter_src = f"drafter.{stage}"
     dataset_src = None
     if recipe.distill is not None:
         add("distill", "distill", recipe.distill, target="target", model=drafter_src)
@@ -319,7 +311,7 @@ class Runner:
         """Compare the target's and the drafter's tokenizers once; a mismatch means cross-tokenizer mode."""
         if self._cross_tokenizer is None:
             r = self.recipe.recipe
-            if r.drafter.derive is not None or r.drafter.head is not None:
+            if r.drafter.built:
                 self._cross_tokenizer = False
             else:
                 same = same_tokenizer(load_tokenizer(self._source("target", True)), load_tokenizer(self._source("drafter", True)))

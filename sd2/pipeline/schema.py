@@ -11,7 +11,7 @@ import re
 import typing
 import io
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +23,7 @@ from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locat
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 from sd2.core.paths import expand
+from sd2.data.prompts import Prompts
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # branch names: '.' separates branch and stage in step ids
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -32,6 +33,60 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DrafterRef(ModelRef):
+    """A recipe's ``drafter:``: a source of weights (``ModelRef``), or a drafter that a stage builds:
+    ``derive: target`` (the derive stage: keep a subset of the target's layers) or ``head: eagle |
+    fspad`` (the head stage). ``plan()`` turns a built one into that stage's config."""
+
+    SOURCES: ClassVar[tuple[str, ...]] = ModelRef.SOURCES + ("derive", "head")
+
+    derive: Literal["target"] | None = Field(None, description="derive the drafter from the target by keeping a subset of layers")
+    keep_layers: int | None = Field(None, ge=1, description="derive: keep K layers (which: see select)")
+    layers: list[int] | None = Field(None, description="derive: the exact layer indices to keep")
+    select: Literal["first_last", "angular"] | None = Field(
+        None, description="derive with keep_layers: first_last (default) keeps the first K-2 and the last 2 layers; "
+                          "angular removes the contiguous block of L-K layers whose input and output hidden states "
+                          "are closest in angular distance (Gromov et al. 2024), measured on calibration prompts")
+    calibration: Prompts | None = Field(
+        None, description="derive with select: angular: the prompts (chat template applied) the distances are "
+                          "measured on; default: the recipe's distill prompts")
+    head: Literal["eagle", "fspad"] | None = Field(None, description="a feature-level head over the target (docs/heads.md)")
+    head_layers: int | None = Field(None, ge=1, le=8, description="head: decoder layers in the head (default 1)")
+
+    @model_validator(mode="after")
+    def _build(self) -> "DrafterRef":
+        if self.head is None and self.head_layers is not None:
+            raise ValueError("head_layers only goes with head: eagle | fspad")
+        if self.derive is None and (self.keep_layers is not None or self.layers is not None):
+            raise ValueError("keep_layers/layers only go with derive: target")
+        if (self.select is not None or self.calibration is not None) and self.keep_layers is None:
+            raise ValueError("select and calibration only go with derive: target and keep_layers")
+        if self.calibration is not None and self.select != "angular":
+            raise ValueError("calibration prompts are for select: angular")
+        return self
+
+    @property
+    def layer_count(self) -> int | None:
+        """A derived drafter's layers, known before it is built (None for a head)."""
+        if self.derive is None:
+            return None
+        return self.keep_layers if self.keep_layers is not None else len(self.layers or []) or None
+
+    def build_step(self, distill_prompts=None) -> tuple[str, BaseModel] | None:
+        """(stage, config) of the stage that builds this drafter, or None for a source of weights.
+        The stage's own Config checks the build (derive: exactly one of keep_layers or layers;
+        angular needs prompts, the recipe's distill prompts by default)."""
+        if self.derive is not None:
+            calibration = self.calibration
+            if self.select == "angular" and calibration is None:
+                calibration = distill_prompts
+            return "derive", STAGES["derive"].config_cls(keep_layers=self.keep_layers, layers=self.layers,
+                                                         select=self.select or "first_last", calibration=calibration)
+        if self.head is not None:
+            return "head", STAGES["head"].config_cls(type=self.head, layers=self.head_layers or 1)
+        return None
+
+
 class Recipe(Strict):
     """One run. Stage sections (distill, evaluate, branch steps) are validated by the stage's own Config."""
 
@@ -39,7 +94,7 @@ class Recipe(Strict):
     seed: int = Field(0, description="seeds every stage")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     target: ModelRef
-    drafter: ModelRef
+    drafter: DrafterRef
     distill: dict[str, Any] | None = Field(None, description="config of the distill stage (shared by all branches)")
     branches: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description="named drafter branches: lists of {stage: config}")
     evaluate: dict[str, Any] | None = Field(None, description="config of the evaluate stage")
@@ -51,12 +106,13 @@ class Recipe(Strict):
             raise ValueError(f"must match {RUN_NAME_RE.pattern} (letters, digits, '_', '.' and '-'), got {v!r}")
         return v
 
-    @model_validator(mode="after")
-    def _target_is_not_derived(self) -> "Recipe":
-        if self.target.derive is not None or self.target.head is not None:
+    @model_validator(mode="before")
+    @classmethod
+    def _target_is_not_derived(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("target"), dict) and {"derive", "head"} & data["target"].keys():
             raise ValueError("target cannot be derived or a head; only the drafter can (drafter: {derive: target, ...} "
                              "or {head: fspad})")
-        return self
+        return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +313,11 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         issues.extend(_check_cross(recipe, data, branches, branch_from))
         issues.extend(_check_layers(recipe, branches, branch_from))
         issues.extend(_check_kinds(recipe, branches, branch_from))
+        if not any(i.path.startswith("drafter") for i in issues):
+            try:   # the build's rules are its stage's Config's, checked here once
+                recipe.drafter.build_step(distill.prompts if distill is not None else None)
+            except ValidationError as err:
+                issues.extend(pydantic_issues(err, STAGES["derive"].config_cls, "drafter"))
     if issues:
         raise RecipeError(issues, source)
     return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from)
