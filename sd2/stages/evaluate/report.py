@@ -63,18 +63,10 @@ def snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None)
     return {"transformers": hf, "vllm": vllm}
 
 
-def pruning_kind(d: DrafterInfo) -> str | None:
-    """'layer' or 'sparse' by the drafter's last prune step (its lineage), None when never pruned."""
-    prunes = [step.get("config") or {} for step in d.lineage if step.get("stage") == "prune"]
-    if not prunes:
-        return None
-    return "layer" if prunes[-1].get("method") == "layer" else "sparse"
-
-
 def sparse_vs_layer(report: Report) -> list[tuple]:
     """SD²'s comparison at equal MACs: every sparse drafter's result beside the layer-pruned drafter's
     of nearest effective MACs, at the same γ and T. Rows: (sparse Result, layer Result, MAL ratio)."""
-    kinds = {name: pruning_kind(d) for name, d in report.drafters.items()}
+    kinds = {name: d.pruning for name, d in report.drafters.items()}
     rows = []
     for r in report.results:
         if kinds.get(r.drafter) != "sparse" or r.macs_per_token is None:
