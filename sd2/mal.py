@@ -126,3 +126,17 @@ class MalStats:
             "drafted_depth": sum(r.depth for r in every),
             "requests": len(self.requests),
         }
+
+
+def teacher_forced_stats(requests, greedy_ref: dict, gammas: list[int], rounds_for) -> dict[int, "MalStats"]:
+    """{gamma: MalStats} of simulated greedy rounds over the requests the target answered (non-empty
+    ``greedy_ref[req.id]``): ``rounds_for(req, response)`` does the request's one forward and returns
+    a function gamma -> its rounds. Shared by a causal LM's and a head's teacher forcing."""
+    stats = {g: MalStats() for g in gammas}
+    for req in requests:
+        resp = greedy_ref[req.id]
+        if resp:
+            rounds = rounds_for(req, resp)
+            for g in gammas:
+                stats[g].add_request(rounds(g), req.category)
+    return stats

@@ -246,18 +246,14 @@ class HeadDrafter:
         (features.chain_rounds): one target forward for the features, then the head's rounds
         simulated with its own predicted features."""
         from sd2.heads.features import chain_rounds, target_features
-        from sd2.mal import MalStats
+        from sd2.mal import teacher_forced_stats
 
-        stats = {g: MalStats() for g in gammas}
         device = next(target.parameters()).device
+
+        def rounds_for(req, resp):
+            ids = list(req.ids) + list(resp)
+            feats = target_features(target, torch.tensor([ids], device=device))[0]
+            return lambda g: chain_rounds(self.module, ids, feats, [(len(req.ids), len(ids))], g, max_new_tokens)[0]
+
         with torch.inference_mode():
-            for req in requests:
-                resp = greedy_ref[req.id]
-                if not resp:
-                    continue
-                ids = list(req.ids) + list(resp)
-                feats = target_features(target, torch.tensor([ids], device=device))[0]
-                for g in gammas:
-                    stats[g].add_request(chain_rounds(self.module, ids, feats, [(len(req.ids), len(ids))], g,
-                                                      max_new_tokens)[0], req.category)
-        return stats
+            return teacher_forced_stats(requests, greedy_ref, gammas, rounds_for)
