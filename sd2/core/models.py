@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from sd2.core.errors import Sd2Error, reading, reason
 from sd2.core.gguf_header import gguf_info, gguf_problem
@@ -52,7 +52,7 @@ class ModelRef(BaseModel):
     gguf: str | None = Field(None, description="a .gguf file: a path, or a file name inside `package`")
     package: str | None = Field(None, description="installed Python package that ships the gguf file")
     tokenizer: str | None = Field(None, description="gguf only: a folder or hub id with the tokenizer, if the gguf's own is not wanted")
-    trust_remote_code: bool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
+    trust_remote_code: StrictBool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
 
     @model_validator(mode="before")
     @classmethod

@@ -315,7 +315,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         issues.extend(_check_kinds(recipe, branches, branch_from))
         if not any(i.path.startswith("drafter") for i in issues):
             try:   # the build's rules are its stage's Config's, checked here once
-                recipe.drafter.build_step(distill.prompts if distill is not None else None)
+                recipe.drafter.build_step(getattr(distill, "prompts", None))
             except ValidationError as err:
                 issues.extend(pydantic_issues(err, STAGES["derive"].config_cls, "drafter"))
     if issues:
