@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from sd2.pipeline.cli import app
 from sd2.core.errors import RecipeError
 from sd2.core.models import ModelRef
-from sd2.pipeline.schema import DrafterRef, apply_overrides, load_recipe, validate_recipe
+from sd2.pipeline.schema import apply_overrides, load_recipe, validate_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -85,12 +85,31 @@ def test_model_ref_kinds_and_shorthand(tmp_path):
     assert ModelRef.model_validate("org/model").kind == "hub"
     assert ModelRef.model_validate(str(tmp_path)).kind == "path"
     assert ModelRef.model_validate({"gguf": "a.gguf", "package": "p"}).kind == "gguf"
-    assert DrafterRef.model_validate({"derive": "target", "layers": [0, 3]}).kind == "derive"
-    for bad in ({"hub": "a/b", "path": "."}, {"hub": "a/b", "keep_layers": 2}, {}):
+    for bad in ({"hub": "a/b", "path": "."}, {"hub": "a/b", "keep_layers": 2}, {},
+                {"derive": "target", "layers": [0, 3]}):   # a source of weights only names where they are
         with pytest.raises(Exception):
-            DrafterRef.model_validate(bad)
-    with pytest.raises(Exception, match="derive"):        # a source of weights only names where they are
-        ModelRef.model_validate({"derive": "target", "layers": [0, 3]})
+            ModelRef.model_validate(bad)
+
+
+def test_a_built_drafter_is_its_stages_config(tiny_target):
+    """drafter: {derive: target, ...} and {head: ..., num_layers: N} are the derive and head stages'
+    own configs, checked by them (errors under drafter.*), planned as drafter.derive / drafter.head."""
+    from sd2.pipeline.runner import plan
+
+    data = base(tiny_target) | {"drafter": {"derive": "target", "layers": [0, 1]}}
+    r = validate_recipe(data)
+    assert r.recipe.drafter is None and r.drafter_build[0] == "derive" and r.drafter_build[1].layers == [0, 1]
+    assert r.resolved()["drafter"] == {"derive": "target", "layers": [0, 1], "select": "first_last",
+                                       "calibration_samples": 64, "seq_len": 256}
+    head = validate_recipe(base(tiny_target) | {"drafter": {"head": "eagle", "num_layers": 2}})
+    assert [(s.id, s.kind) for s in plan(head)][:1] == [("drafter.head", "head")]
+    assert head.drafter_build[1].num_layers == 2 and head.resolved()["drafter"] == {"head": "eagle", "num_layers": 2}
+    for bad, where in [({"derive": "target", "layers": [1, 0]}, r"drafter.layers: layer indices must be distinct"),
+                       ({"head": "eagle", "num_layers": 9}, r"drafter.num_layers: Input should be less than"),
+                       ({"derive": "drafter", "keep_layers": 2}, r"drafter.derive: a drafter is derived from the target"),
+                       ({"derive": "target", "keep_layers": 2, "hub": "a/b"}, r"drafter: give exactly one of")]:
+        with pytest.raises(RecipeError, match=where):
+            validate_recipe(base(tiny_target) | {"drafter": bad})
 
 
 def test_a_derive_needs_exactly_one_of_keep_layers_or_layers(tiny_target):

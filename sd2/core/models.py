@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
@@ -36,15 +36,13 @@ log = logging.getLogger("sd2")
 
 class ModelRef(BaseModel):
     """Where a model's weights come from. Exactly one of ``hub``, ``path`` or ``gguf``. (A drafter
-    that a stage builds, derived from the target or a head, is a recipe's ``drafter:`` only:
-    sd2.pipeline.schema.DrafterRef.)
+    that a stage builds, derived from the target or a head, is that stage's config: sd2.pipeline.schema.BUILDS.)
 
     A bare string is shorthand: an existing path or one starting with '.', '/' or '~' is a local
     folder, anything else a Hub id.
     """
 
     model_config = ConfigDict(extra="forbid")
-    SOURCES: ClassVar[tuple[str, ...]] = ("hub", "path", "gguf")
 
     hub: str | None = Field(None, description="Hugging Face Hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub only")
@@ -66,9 +64,9 @@ class ModelRef(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "ModelRef":
-        kinds = [k for k in self.SOURCES if getattr(self, k) is not None]
+        kinds = [k for k in ("hub", "path", "gguf") if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"give exactly one of {', '.join(self.SOURCES)} (got {kinds or 'none'})")
+            raise ValueError(f"give exactly one of hub, path, gguf (got {kinds or 'none'})")
         if self.package is not None and self.gguf is None:
             raise ValueError("package only goes with gguf")
         if self.revision is not None and self.hub is None:
@@ -77,12 +75,7 @@ class ModelRef(BaseModel):
 
     @property
     def kind(self) -> str:
-        return next(k for k in self.SOURCES if getattr(self, k) is not None)
-
-    @property
-    def built(self) -> bool:
-        """True for a drafter a stage builds (derived, or a head): not a source of weights."""
-        return self.kind not in ModelRef.SOURCES
+        return next(k for k in ("hub", "path", "gguf") if getattr(self, k) is not None)
 
 
 def locate_gguf(ref: ModelRef) -> Path:
@@ -102,11 +95,9 @@ def locate_gguf(ref: ModelRef) -> Path:
     return path
 
 
-def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | None:
-    """The number of decoder layers when it is cheap to know: a derived drafter's ``keep_layers`` /
-    ``layers``, a local folder's config.json, or a GGUF header. None otherwise (a Hub id, a head)."""
-    if ref.built:
-        return getattr(ref, "layer_count", None)
+def known_layer_count(ref: ModelRef) -> int | None:
+    """The number of decoder layers when it is cheap to know: a local folder's config.json, or a
+    GGUF header. None otherwise (a Hub id)."""
     if ref.path is not None:
         cfg = expand(ref.path) / "config.json"
         try:
@@ -124,11 +115,9 @@ def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | No
     return None
 
 
-def known_vocab_size(ref: ModelRef, target: ModelRef | None = None) -> int | None:
+def known_vocab_size(ref: ModelRef) -> int | None:
     """The model's vocabulary size when it is cheap to know (a local config.json, or a GGUF already
     converted in the cache); None otherwise, and the stage checks at run time."""
-    if ref.built:
-        return known_vocab_size(target) if target is not None else None
     folder = None
     if ref.path is not None:
         folder = expand(ref.path)
@@ -209,9 +198,7 @@ def folder_fingerprint(folder: Path) -> str:
 
 
 def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
-    """A target or drafter reference as a ModelSource. A built drafter (derive, head) is a stage's output."""
-    if ref.built:
-        raise ValueError("derive and head refs are produced by the derive and head stages")
+    """A target or drafter reference as a ModelSource."""
     if ref.hub is not None:
         fp = hashlib.sha256(f"hub|{ref.hub}|{ref.revision}".encode()).hexdigest()[:16]
         return ModelSource(ref.hub, fp, ref.trust_remote_code, ref.revision, label=ref.hub, hub_id=ref.hub)

@@ -53,11 +53,9 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
     def add(sid, stage, config, branch=None, kind=None, **sources):
         steps.append(Step(len(steps), sid, stage, config, branch, sources, get_stage(stage).kind or kind))
 
-    r = recipe.recipe
     drafter_src = "drafter"
-    build = r.drafter.build_step(getattr(recipe.distill, "prompts", None))
-    if build is not None:        # the schema checked that angular has prompts
-        stage, cfg = build
+    if recipe.drafter_build is not None:     # derive or head: its stage's config, checked by the schema
+        stage, cfg = recipe.drafter_build
         add(f"drafter.{stage}", stage, cfg, target="target")
         drafter_src = f"drafter.{stage}"
     dataset_src = None
@@ -314,8 +312,7 @@ class Runner:
     def _check_tokenizers(self) -> bool:
         """Compare the target's and the drafter's tokenizers once; a mismatch means cross-tokenizer mode."""
         if self._cross_tokenizer is None:
-            r = self.recipe.recipe
-            if r.drafter.built:
+            if self.recipe.drafter_build is not None:
                 self._cross_tokenizer = False
             else:
                 same = same_tokenizer(load_tokenizer(self._source("target", True)), load_tokenizer(self._source("drafter", True)))

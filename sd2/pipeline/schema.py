@@ -11,7 +11,7 @@ import re
 import typing
 import io
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,7 +23,6 @@ from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locat
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 from sd2.core.paths import expand
-from sd2.data.prompts import Prompts
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # branch names: '.' separates branch and stage in step ids
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -33,60 +32,6 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DrafterRef(ModelRef):
-    """A recipe's ``drafter:``: a source of weights (``ModelRef``), or a drafter that a stage builds:
-    ``derive: target`` (the derive stage: keep a subset of the target's layers) or ``head: eagle |
-    fspad`` (the head stage). ``plan()`` turns a built one into that stage's config."""
-
-    SOURCES: ClassVar[tuple[str, ...]] = ModelRef.SOURCES + ("derive", "head")
-
-    derive: Literal["target"] | None = Field(None, description="derive the drafter from the target by keeping a subset of layers")
-    keep_layers: int | None = Field(None, ge=1, description="derive: keep K layers (which: see select)")
-    layers: list[int] | None = Field(None, description="derive: the exact layer indices to keep")
-    select: Literal["first_last", "angular"] | None = Field(
-        None, description="derive with keep_layers: first_last (default) keeps the first K-2 and the last 2 layers; "
-                          "angular removes the contiguous block of L-K layers whose input and output hidden states "
-                          "are closest in angular distance (Gromov et al. 2024), measured on calibration prompts")
-    calibration: Prompts | None = Field(
-        None, description="derive with select: angular: the prompts (chat template applied) the distances are "
-                          "measured on; default: the recipe's distill prompts")
-    head: Literal["eagle", "fspad"] | None = Field(None, description="a feature-level head over the target (docs/heads.md)")
-    head_layers: int | None = Field(None, ge=1, le=8, description="head: decoder layers in the head (default 1)")
-
-    @model_validator(mode="after")
-    def _build(self) -> "DrafterRef":
-        if self.head is None and self.head_layers is not None:
-            raise ValueError("head_layers only goes with head: eagle | fspad")
-        if self.derive is None and (self.keep_layers is not None or self.layers is not None):
-            raise ValueError("keep_layers/layers only go with derive: target")
-        if (self.select is not None or self.calibration is not None) and self.keep_layers is None:
-            raise ValueError("select and calibration only go with derive: target and keep_layers")
-        if self.calibration is not None and self.select != "angular":
-            raise ValueError("calibration prompts are for select: angular")
-        return self
-
-    @property
-    def layer_count(self) -> int | None:
-        """A derived drafter's layers, known before it is built (None for a head)."""
-        if self.derive is None:
-            return None
-        return self.keep_layers if self.keep_layers is not None else len(self.layers or []) or None
-
-    def build_step(self, distill_prompts=None) -> tuple[str, BaseModel] | None:
-        """(stage, config) of the stage that builds this drafter, or None for a source of weights.
-        The stage's own Config checks the build (derive: exactly one of keep_layers or layers;
-        angular needs prompts, the recipe's distill prompts by default)."""
-        if self.derive is not None:
-            calibration = self.calibration
-            if self.select == "angular" and calibration is None:
-                calibration = distill_prompts
-            return "derive", STAGES["derive"].config_cls(keep_layers=self.keep_layers, layers=self.layers,
-                                                         select=self.select or "first_last", calibration=calibration)
-        if self.head is not None:
-            return "head", STAGES["head"].config_cls(type=self.head, layers=self.head_layers or 1)
-        return None
-
-
 class Recipe(Strict):
     """One run. Stage sections (distill, evaluate, branch steps) are validated by the stage's own Config."""
 
@@ -94,7 +39,8 @@ class Recipe(Strict):
     seed: int = Field(0, description="seeds every stage")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     target: ModelRef
-    drafter: DrafterRef
+    drafter: ModelRef | None = Field(description="where the drafter's weights come from; a drafter a stage builds "
+                                                 "(derive: target, head: ...) is that stage's config (BUILDS)")
     distill: dict[str, Any] | None = Field(None, description="config of the distill stage (shared by all branches)")
     branches: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description="named drafter branches: lists of {stage: config}")
     evaluate: dict[str, Any] | None = Field(None, description="config of the evaluate stage")
@@ -218,14 +164,15 @@ class ValidatedRecipe:
     """A recipe whose every section has been validated; stage configs are their typed models."""
 
     def __init__(self, recipe: Recipe, distill, branches: dict[str, list[tuple[str, BaseModel]]], evaluate, raw: dict,
-                 branch_from: dict[str, str] | None = None):
+                 branch_from: dict[str, str] | None = None, drafter_build: tuple[str, BaseModel] | None = None):
         self.recipe = recipe
+        self.drafter_build = drafter_build     # (stage, config) of the stage that builds the drafter, or None
         self.distill = distill
         self.branches = branches
         self.evaluate = evaluate
         self.raw = raw
         self.branch_from = branch_from or {}   # branch -> the earlier branch whose model and dataset it starts from
-        self.drafter_kind = drafter_kind(recipe)
+        self.drafter_kind = drafter_kind(recipe, drafter_build)
         self.kinds = step_kinds(self.drafter_kind, branches, self.branch_from)
 
     @property
@@ -236,7 +183,11 @@ class ValidatedRecipe:
         """The recipe as it will run, with every default filled in (written to the run folder)."""
         out = self.recipe.model_dump(mode="json", exclude_none=True)
         out["target"] = self.recipe.target.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-        out["drafter"] = self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        if self.drafter_build is not None:
+            stage, cfg = self.drafter_build
+            out["drafter"] = build_ref(stage, cfg)
+        else:
+            out["drafter"] = self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
         if self.distill is not None:
             out["distill"] = self.distill.model_dump(mode="json")
         out["branches"] = {b: ([{"from": self.branch_from[b]}] if b in self.branch_from else [])
@@ -250,8 +201,10 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
     issues: list[Issue] = []
     if not isinstance(data, dict):
         raise RecipeError([Issue("", f"a recipe must be a YAML mapping, got {type(data).__name__}")], source)
+    build_raw = data.get("drafter")
+    build_raw = build_raw if isinstance(build_raw, dict) and BUILDS.keys() & build_raw.keys() else None
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate({**data, "drafter": None} if build_raw is not None else data)
     except ValidationError as err:
         issues.extend(pydantic_issues(err, Recipe))
         recipe = None
@@ -262,6 +215,10 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         distill = _validate_stage("distill", data["distill"], "distill", issues)
     if isinstance(data.get("evaluate"), dict):
         evaluate = _validate_stage("evaluate", data["evaluate"], "evaluate", issues)
+    drafter_build = _drafter_build(build_raw, distill, issues) if build_raw is not None else None
+    if recipe is not None and recipe.drafter is None and build_raw is None:
+        issues.append(Issue("drafter", "give the drafter's weights (hub, path or gguf) or how to build it "
+                                       "(derive: target, or head: eagle | fspad)"))
 
     branches: dict[str, list[tuple[str, BaseModel]]] = {}
     branch_from: dict[str, str] = {}
@@ -307,31 +264,68 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
             branches[str(bname)] = parsed
 
     if recipe is not None:
-        issues.extend(_check_prompt_files([("drafter", recipe.drafter), ("distill", distill), ("evaluate", evaluate)]
+        build_cfg = drafter_build[1] if drafter_build is not None else None
+        issues.extend(_check_prompt_files([("drafter", build_cfg), ("distill", distill), ("evaluate", evaluate)]
                                           + step_sections))
         issues.extend(_check_paths(recipe))
         issues.extend(_check_cross(recipe, data, branches, branch_from))
-        issues.extend(_check_layers(recipe, branches, branch_from))
-        issues.extend(_check_kinds(recipe, branches, branch_from))
-        if not any(i.path.startswith("drafter") for i in issues):
-            try:   # the build's rules are its stage's Config's, checked here once
-                recipe.drafter.build_step(getattr(distill, "prompts", None))
-            except ValidationError as err:
-                issues.extend(pydantic_issues(err, STAGES["derive"].config_cls, "drafter"))
+        issues.extend(_check_layers(recipe, drafter_build, branches, branch_from))
+        issues.extend(_check_kinds(drafter_kind(recipe, drafter_build), branches, branch_from))
     if issues:
         raise RecipeError(issues, source)
-    return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from)
+    return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from, drafter_build)
 
 
-def drafter_kind(recipe: Recipe) -> str:
-    """The drafter kind (sd2.drafters.KINDS) of the recipe's drafter before any branch: a head for
-    ``drafter: {head: ...}``, what a local folder holds (read once, here), else a causal LM."""
+# A recipe's `drafter:` that a stage builds: {<key>: <value>, **that stage's config} (the key's value fills
+# the field named here, None: the value is fixed, e.g. derive: target).
+BUILDS = {"derive": ("derive", None), "head": ("head", "type")}
+
+
+def _drafter_build(raw: dict, distill, issues: list[Issue]) -> tuple[str, BaseModel] | None:
+    """(stage, config) of a built drafter (``drafter: {derive: target, keep_layers: 8}``, ``drafter:
+    {head: fspad}``): the rest of the section is the building stage's own Config, checked by it, here,
+    once. derive with select: angular measures on the distill prompts unless given its own."""
+    keys = [k for k in (*BUILDS, "hub", "path", "gguf") if k in raw]
+    if len(keys) != 1:
+        issues.append(Issue("drafter", f"give exactly one of hub, path, gguf, derive, head (got {keys})"))
+        return None
+    (key,) = keys
+    stage, field = BUILDS[key]
+    rest = {k: v for k, v in raw.items() if k != key}
+    if field is not None:
+        rest[field] = raw[key]
+    elif raw[key] != "target":
+        issues.append(Issue(f"drafter.{key}", f"a drafter is derived from the target: write {key}: target "
+                                              f"(got {short(raw[key])})"))
+        return None
+    angular = rest.get("select") == "angular" and rest.get("calibration") is None and "keep_layers" in rest
+    if stage == "derive" and angular:
+        if getattr(distill, "prompts", None) is None:
+            issues.append(Issue("drafter.calibration", "select: angular measures layer distances on prompts: give "
+                                "drafter.calibration (e.g. {source: mtbench, limit: 32}) or a top-level distill section "
+                                "(its prompts are the default)"))
+            return None
+        rest["calibration"] = distill.prompts
+    cfg = _validate_stage(stage, rest, "drafter", issues)
+    return (stage, cfg) if cfg is not None else None
+
+
+def build_ref(stage: str, cfg: BaseModel) -> dict:
+    """A built drafter as a recipe's ``drafter:`` section (the resolved recipe)."""
+    key, field = next((k, f) for k, (s, f) in BUILDS.items() if s == stage)
+    out = cfg.model_dump(mode="json", exclude_none=True)
+    return {key: out.pop(field) if field else "target", **out}
+
+
+def drafter_kind(recipe: Recipe, build: tuple[str, BaseModel] | None = None) -> str:
+    """The drafter kind (sd2.drafters.KINDS) of the recipe's drafter before any branch: the kind its
+    building stage produces, what a local folder holds (read once, here), else a causal LM."""
     from sd2 import drafters
 
+    if build is not None:
+        return STAGES[build[0]].kind
     d = recipe.drafter
-    if d.head is not None:
-        return "head"
-    return drafters.kind_of(expand(d.path)) if d.path is not None else drafters.DEFAULT
+    return drafters.kind_of(expand(d.path)) if d is not None and d.path is not None else drafters.DEFAULT
 
 
 def step_kinds(start: str, branches: dict, branch_from: dict) -> dict[str, list[str]]:
@@ -349,13 +343,13 @@ def step_kinds(start: str, branches: dict, branch_from: dict) -> dict[str, list[
     return out
 
 
-def _check_kinds(recipe: Recipe, branches: dict, branch_from: dict) -> list[Issue]:
+def _check_kinds(start: str, branches: dict, branch_from: dict) -> list[Issue]:
     """A branch step's options that the drafter kind it receives lacks (sd2.drafters.problems): a
     head-only finetune option on a causal LM, layer pruning or a raw recipe on a head."""
     from sd2 import drafters
 
     issues = []
-    for bname, kinds in step_kinds(drafter_kind(recipe), branches, branch_from).items():
+    for bname, kinds in step_kinds(start, branches, branch_from).items():
         for i, ((sname, cfg), kind) in enumerate(zip(branches[bname], kinds)):
             at = i + (1 if bname in branch_from else 0)   # the raw step index: `from:` is step 0
             issues += [Issue(f"branches.{bname}[{at}].{sname}.{field}", msg)
@@ -391,7 +385,9 @@ def _check_prompt_files(sections: list[tuple[str, Any]]) -> list[Issue]:
 def _check_paths(recipe: Recipe) -> list[Issue]:
     issues = []
     for role in ("target", "drafter"):
-        ref: ModelRef = getattr(recipe, role)
+        ref: ModelRef | None = getattr(recipe, role)
+        if ref is None:
+            continue
         if ref.path is not None:
             p = expand(ref.path)
             if not p.is_dir():
@@ -408,23 +404,23 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
     return issues
 
 
-def _check_layers(recipe: Recipe, branches: dict, branch_from: dict | None = None) -> list[Issue]:
+def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict | None = None) -> list[Issue]:
     """Layer counts, where they are known before any model loads (a local folder's config.json, a
-    GGUF header, a derived drafter's keep_layers): derive within the target's layers, and each
-    branch's layer-pruning steps within the layers the drafter has at that step."""
-    issues = []
+    GGUF header, a derived drafter's layers): derive within the target's layers (the derive stage's
+    own check, ``layer_problems``), and each branch's layer-pruning steps within the layers the
+    drafter has at that step."""
     target_layers = known_layer_count(recipe.target)
-    d = recipe.drafter
-    if d.derive is not None and target_layers is not None:
-        if d.keep_layers is not None and d.keep_layers > target_layers:
-            issues.append(Issue("drafter.keep_layers", f"must be in [1, {target_layers}]: the target has "
-                                                       f"{target_layers} decoder layers (got {d.keep_layers})"))
-        if d.layers is not None and any(not 0 <= i < target_layers for i in d.layers):
-            issues.append(Issue("drafter.layers", f"layer indices must be in [0, {target_layers - 1}]: the target "
-                                                  f"has {target_layers} decoder layers (got {short(d.layers)})"))
-        if issues:
-            return issues
-    start = known_layer_count(d, recipe.target)
+    start = None
+    if build is not None and build[0] == "derive":
+        derive, cfg = STAGES["derive"].load(), build[1]
+        if target_layers is not None:
+            issues = [Issue(f"drafter.{f}", msg) for f, msg in derive.layer_problems(cfg, target_layers)]
+            if issues:
+                return issues
+        start = cfg.keep_layers if cfg.keep_layers is not None else len(cfg.layers)
+    elif recipe.drafter is not None:
+        start = known_layer_count(recipe.drafter)
+    issues = []
     prune = STAGES["prune"].load()
     ends: dict[str, int | None] = {}   # each branch's layer count after its last step (a `from:` branch starts there)
     for bname, steps in branches.items():
@@ -447,16 +443,11 @@ def _check_layers(recipe: Recipe, branches: dict, branch_from: dict | None = Non
 
 def _check_cross(recipe: Recipe, data: dict, branches: dict, branch_from: dict | None = None) -> list[Issue]:
     issues = []
-    d = recipe.drafter
-    if d.select == "angular" and d.calibration is None and recipe.distill is None:
-        issues.append(Issue("drafter.calibration", "select: angular measures layer distances on prompts: give "
-                            "drafter.calibration (e.g. {source: mtbench, limit: 32}) or a top-level distill section "
-                            "(its prompts are the default)"))
     for bname, steps in branches.items():
         for i, (sname, cfg) in enumerate(steps):
             k = getattr(cfg, "k", None) if sname == "trim_vocab" else None
             if k is not None:
-                vocab = known_vocab_size(recipe.drafter, recipe.target)
+                vocab = known_vocab_size(recipe.drafter or recipe.target)   # a built drafter reads the target's
                 if vocab is not None and k > vocab:
                     issues.append(Issue(f"branches.{bname}[{i}].trim_vocab.k",
                                         f"must be at most the drafter's vocabulary size {vocab} (got {k})"))
