@@ -43,9 +43,9 @@ def test_forward_shapes_and_state_dict(target, kind):
     pos = torch.arange(7).expand(3, 7)
     hl, hf = head(ids, feats, pos)
     assert hl.shape == hf.shape == (3, 7, 64)
-    from sd2.heads.train import head_mask
+    from sd2.train.mask import SparsityMask
 
-    assert not head_mask(head)      # a fresh head has no exact zeros for finetune to hold as a mask
+    assert not SparsityMask.of(head.linears())      # a fresh head has no exact zeros for finetune to hold as a mask
     assert head.logits(hl).shape == (3, 7, target.config.vocab_size)
     keys = set(head.state_dict())
     # the target's embeddings and lm_head are shared, not the head's

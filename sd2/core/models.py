@@ -385,7 +385,3 @@ def same_tokenizer(a, b) -> bool:
         return False
     return a.eos_token_id == b.eos_token_id
 
-
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)

@@ -43,40 +43,28 @@ CAPABILITIES = {"causal_lm": "a standalone causal LM", "feature_level": "a featu
 
 
 class Drafter(Protocol):
-    """A drafter loaded for a stage. ``module`` holds the weights that prune and finetune change."""
+    """A drafter loaded for a stage. ``module`` holds the weights that prune and finetune change; ``V``
+    (``vocab_size``) is the target-side vocabulary that ``d2t`` maps into. A kind that reads the target
+    (``feature_level``) also gives evaluate its ``proposer``, ``settings`` and ``teacher_forced_mal``."""
 
     kind: str
-    module: Any                 # torch.nn.Module
+    module: Any
     tokenizer: Any
-    vocab_size: int             # V, the target-side vocabulary that ``d2t`` maps into
+    vocab_size: int
 
-    def d2t(self):
-        """The draft-to-target id map [K] of a trimmed output layer, or None."""
-
-    def linears(self) -> list:
-        """(weight name, linear module) of every prunable linear map, in forward order."""
-
-    def macs(self):
-        """Per-token MACs (sd2.macs.MacCount)."""
-
-    def sparsity(self) -> dict:
-        """{"decoder_sparsity": share of exact zeros over ``linears()``, "layers": {name: share}}."""
-
-    def trim_vocab(self, keep: list[int]) -> None:
-        """Keep only the output rows of target ids ``keep`` (sorted); sets ``d2t``."""
+    def d2t(self): ...                                  # the draft-to-target ids [K] of a trimmed output layer, or None
+    def linears(self) -> list: ...                      # (name, linear module) of every prunable linear map, in order
+    def macs(self): ...                                 # per-token MACs (sd2.macs.MacCount)
+    def sparsity(self) -> dict: ...                     # {"decoder_sparsity": zeros share over linears(), "layers": {..}}
+    def trim_vocab(self, keep: list[int]) -> None: ...  # keep the output rows of target ids ``keep``; sets d2t
 
     def prune_calibrated(self, config, samples: list[list[int]], ctx, out_dir: Path) -> dict:
-        """SparseGPT / Wanda (or a raw llm-compressor recipe, causal LMs only) on ``samples`` (token ids
-        of distilled conversations), in place; returns what sparsity.json records about the run."""
+        """SparseGPT / Wanda (a raw llm-compressor recipe: causal LMs) on ``samples`` (token ids of
+        distilled conversations), in place; returns what sparsity.json records of the run."""
 
-    def wants_topk(self, config) -> bool:
-        """Whether the loss under finetune ``config`` reads the distilled data's top-k logits."""
-
-    def training_task(self, config, rows_train, rows_val, pad_id: int, target, ctx):
-        """The loss and its inputs for the one training loop (sd2.train.loop.Task)."""
-
-    def save(self, out_dir: Path, extra_files: dict | None = None) -> None:
-        """Write the drafter's folder (the format ``load`` reads back), with its tokenizer."""
+    def wants_topk(self, config) -> bool: ...          # the loss under finetune ``config`` reads cached top-k logits
+    def training_task(self, config, rows_train, rows_val, pad_id: int, target, ctx): ...  # sd2.train.loop.Task
+    def save(self, out_dir: Path, extra_files: dict | None = None) -> None: ...  # the folder ``load`` reads back
 
 
 def kind_module(kind: str):

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sd2.core.errors import Sd2Error
+from sd2.core.models import load_model, load_tokenizer, save_model
+from sd2.macs import count_macs
+from sd2.sparsity import decoder_linears, measure
+from sd2.vocab import draft_to_target, trim_lm_head
+
 
 def recognizes(folder: Path) -> bool:
     return (Path(folder) / "config.json").is_file()
 
 
 def load(source, target=None, device: str = "cpu", dtype=None) -> "CausalLM":
-    from sd2.core.models import load_model, load_tokenizer
-
     return CausalLM(load_model(source, device=device, dtype=dtype), load_tokenizer(source), source)
 
 
@@ -30,28 +34,18 @@ class CausalLM:
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
 
     def d2t(self):
-        from sd2.vocab import draft_to_target
-
         return draft_to_target(self.module)
 
     def linears(self) -> list:
-        from sd2.sparsity import decoder_linears
-
         return decoder_linears(self.module)
 
     def macs(self):
-        from sd2.macs import count_macs
-
         return count_macs(self.module)
 
     def sparsity(self) -> dict:
-        from sd2.sparsity import measure
-
         return measure(self.module)
 
     def trim_vocab(self, keep: list[int]) -> None:
-        from sd2.vocab import trim_lm_head
-
         trim_lm_head(self.module, keep)
 
     def prune_calibrated(self, config, samples: list[list[int]], ctx, out_dir: Path) -> dict:
@@ -70,8 +64,6 @@ class CausalLM:
         return config.loss != "ce" and config.teacher == "topk"
 
     def training_task(self, config, rows_train, rows_val, pad_id: int, target, ctx):
-        from sd2.core.errors import Sd2Error
-        from sd2.core.models import load_model
         from sd2.drafters.lm_train import LMTask, Objective
         from sd2.modeling import untie_lm_head
         from sd2.train.losses import target_to_draft_map
@@ -106,8 +98,6 @@ class CausalLM:
         return LMTask(model, objective, rows_val, config, pad_id, teacher_model)
 
     def save(self, out_dir: Path, extra_files: dict | None = None) -> None:
-        from sd2.core.models import save_model
-
         self.module.eval()
         save_model(self.module, self.tokenizer, out_dir)
         for name, content in (extra_files or {}).items():

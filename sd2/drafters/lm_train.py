@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from sd2.mal import MalStats, teacher_forced_rounds
+from sd2.sparsity import decoder_linears
 from sd2.train.batches import Rows, collate
 from sd2.train.losses import IGNORE, cross_entropy, divergence, map_labels, teacher_from_logits, teacher_from_topk
 from sd2.train.mask import SparsityMask
@@ -159,7 +160,7 @@ class LMTask:
         self.model, self.objective, self.rows_val, self.cfg, self.pad_id = model, objective, rows_val, cfg, pad_id
         self.teacher_model = teacher_model
         self.module = LogitsAtPositions(model)
-        self.mask = SparsityMask.from_model(model) if cfg.hold_mask else SparsityMask({})
+        self.mask = SparsityMask.of(decoder_linears(model) if cfg.hold_mask else [])
         self.weights = (objective.ce_weight, objective.kd_weight)
         self.accelerator = None
 

@@ -129,8 +129,12 @@ def load(source, target=None, device: str = "cpu", dtype=None) -> "HeadDrafter":
     from sd2.core.models import load_model, load_tokenizer
 
     io.check(source)                       # before the target loads
-    if target is None or not isinstance(target, torch.nn.Module):
-        target = load_model(target if target is not None else io.read_config(source).target, device=device, dtype=dtype)
+    if target is None and not io.read_config(source).target:
+        from sd2.core.errors import Sd2Error
+
+        raise Sd2Error(f"{getattr(source, 'ref', source)}/config.json names no target; give the target model")
+    if not isinstance(target, torch.nn.Module):
+        target = load_model(target or io.read_config(source).target, device=device, dtype=dtype)
     return HeadDrafter(io.load(source, target, device=device, dtype=dtype), target, load_tokenizer(source))
 
 

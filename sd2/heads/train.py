@@ -32,12 +32,6 @@ from sd2.train.losses import IGNORE, cross_entropy, divergence, map_labels, teac
 from sd2.train.mask import SparsityMask
 
 
-def head_mask(head: Head) -> SparsityMask:
-    """The zeros of every head Linear layer (fc, feature sampling, decoder layers) to hold."""
-    return SparsityMask({name: mod.weight for name, mod in head.linears()
-                         if mod.weight.requires_grad and bool((mod.weight.detach() == 0).any())})
-
-
 class FeatureSource:
     """The target's features [L_i, d] of rows by index: read from a cache (a list, one tensor per
     row) or computed now with ``row_features`` inside the training's ``autocast`` context."""
@@ -131,7 +125,7 @@ class HeadTask:
     def __init__(self, cfg, head: Head, target, rows_train: Rows, rows_val: Rows, t2d=None):
         self.cfg, self.head, self.target, self.rows_train, self.rows_val = cfg, head, target, rows_train, rows_val
         self.module = HeadLoss(head, target, cfg, t2d)
-        self.mask = head_mask(head) if cfg.hold_mask else SparsityMask({})
+        self.mask = SparsityMask.of(head.linears() if cfg.hold_mask else [])
         self.weights = (cfg.feature_weight, cfg.logit_weight)
         self.feats_train = self.feats_val = self.device = None
 
