@@ -1,4 +1,4 @@
-"""Heads: SparseGPT and Wanda through llm-compressor's per-layer code (sd2/heads/stages.py), and the
+"""Heads: SparseGPT and Wanda through llm-compressor's per-layer code (sd2/heads/drafter.py), and the
 optional cache of the target's features for head training (sd2/heads/feature_cache.py)."""
 
 from __future__ import annotations
