@@ -21,6 +21,7 @@ from sd2.core.errors import Sd2Error
 from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locate_gguf
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
+from sd2.pipeline.drafter import BUILDS, build_ref, check_kinds, drafter_kind, parse_build, step_kinds
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 from sd2.core.paths import expand
 
@@ -215,7 +216,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         distill = _validate_stage("distill", data["distill"], "distill", issues)
     if isinstance(data.get("evaluate"), dict):
         evaluate = _validate_stage("evaluate", data["evaluate"], "evaluate", issues)
-    drafter_build = _drafter_build(build_raw, distill, issues) if build_raw is not None else None
+    drafter_build = parse_build(build_raw, distill, issues, _validate_stage) if build_raw is not None else None
     if recipe is not None and recipe.drafter is None and build_raw is None:
         issues.append(Issue("drafter", "give the drafter's weights (hub, path or gguf) or how to build it "
                                        "(derive: target, or head: eagle | fspad)"))
@@ -270,91 +271,10 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         issues.extend(_check_paths(recipe))
         issues.extend(_check_cross(recipe, data, branches, branch_from))
         issues.extend(_check_layers(recipe, drafter_build, branches, branch_from))
-        issues.extend(_check_kinds(drafter_kind(recipe, drafter_build), branches, branch_from))
+        issues.extend(check_kinds(drafter_kind(recipe, drafter_build), branches, branch_from))
     if issues:
         raise RecipeError(issues, source)
     return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from, drafter_build)
-
-
-# A recipe's `drafter:` that a stage builds: {<key>: <value>, **that stage's config} (the key's value fills
-# the field named here, None: the value is fixed, e.g. derive: target).
-BUILDS = {"derive": ("derive", None), "head": ("head", "type")}
-
-
-def _drafter_build(raw: dict, distill, issues: list[Issue]) -> tuple[str, BaseModel] | None:
-    """(stage, config) of a built drafter (``drafter: {derive: target, keep_layers: 8}``, ``drafter:
-    {head: fspad}``): the rest of the section is the building stage's own Config, checked by it, here,
-    once. derive with select: angular measures on the distill prompts unless given its own."""
-    keys = [k for k in (*BUILDS, "hub", "path", "gguf") if k in raw]
-    if len(keys) != 1:
-        issues.append(Issue("drafter", f"give exactly one of hub, path, gguf, derive, head (got {keys})"))
-        return None
-    (key,) = keys
-    stage, field = BUILDS[key]
-    rest = {k: v for k, v in raw.items() if k != key}
-    if field is not None:
-        rest[field] = raw[key]
-    elif raw[key] != "target":
-        issues.append(Issue(f"drafter.{key}", f"a drafter is derived from the target: write {key}: target "
-                                              f"(got {short(raw[key])})"))
-        return None
-    angular = rest.get("select") == "angular" and rest.get("calibration") is None and "keep_layers" in rest
-    if stage == "derive" and angular:
-        if getattr(distill, "prompts", None) is None:
-            issues.append(Issue("drafter.calibration", "select: angular measures layer distances on prompts: give "
-                                "drafter.calibration (e.g. {source: mtbench, limit: 32}) or a top-level distill section "
-                                "(its prompts are the default)"))
-            return None
-        rest["calibration"] = distill.prompts
-    cfg = _validate_stage(stage, rest, "drafter", issues)
-    return (stage, cfg) if cfg is not None else None
-
-
-def build_ref(stage: str, cfg: BaseModel) -> dict:
-    """A built drafter as a recipe's ``drafter:`` section (the resolved recipe)."""
-    key, field = next((k, f) for k, (s, f) in BUILDS.items() if s == stage)
-    out = cfg.model_dump(mode="json", exclude_none=True)
-    return {key: out.pop(field) if field else "target", **out}
-
-
-def drafter_kind(recipe: Recipe, build: tuple[str, BaseModel] | None = None) -> str:
-    """The drafter kind (sd2.drafters.KINDS) of the recipe's drafter before any branch: the kind its
-    building stage produces, what a local folder holds (read once, here), else a causal LM."""
-    from sd2 import drafters
-
-    if build is not None:
-        return STAGES[build[0]].kind
-    d = recipe.drafter
-    return drafters.kind_of(expand(d.path)) if d is not None and d.path is not None else drafters.DEFAULT
-
-
-def step_kinds(start: str, branches: dict, branch_from: dict) -> dict[str, list[str]]:
-    """{branch: the drafter kind each of its steps receives}: ``start``, changed by a step whose stage
-    produces another kind (``- head:``), carried on by a ``from:`` branch."""
-    out: dict[str, list[str]] = {}
-    ends: dict[str, str] = {}
-    for bname, steps in branches.items():
-        kind = ends.get(branch_from[bname], start) if bname in branch_from else start
-        out[bname] = []
-        for sname, _ in steps:
-            out[bname].append(kind)
-            kind = STAGES[sname].kind or kind
-        ends[bname] = kind
-    return out
-
-
-def _check_kinds(start: str, branches: dict, branch_from: dict) -> list[Issue]:
-    """A branch step's options that the drafter kind it receives lacks (sd2.drafters.problems): a
-    head-only finetune option on a causal LM, layer pruning or a raw recipe on a head."""
-    from sd2 import drafters
-
-    issues = []
-    for bname, kinds in step_kinds(start, branches, branch_from).items():
-        for i, ((sname, cfg), kind) in enumerate(zip(branches[bname], kinds)):
-            at = i + (1 if bname in branch_from else 0)   # the raw step index: `from:` is step 0
-            issues += [Issue(f"branches.{bname}[{at}].{sname}.{field}", msg)
-                       for field, msg in drafters.problems(sname, cfg, kind)]
-    return issues
 
 
 def _check_prompt_files(sections: list[tuple[str, Any]]) -> list[Issue]:

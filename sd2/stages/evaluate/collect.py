@@ -65,68 +65,52 @@ def load_target(config, inputs, ctx) -> Setup:
 
 def load_drafters(config, inputs, setup: Setup, ctx):
     """(drafters under evaluation, {name: DrafterInfo}, {name: draft-to-target map or None}). Each model
-    becomes a proposer (sd2.engine): a drafter, or a cross-tokenizer drafter when the tokenizers
-    differ; ``evaluate.prompt_lookup`` adds prompt lookup decoding (no model)."""
-    import torch
-
+    becomes a proposer (sd2.engine): a causal LM a drafter, or a cross-tokenizer drafter when the
+    tokenizers differ; a kind that reads the target (a head) the proposer its kind builds, bound to
+    the evaluated target (sd2.drafters); ``evaluate.prompt_lookup`` adds prompt lookup decoding."""
+    from sd2 import drafters as kinds
     from sd2.core.models import load_model, load_tokenizer, model_eos_ids, same_tokenizer
     from sd2.core.report import DrafterInfo
-    from sd2.macs import count_macs
     from sd2.engine.cached import CachedLM
     from sd2.engine.crosstok import CrossTokenizerProposer
     from sd2.engine.drafter import DrafterProposer
     from sd2.engine.lookup import PromptLookupProposer
     from sd2.engine.sampling import DraftVocab
+    from sd2.macs import count_macs
     from sd2.stages.evaluate import measure as M
-    from sd2.drafters import KINDS
     from sd2.vocab import draft_to_target
 
+    dtype = resolve(config.dtype, ctx.device, quiet=True).torch_dtype
     drafters, infos, maps = [], {}, {}
     for name, src in (inputs.drafters or {}).items():
-        if not KINDS[src.kind].causal_lm:   # a drafter that reads the target (its own proposer)
-            drafters.append(_reading_drafter(name, src, setup, config, infos, maps, ctx))
-            continue
-        model = load_model(src, device=ctx.device, dtype=resolve(config.dtype, ctx.device, quiet=True).torch_dtype)
-        tok = load_tokenizer(src)
-        cross = bool(inputs.cross_tokenizer) or not same_tokenizer(setup.tokenizer, tok)
-        maps[name] = draft_to_target(model)
-        lm, vocab = CachedLM(model), DraftVocab(setup.vocab_size, maps[name]).to(setup.target.device)
-        if cross:
-            prompts = {tuple(r.ids): M.chat_ids(tok, r.messages) for r in setup.requests}
-            proposer = CrossTokenizerProposer(name, lm, setup.tokenizer, tok, set(model_eos_ids(model, tok)),
-                                              setup.eos, prompts)
-            ctx.log.info("drafter %s: different tokenizer, drafts are translated through text", name)
-        else:
-            proposer = DrafterProposer(name, lm, vocab, setup.eos)
-        drafters.append(M.Drafter(name, proposer, lm, vocab, cross))
-        macs = count_macs(model)
-        infos[name] = DrafterInfo(path=src.ref, kind="cross_tokenizer" if cross else "drafter",
-                                  fingerprint=src.fingerprint, macs=macs.to_dict(),
+        kind, settings, cross = src.kind, {}, False
+        if kinds.KINDS[src.kind].causal_lm:
+            model = load_model(src, device=ctx.device, dtype=dtype)
+            tok = load_tokenizer(src)
+            cross = bool(inputs.cross_tokenizer) or not same_tokenizer(setup.tokenizer, tok)
+            maps[name], macs, kind = draft_to_target(model), count_macs(model), "cross_tokenizer" if cross else "drafter"
+            lm, vocab = CachedLM(model), DraftVocab(setup.vocab_size, maps[name]).to(setup.target.device)
+            if cross:
+                prompts = {tuple(r.ids): M.chat_ids(tok, r.messages) for r in setup.requests}
+                proposer = CrossTokenizerProposer(name, lm, setup.tokenizer, tok, set(model_eos_ids(model, tok)),
+                                                  setup.eos, prompts)
+                ctx.log.info("drafter %s: different tokenizer, drafts are translated through text", name)
+            else:
+                proposer = DrafterProposer(name, lm, vocab, setup.eos)
+            drafters.append(M.Drafter(name, proposer, lm, vocab, cross))
+        else:   # it reads the target's features and shares its embeddings and lm_head
+            drafter = kinds.load(src, setup.target.model, device=ctx.device, dtype=dtype)
+            maps[name], macs, settings = drafter.d2t(), drafter.macs(), drafter.settings()
+            drafters.append(M.Drafter(name, drafter.proposer(setup.eos, name), drafter=drafter))
+        infos[name] = DrafterInfo(path=src.ref, kind=kind, fingerprint=src.fingerprint, macs=macs.to_dict(),
                                   mac_ratio=_r(macs.ratio_to(setup.macs)), sparsity=_r(macs.decoder_sparsity),
-                                  cross_tokenizer=cross, lineage=_lineage(src.ref))
+                                  cross_tokenizer=cross, lineage=_lineage(src.ref), settings=settings)
     if config.prompt_lookup:
         pl = config.prompt_lookup
         drafters.append(M.Drafter(pl.name, PromptLookupProposer(pl.name, setup.eos, pl.max_ngram, pl.min_ngram)))
         infos[pl.name] = DrafterInfo(kind="prompt_lookup", mac_ratio=0.0, settings=pl.model_dump())
         maps[pl.name] = None
     return drafters, infos, maps
-
-
-def _reading_drafter(name, src, setup: Setup, config, infos, maps, ctx):
-    """A drafter bound to the evaluated target (a feature-level head: it reads the target's features
-    and shares its embeddings and lm_head), as the proposer its kind builds (sd2.drafters)."""
-    from sd2 import drafters as kinds
-    from sd2.core.report import DrafterInfo
-    from sd2.stages.evaluate import measure as M
-
-    drafter = kinds.load(src, setup.target.model, device=ctx.device,
-                         dtype=resolve(config.dtype, ctx.device, quiet=True).torch_dtype)
-    maps[name] = drafter.d2t()
-    macs = drafter.macs()
-    infos[name] = DrafterInfo(path=src.ref, kind=src.kind, fingerprint=src.fingerprint, macs=macs.to_dict(),
-                              mac_ratio=_r(macs.ratio_to(setup.macs)), sparsity=_r(macs.decoder_sparsity),
-                              lineage=_lineage(src.ref), settings=drafter.settings())
-    return M.Drafter(name, drafter.proposer(setup.eos, name), drafter=drafter)
 
 
 def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
