@@ -64,7 +64,7 @@ class CausalLM:
         return config.loss != "ce" and config.teacher == "topk"
 
     def training_task(self, config, rows_train, rows_val, pad_id: int, target, ctx):
-        from sd2.drafters.lm_train import LMTask, Objective
+        from sd2.drafters.lm_train import LMTask
         from sd2.modeling import untie_lm_head
         from sd2.train.losses import target_to_draft_map
 
@@ -88,14 +88,10 @@ class CausalLM:
             if tied and not config.untie_embeddings:
                 ctx.log.info("freeze_embeddings with tied embeddings: lm_head is the same matrix and is frozen too "
                              "(set untie_embeddings: true to train lm_head alone)")
-        objective = Objective(kd=kd, ce_weight=1.0 if not kd else config.ce_weight,
-                              kd_weight=(1.0 - config.ce_weight) if kd else 0.0, temperature=config.temperature,
-                              beta=config.jsd_beta, teacher=config.teacher, draft_to_target=d2t,
-                              target_to_draft=target_to_draft_map(d2t, self.vocab_size))
         ctx.log.info("finetune on %d conversations (%d held out), loss %s%s, %s", len(rows_train), len(rows_val),
                      config.loss, f" (teacher {config.teacher})" if kd else "",
                      "mask held" if config.hold_mask else "mask off")
-        return LMTask(model, objective, rows_val, config, pad_id, teacher_model)
+        return LMTask(model, config, rows_val, pad_id, d2t, target_to_draft_map(d2t, self.vocab_size), teacher_model)
 
     def save(self, out_dir: Path, extra_files: dict | None = None) -> None:
         self.module.eval()

@@ -14,8 +14,6 @@ is never matched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
@@ -24,56 +22,6 @@ from sd2.sparsity import decoder_linears
 from sd2.train.batches import Rows, collate
 from sd2.train.losses import IGNORE, cross_entropy, divergence, map_labels, teacher_from_logits, teacher_from_topk
 from sd2.train.mask import SparsityMask
-
-
-@dataclass
-class Objective:
-    """ce_weight * CE + kd_weight * divergence, as token-loss sums and counts."""
-
-    kd: str | None                  # fkl, rkl, jsd, tvd, or None for CE only
-    ce_weight: float
-    kd_weight: float
-    temperature: float
-    beta: float
-    teacher: str                    # "topk" or "online"
-    teacher_forward: object = None  # online: batch -> target logits at the label positions
-    draft_to_target: torch.Tensor | None = None
-    target_to_draft: torch.Tensor | None = None
-
-    def counts(self, batch: dict) -> tuple[int, int]:
-        """(CE tokens, KD tokens) of a batch, known before the forward pass."""
-        positions = batch["labels"] != IGNORE
-        ce_n = int((map_labels(batch["labels"][positions], self.target_to_draft) != IGNORE).sum()) if self.ce_weight else 0
-        if not (self.kd and self.kd_weight):
-            return ce_n, 0
-        if self.teacher == "online":
-            return ce_n, int(positions.sum())
-        return ce_n, int(self._topk_teacher(batch, positions).rows_with_support().sum())
-
-    def _topk_teacher(self, batch: dict, positions: torch.Tensor):
-        return teacher_from_topk(batch["topk_ids"][positions], batch["topk_logits"][positions], self.temperature,
-                                 self.target_to_draft)
-
-    def sums(self, batch: dict, logits: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, int]:
-        """(CE sum, CE count, KD sum, KD count) for the logits at the batch's label positions."""
-        device = logits.device
-        positions = batch["labels"] != IGNORE
-        zero = logits.sum() * 0.0
-        ce_sum, ce_n, kd_sum, kd_n = zero, 0, zero, 0
-        if self.ce_weight:
-            labels = map_labels(batch["labels"][positions], self.target_to_draft).to(device)
-            ce_sum, ce_n = cross_entropy(logits, labels).sum(), int((labels != IGNORE).sum())
-        if self.kd and self.kd_weight:
-            if self.teacher == "online":
-                teacher = teacher_from_logits(self.teacher_forward(batch), self.temperature, self.draft_to_target)
-            else:
-                teacher = self._topk_teacher(batch, positions)
-            teacher.logp = teacher.logp.to(device)
-            teacher.ids = teacher.ids.to(device) if teacher.ids is not None else None
-            per_pos = divergence(self.kd, logits, teacher, self.temperature, self.beta)
-            has = teacher.rows_with_support()
-            kd_sum, kd_n = per_pos[has].sum(), int(has.sum())
-        return ce_sum, ce_n, kd_sum, kd_n
 
 
 class LogitsAtPositions(nn.Module):
@@ -116,53 +64,23 @@ def _spans(positions: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
-@torch.no_grad()
-def validate(forward, loss_sums, rows: Rows, batch_size: int, pad_id: int, gamma: int, draft_to_target,
-             ce_weight: float, kd_weight: float) -> dict:
-    """Metrics over ``rows``. ``forward(batch) -> logits at the label positions`` and
-    ``loss_sums(batch, logits) -> (ce sum, ce count, kd sum, kd count)`` are the trainer's own;
-    val_loss is the training objective, ce_weight * mean CE + kd_weight * mean KD."""
-    stats = MalStats()
-    totals = torch.zeros(4, dtype=torch.float64)
-    matched = counted = 0
-    for s in range(0, len(rows), batch_size):
-        idx = list(range(s, min(s + batch_size, len(rows))))
-        batch = collate(rows, idx, pad_id)
-        logits = forward(batch)
-        totals += torch.tensor([float(v) for v in loss_sums(batch, logits)], dtype=torch.float64)
-        positions = batch["labels"] != IGNORE
-        labels = batch["labels"][positions]
-        pred = logits.argmax(-1).cpu()
-        if draft_to_target is not None:
-            pred = draft_to_target.cpu()[pred]
-        match = (pred == labels).tolist()
-        matched += sum(match)
-        counted += len(match)
-        for r, a, b in _spans(positions):
-            stats.add_request(teacher_forced_rounds(match[a:b], gamma), rows.category[idx[r]])
-    ce_sum, ce_n, kd_sum, kd_n = totals.tolist()
-    summary = stats.summary(gamma)
-    out = {"val_ce": ce_sum / ce_n if ce_n else None, "val_kd": kd_sum / kd_n if kd_n else None,
-           "val_top1": matched / counted if counted else 0.0, "val_mal": summary["mal"],
-           "val_acceptance_rate": summary["acceptance_rate"], "val_tokens": counted}
-    out["val_loss"] = ce_weight * (out["val_ce"] or 0.0) + kd_weight * (out["val_kd"] or 0.0)
-    return out
-
 
 class LMTask:
-    """The loop's Task (sd2.train.loop) for a causal LM: ``module`` is the model wrapped to return
-    logits at the label positions; the terms are (ce, kd), each averaged over its own tokens."""
+    """The loop's Task (sd2.train.loop) for a causal LM. ``module`` is the model wrapped to return its
+    logits at the label positions; the objective is ce_weight * CE + kd_weight * divergence, each
+    term averaged over its own tokens. The teacher is the distilled data's top-k logits, or an
+    online target forward (``teacher_model``)."""
 
     name = "finetune"
     terms = ("ce", "kd")
 
-    def __init__(self, model, objective: Objective, rows_val: Rows, cfg, pad_id: int, teacher_model=None):
-        self.model, self.objective, self.rows_val, self.cfg, self.pad_id = model, objective, rows_val, cfg, pad_id
-        self.teacher_model = teacher_model
+    def __init__(self, model, cfg, rows_val: Rows, pad_id: int, d2t=None, t2d=None, teacher_model=None):
+        self.cfg, self.rows_val, self.pad_id, self.d2t, self.t2d = cfg, rows_val, pad_id, d2t, t2d
+        self.kd = cfg.loss if cfg.loss != "ce" else None
+        self.weights = (cfg.ce_weight, 1.0 - cfg.ce_weight) if self.kd else (1.0, 0.0)
         self.module = LogitsAtPositions(model)
         self.mask = SparsityMask.of(decoder_linears(model) if cfg.hold_mask else [])
-        self.weights = (objective.ce_weight, objective.kd_weight)
-        self.accelerator = None
+        self.teacher_model, self.teacher_forward, self.accelerator = teacher_model, None, None
 
     def prepare(self, accelerator, out_dir, ctx) -> None:
         self.accelerator = accelerator
@@ -172,25 +90,80 @@ class LMTask:
 
             def teacher_forward(batch):
                 with torch.no_grad():
-                    b = {k: v.to(accelerator.device) for k, v in batch.items()}
-                    return t_wrap(b["input_ids"], b["attention_mask"], b["labels"] != IGNORE)
-            self.objective.teacher_forward = teacher_forward
-
-    def counts(self, rows, batch: dict) -> tuple[int, int]:
-        return self.objective.counts(batch)
+                    return self._logits(t_wrap, batch)
+            self.teacher_forward = teacher_forward
 
     def _logits(self, module, batch: dict) -> torch.Tensor:
         b = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         return module(b["input_ids"], b["attention_mask"], b["labels"] != IGNORE)
 
+    def _topk_teacher(self, batch: dict, positions: torch.Tensor):
+        return teacher_from_topk(batch["topk_ids"][positions], batch["topk_logits"][positions],
+                                 self.cfg.temperature, self.t2d)
+
+    def counts(self, rows, batch: dict) -> tuple[int, int]:
+        """(CE tokens, KD tokens) of a batch, known before the forward pass."""
+        positions = batch["labels"] != IGNORE
+        ce_n = int((map_labels(batch["labels"][positions], self.t2d) != IGNORE).sum()) if self.weights[0] else 0
+        if not (self.kd and self.weights[1]):
+            return ce_n, 0
+        if self.teacher_forward is not None:
+            return ce_n, int(positions.sum())
+        return ce_n, int(self._topk_teacher(batch, positions).rows_with_support().sum())
+
+    def _sums(self, batch: dict, logits: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+        """(CE sum, CE count, KD sum, KD count) for the logits at the batch's label positions."""
+        cfg, device = self.cfg, logits.device
+        positions = batch["labels"] != IGNORE
+        zero = logits.sum() * 0.0
+        ce_sum, ce_n, kd_sum, kd_n = zero, 0, zero, 0
+        if self.weights[0]:
+            labels = map_labels(batch["labels"][positions], self.t2d).to(device)
+            ce_sum, ce_n = cross_entropy(logits, labels).sum(), int((labels != IGNORE).sum())
+        if self.kd and self.weights[1]:
+            if self.teacher_forward is not None:
+                teacher = teacher_from_logits(self.teacher_forward(batch), cfg.temperature, self.d2t)
+            else:
+                teacher = self._topk_teacher(batch, positions)
+            teacher.logp = teacher.logp.to(device)
+            teacher.ids = teacher.ids.to(device) if teacher.ids is not None else None
+            per_pos = divergence(self.kd, logits, teacher, cfg.temperature, cfg.jsd_beta)
+            has = teacher.rows_with_support()
+            kd_sum, kd_n = per_pos[has].sum(), int(has.sum())
+        return ce_sum, ce_n, kd_sum, kd_n
+
     def sums(self, module, rows, batch: dict):
-        ce_sum, _, kd_sum, _ = self.objective.sums(batch, self._logits(module, batch))
+        ce_sum, _, kd_sum, _ = self._sums(batch, self._logits(module, batch))
         return ce_sum, kd_sum
 
+    @torch.no_grad()
     def validate(self, module, step: int) -> dict:
-        if not len(self.rows_val):
+        """val_loss (the objective), val_ce, val_kd, val_top1 and the exact teacher-forced greedy MAL."""
+        rows, gamma = self.rows_val, self.cfg.mal_gamma
+        if not len(rows):
             return {}
-        obj = self.objective
-        with self.accelerator.autocast():
-            return validate(lambda b: self._logits(module, b), obj.sums, self.rows_val, self.cfg.batch_size,
-                            self.pad_id, self.cfg.mal_gamma, obj.draft_to_target, obj.ce_weight, obj.kd_weight)
+        stats = MalStats()
+        totals = torch.zeros(4, dtype=torch.float64)
+        matched = counted = 0
+        for s in range(0, len(rows), self.cfg.batch_size):
+            idx = list(range(s, min(s + self.cfg.batch_size, len(rows))))
+            batch = collate(rows, idx, self.pad_id)
+            with self.accelerator.autocast():
+                logits = self._logits(module, batch)
+                totals += torch.tensor([float(v) for v in self._sums(batch, logits)], dtype=torch.float64)
+            positions = batch["labels"] != IGNORE
+            pred = logits.argmax(-1).cpu()
+            if self.d2t is not None:
+                pred = self.d2t.cpu()[pred]
+            match = (pred == batch["labels"][positions]).tolist()
+            matched += sum(match)
+            counted += len(match)
+            for r, a, b in _spans(positions):
+                stats.add_request(teacher_forced_rounds(match[a:b], gamma), rows.category[idx[r]])
+        ce_sum, ce_n, kd_sum, kd_n = totals.tolist()
+        summary = stats.summary(gamma)
+        out = {"val_ce": ce_sum / ce_n if ce_n else None, "val_kd": kd_sum / kd_n if kd_n else None,
+               "val_top1": matched / counted if counted else 0.0, "val_mal": summary["mal"],
+               "val_acceptance_rate": summary["acceptance_rate"], "val_tokens": counted}
+        out["val_loss"] = self.weights[0] * (out["val_ce"] or 0.0) + self.weights[1] * (out["val_kd"] or 0.0)
+        return out
