@@ -106,163 +106,117 @@ class Schedule:
         return cls(global_batch, per_epoch, total, int(round(cfg.warmup_ratio * total)))
 
 
-class Batches:
-    """This process's micro-batches for an optimizer step. The order is a pure function of (seed,
-    epoch), so a step number names its batches exactly, which is what resuming relies on."""
-
-    def __init__(self, rows: Rows, schedule: Schedule, cfg, seed: int, pad_id: int, rank: int, world: int):
-        self.rows, self.schedule, self.cfg, self.seed, self.pad_id = rows, schedule, cfg, seed, pad_id
-        self.rank, self.world = rank, world
-        self._order, self._epoch = None, -1
-
-    def at(self, step: int) -> tuple[int, int, list[tuple[list[int], dict]]]:
-        """(epoch, index within the epoch, the grad_accum micro-batches as (row indices, batch))."""
-        epoch, index = divmod(step, self.schedule.per_epoch)
-        if epoch != self._epoch:
-            self._order = epoch_batches([len(r) for r in self.rows.input_ids], self.schedule.global_batch,
-                                        self.seed, epoch, self.cfg.bucket)
-            self._epoch = epoch
-        idx = [micro_rows(self._order[index], m, self.rank, self.world, self.cfg.batch_size)
-               for m in range(self.cfg.grad_accum)]
-        return epoch, index, [(i, collate(self.rows, i, self.pad_id)) for i in idx]
-
-
-@dataclass
-class StepResult:
-    loss: float                     # the objective's value over the global batch
-    terms: dict                     # each term's mean over the global batch (None without tokens)
-    tokens: int                     # tokens in the global batch (attention mask)
-    mask_seconds: float
-
-
-class Trainer:
-    """The pieces of a run, usable apart: ``step`` (one optimizer step over micro-batches, the mask
-    held), ``validate``, ``save`` and ``resume`` (checkpoints). Builds the accelerator, AdamW and
-    the warm-up/cosine schedule around the task's module."""
-
-    def __init__(self, cfg, task: Task, ctx, n_train_rows: int, out_dir: Path):
-        self.cfg, self.task, self.ctx = cfg, task, ctx
-        self.accelerator, self.precision = make_accelerator(cfg.precision, ctx.device)
-        acc = self.accelerator
-        self.main, self.world, self.rank = acc.is_main_process, acc.num_processes, acc.process_index
-        seed_everything(ctx.seed)
-        task.prepare(acc, Path(out_dir), ctx)
-        self.mask = task.mask
-        self.wrapped = acc.prepare(task.module)
-        self.params = [p for p in task.module.parameters() if p.requires_grad]
-        self.optimizer = make_adamw(self.params, cfg.lr, cfg.weight_decay)
-        self.schedule = sched = Schedule.of(cfg, n_train_rows, self.world)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, sched.warmup, sched.total, cfg.min_lr_ratio))
-
-    def step(self, micro: list[tuple[list[int], dict]]) -> StepResult:
-        """One optimizer step: forward and backward over the micro-batches (gradients synced on the
-        last), the mask applied to the gradients, clipping, AdamW, the schedule."""
-        acc, task, world = self.accelerator, self.task, self.world
-        local = [task.counts(rows, b) for rows, b in micro]
-        counts = global_sum(acc, *(sum(c[i] for c in local) for i in range(len(task.terms))))
-        sums = torch.zeros(len(task.terms) + 1, dtype=torch.float64)
-        for m, (rows, batch) in enumerate(micro):
-            sync = contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(self.wrapped)
-            with sync:
-                term_sums = task.sums(self.wrapped, rows, {k: v.to(acc.device) for k, v in batch.items()})
-                loss = sum(w * s / max(n, 1) for w, s, n in zip(task.weights, term_sums, counts)) * world
-                acc.backward(loss)
-            sums += torch.tensor([s.item() for s in term_sums] + [float(batch["attention_mask"].sum())],
-                                 dtype=torch.float64)
-        t_mask = time.perf_counter()
-        self.mask.mask_grads()
-        mask_seconds = time.perf_counter() - t_mask
-        if self.cfg.max_grad_norm:
-            acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        *totals, toks = global_sum(acc, *sums.tolist())
-        means = [t / max(n, 1) for t, n in zip(totals, counts)]
-        return StepResult(sum(w * x for w, x in zip(task.weights, means)),
-                          {name: (x if n else None) for name, x, n in zip(task.terms, means, counts)},
-                          int(toks), mask_seconds)
-
-    def validate(self, step: int) -> dict:
-        """The task's validation metrics on the main process ({} without validation rows)."""
-        out = {}
-        if self.main:
-            module = self.task.module
-            module.eval()
-            out = self.task.validate(self.accelerator.unwrap_model(self.wrapped), step)
-            module.train()
-            if out:
-                self.ctx.log_metrics(step=step, **out)
-                self.ctx.log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in out.items()
-                                                                 if isinstance(v, float)))
-        self.accelerator.wait_for_everyone()
-        return out
-
-    def resume(self, out_dir: Path, config_json: dict) -> int:
-        """The step to start from: that of the checkpoint in ``out_dir`` (loaded), else 0."""
-        found = checkpoint.find(out_dir)
-        if found is None:
-            return 0
-        state = checkpoint.load(found, self.accelerator, self.wrapped, self.optimizer, self.scheduler, config_json)
-        self.ctx.log.info("resumed from %s at step %d of %d", found, state["step"], self.schedule.total)
-        return state["step"]
-
-    def save(self, out_dir: Path, step: int, position: dict, config_json: dict) -> None:
-        """Checkpoint after ``step``; refuses (Sd2Error) when the mask no longer holds, so a broken
-        mask fails at the first checkpoint instead of being saved."""
-        held = self.mask.verify(self.optimizer)
-        if not held["mask_exact"]:
-            from sd2.core.errors import Sd2Error
-            raise Sd2Error(f"finetune broke the sparsity mask at step {step}: "
-                           f"{held['mask_violations']} pruned entries are nonzero")
-        checkpoint.save(out_dir, self.accelerator, self.wrapped, self.optimizer, self.scheduler, step, position,
-                        config_json)
+def _step(acc, task: Task, wrapped, micro: list[tuple[list[int], dict]], optimizer, scheduler, params, cfg):
+    """One optimizer step: forward and backward over the micro-batches (gradients synced on the last),
+    the mask applied to the gradients, clipping, AdamW, the schedule. Returns (loss, {term: mean or
+    None}, tokens in the global batch, seconds the mask took)."""
+    local = [task.counts(rows, b) for rows, b in micro]
+    counts = global_sum(acc, *(sum(c[i] for c in local) for i in range(len(task.terms))))
+    sums = torch.zeros(len(task.terms) + 1, dtype=torch.float64)
+    for m, (rows, batch) in enumerate(micro):
+        with contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(wrapped):
+            term_sums = task.sums(wrapped, rows, {k: v.to(acc.device) for k, v in batch.items()})
+            acc.backward(sum(w * s / max(n, 1) for w, s, n in zip(task.weights, term_sums, counts)) * acc.num_processes)
+        sums += torch.tensor([s.item() for s in term_sums] + [float(batch["attention_mask"].sum())],
+                             dtype=torch.float64)
+    t_mask = time.perf_counter()
+    task.mask.mask_grads()
+    mask_seconds = time.perf_counter() - t_mask
+    if cfg.max_grad_norm:
+        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    *totals, toks = global_sum(acc, *sums.tolist())
+    means = [t / max(n, 1) for t, n in zip(totals, counts)]
+    return (sum(w * x for w, x in zip(task.weights, means)),
+            {name: (x if n else None) for name, x, n in zip(task.terms, means, counts)}, int(toks), mask_seconds)
 
 
 def train(cfg, task: Task, rows_train: Rows, pad_id: int, out_dir: Path, ctx, config_json: dict, on_step=None) -> dict:
     """Train ``task.module`` in place; returns the final metrics. ``cfg`` is finetune's Config.
     ``on_step(step)`` is called after each completed optimizer step (and its checkpoint), on every process."""
-    t = Trainer(cfg, task, ctx, len(rows_train), out_dir)
-    sched = t.schedule
-    batches = Batches(rows_train, sched, cfg, ctx.seed, pad_id, t.rank, t.world)
-    step = t.resume(out_dir, config_json)
-    last_val = t.validate(0) if step == 0 else {}
+    acc, precision = make_accelerator(cfg.precision, ctx.device)
+    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    seed_everything(ctx.seed)
+    task.prepare(acc, Path(out_dir), ctx)
+    wrapped = acc.prepare(task.module)
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    optimizer = make_adamw(params, cfg.lr, cfg.weight_decay)
+    sched = Schedule.of(cfg, len(rows_train), world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, sched.warmup, sched.total, cfg.min_lr_ratio))
+    orders: dict[int, list] = {}   # the batch order is a pure function of (seed, epoch): a step names its batches
+
+    def micro_batches(step: int):
+        epoch, index = divmod(step, sched.per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = epoch_batches([len(r) for r in rows_train.input_ids], sched.global_batch, ctx.seed, epoch,
+                                          cfg.bucket)
+        idx = [micro_rows(orders[epoch][index], m, rank, world, cfg.batch_size) for m in range(cfg.grad_accum)]
+        return epoch, index, [(i, collate(rows_train, i, pad_id)) for i in idx]
+
+    def validate(step: int) -> dict:
+        out = {}
+        if main:
+            task.module.eval()
+            out = task.validate(acc.unwrap_model(wrapped), step)
+            task.module.train()
+            if out:
+                ctx.log_metrics(step=step, **out)
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float))
+                ctx.log.info("step %d: %s", step, shown)
+        acc.wait_for_everyone()
+        return out
+
+    step, found = 0, checkpoint.find(out_dir)
+    if found is not None:
+        step = checkpoint.load(found, acc, wrapped, optimizer, scheduler, config_json)["step"]
+        ctx.log.info("resumed from %s at step %d of %d", found, step, sched.total)
+    last_val = validate(0) if step == 0 else {}
     task.module.train()
-    bar = ctx.progress(total=sched.total, initial=step, desc=task.name, unit="step", disable=not t.main)
+    bar = ctx.progress(total=sched.total, initial=step, desc=task.name, unit="step", disable=not main)
     train_seconds, train_cpu, mask_seconds, tokens_seen = 0.0, 0.0, 0.0, 0
     while step < sched.total:
         started, started_cpu = time.perf_counter(), time.process_time()
-        epoch, index, micro = batches.at(step)
-        res = t.step(micro)
+        epoch, index, micro = micro_batches(step)
+        loss, terms, tokens, mask_s = _step(acc, task, wrapped, micro, optimizer, scheduler, params, cfg)
         step += 1
         train_seconds += time.perf_counter() - started
         train_cpu += time.process_time() - started_cpu
-        mask_seconds += res.mask_seconds
-        tokens_seen += res.tokens
+        mask_seconds += mask_s
+        tokens_seen += tokens
         tok_s = tokens_seen / train_seconds if train_seconds else 0.0
         bar.update(1)
-        bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{tok_s:.0f}")
-        if t.main and (step % cfg.log_every == 0 or step == sched.total):
-            ctx.log_metrics(step=step, epoch=epoch, loss=res.loss, **res.terms, lr=t.scheduler.get_last_lr()[0],
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
+        if main and (step % cfg.log_every == 0 or step == sched.total):
+            ctx.log_metrics(step=step, epoch=epoch, loss=loss, **terms, lr=scheduler.get_last_lr()[0],
                             tokens_per_s=tok_s)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < sched.total:
-            last_val = t.validate(step)
+            last_val = validate(step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < sched.total:
-            t.save(out_dir, step, {"epoch": epoch, "batch": index + 1}, config_json)
+            held = task.mask.verify(optimizer)   # a broken mask fails at the first checkpoint, not saved
+            if not held["mask_exact"]:
+                from sd2.core.errors import Sd2Error
+                raise Sd2Error(f"finetune broke the sparsity mask at step {step}: "
+                               f"{held['mask_violations']} pruned entries are nonzero")
+            checkpoint.save(out_dir, acc, wrapped, optimizer, scheduler, step, {"epoch": epoch, "batch": index + 1},
+                            config_json)
         if on_step is not None:
             on_step(step)
     bar.close()
     if sched.total:
-        last_val = t.validate(step) or last_val
+        last_val = validate(step) or last_val
     task.module.eval()
     metrics = {"steps": step, "total_steps": sched.total,
                "epochs": round(step / sched.per_epoch, 3) if sched.per_epoch else 0.0,
-               "global_batch": sched.global_batch, "world_size": t.world, "precision": t.precision,
+               "global_batch": sched.global_batch, "world_size": world, "precision": precision,
                "tokens_per_s": round(tokens_seen / train_seconds, 2) if train_seconds else None,
                "train_seconds": round(train_seconds, 3),
                # process CPU time of the steps: on a shared machine, tokens / CPU-second is the steadier measure
                "train_cpu_seconds": round(train_cpu, 3), "mask_seconds": round(mask_seconds, 3),
-               "masked_weights": t.mask.pruned, "mask_held": bool(t.mask), **t.mask.verify(t.optimizer), **last_val}
-    t.accelerator.wait_for_everyone()
+               "masked_weights": task.mask.pruned, "mask_held": bool(task.mask), **task.mask.verify(optimizer),
+               **last_val}
+    acc.wait_for_everyone()
     return metrics
