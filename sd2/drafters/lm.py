@@ -51,14 +51,10 @@ class CausalLM:
     def prune_calibrated(self, config, samples: list[list[int]], ctx, out_dir: Path) -> dict:
         from sd2.drafters.oneshot import run_oneshot
 
+        earlier = Path(str(self.source.ref)) / "recipe.yaml" if self.source is not None else None
         self.module = run_oneshot(self.module, self.tokenizer, samples, config, out_dir,
-                                  existing_recipe=self._recipe())
+                                  existing_recipe=earlier if earlier is not None and earlier.is_file() else None)
         return {"recipe": "recipe.yaml"}
-
-    def _recipe(self) -> Path | None:
-        """The recipe.yaml an earlier llm-compressor run left in the input model's folder, if any."""
-        p = Path(str(getattr(self.source, "ref", ""))) / "recipe.yaml"
-        return p if self.source is not None and p.is_file() else None
 
     def wants_topk(self, config) -> bool:
         return config.loss != "ce" and config.teacher == "topk"

@@ -14,9 +14,17 @@ from pathlib import Path
 
 import torch
 
+from sd2.core.errors import Sd2Error
+from sd2.core.models import load_model, load_tokenizer
 from sd2.heads import io
+from sd2.heads.export import VLLM_CHECKED, vllm_snippet
+from sd2.heads.features import chain_rounds, head_inputs, row_features, target_features
 from sd2.heads.model import Head
+from sd2.heads.proposer import HeadProposer
+from sd2.heads.train import HeadTask
 from sd2.macs import MacCount
+from sd2.mal import teacher_forced_stats
+from sd2.train.losses import target_to_draft_map
 
 
 def head_macs(head: Head, context_len: int = 1024) -> MacCount:
@@ -44,22 +52,12 @@ def _prune_groups(head: Head) -> list[list[tuple[str, torch.nn.Linear]]]:
     return list(groups.values())
 
 
-def calibration_rows(target, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(ids [1, L], the target's features [1, L, d]) of the prune calibration conversations (token
-    ids drawn from the distilled data, as for a causal LM), features per row as in training."""
-    from sd2.heads.features import row_features
-
-    return [(torch.tensor([r], dtype=torch.long), f[None]) for r, f in zip(rows, row_features(target, rows))]
-
-
 def calibrate(head: Head, rows, modules: list[tuple[str, torch.nn.Linear]], method: str) -> dict:
     """One pass of the head over the calibration rows, teacher-forced on the target's real features,
     with a forward hook on each of ``modules`` that feeds its input to llm-compressor's own
     accumulator: SparseGPT's Hessian 2 X X^T / n (``accumulate_hessian``) or Wanda's per-column
     ||X_j||^2 / n (``accumulate_row_scalars``). Returns {module: statistic}, as the library's
     ``sparsify_weight`` reads it."""
-    from sd2.heads.features import head_inputs
-
     if method == "sparsegpt":
         from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import accumulate_hessian as acc
         from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import make_empty_hessian as empty
@@ -110,7 +108,7 @@ def sparsify(modules: list[tuple[str, torch.nn.Linear]], stats: dict, method: st
 
 def prune_head(head: Head, method: str, sparsity: float, nm: tuple[int, int] | None, rows, progress=None) -> None:
     """Prune every head Linear in place (sparsegpt or wanda): group by group (``_prune_groups``), each
-    calibrated on ``rows`` (``calibration_rows``) through the head as pruned so far, as
+    calibrated on ``rows`` ((ids [1, L], features [1, L, d]) pairs) through the head as pruned so far, as
     llm-compressor's sequential pipeline does for a causal LM's layers."""
     groups = _prune_groups(head)
     for group in (progress(groups) if progress is not None else groups):
@@ -126,12 +124,8 @@ def recognizes(folder: Path) -> bool:
 def load(source, target=None, device: str = "cpu", dtype=None) -> "HeadDrafter":
     """The head at ``source`` bound to ``target``: a loaded model, a ModelSource, or None (the
     target its config.json names)."""
-    from sd2.core.models import load_model, load_tokenizer
-
     io.check(source)                       # before the target loads
     if target is None and not io.read_config(source).target:
-        from sd2.core.errors import Sd2Error
-
         raise Sd2Error(f"{getattr(source, 'ref', source)}/config.json names no target; give the target model")
     if not isinstance(target, torch.nn.Module):
         target = load_model(target or io.read_config(source).target, device=device, dtype=dtype)
@@ -142,8 +136,6 @@ def usage_snippets(target: str, d, gamma: int, hub_id: str | None = None) -> dic
     """A feature-level head reads the target's hidden states: it is no transformers ``assistant_model``.
     sd2's engine runs both kinds; vLLM runs an untrimmed EAGLE head after ``sd2 publish`` exports it to
     vLLM's EAGLE layout (sd2.heads.export); nothing in vLLM runs an FSPAD head."""
-    from sd2.heads.export import VLLM_CHECKED, vllm_snippet
-
     kind = d.settings.get("head", "head")
     sd2_cmd = f"sd2 eval --target {target} --drafter {kind}={d.path} --gamma {gamma}"
     out = {"sd2": f"# A {kind.upper()} head runs beside its target in sd2's engine (greedy is lossless):\n{sd2_cmd}\n"}
@@ -160,8 +152,6 @@ def usage_snippets(target: str, d, gamma: int, hub_id: str | None = None) -> dic
 
 def build(head_type: str, layers: int, target_source, seed: int) -> "HeadDrafter":
     """A fresh head of ``head_type`` with ``layers`` decoder layers over the target (the head stage)."""
-    from sd2.core.models import load_model, load_tokenizer
-
     target = load_model(target_source, device="cpu")
     head = io.build(head_type, target, num_layers=layers, seed=seed, target_ref=target_source.ref,
                     target_fingerprint=target_source.fingerprint)
@@ -210,7 +200,9 @@ class HeadDrafter:
         LM's forward, which a head is not."""
         from importlib.metadata import version
 
-        rows = calibration_rows(self.target, samples)
+        # (ids [1, L], the target's features [1, L, d]) per conversation, the features as in training
+        feats = row_features(self.target, samples)
+        rows = [(torch.tensor([r], dtype=torch.long), f[None]) for r, f in zip(samples, feats)]
         prune_head(self.module, config.method, config.sparsity, config.nm, rows,
                    lambda it: ctx.progress(it, desc=f"prune head ({config.method})", unit="group"))
         return {"scope": "every head Linear (fc, feature sampling, layers)",
@@ -222,9 +214,6 @@ class HeadDrafter:
         return False    # the teacher is the target's lm_head on its own features
 
     def training_task(self, config, rows_train, rows_val, pad_id: int, target, ctx):
-        from sd2.heads.train import HeadTask
-        from sd2.train.losses import target_to_draft_map
-
         hc = self.module.head_config
         ctx.log.info("finetune %s head on %d conversations (%d held out): %s x SmoothL1 + %s x %s, target features %s",
                      hc.type, len(rows_train), len(rows_val), config.feature_weight, config.logit_weight, config.loss,
@@ -240,8 +229,6 @@ class HeadDrafter:
         return {"head": self.module.head_config.type}
 
     def proposer(self, eos, name: str):
-        from sd2.heads.proposer import HeadProposer
-
         return HeadProposer(self.module, eos, name)
 
     def teacher_forced_mal(self, target, requests, greedy_ref: dict, gammas: list[int],
@@ -249,9 +236,6 @@ class HeadDrafter:
         """{gamma: MalStats}: the head's exact greedy chain rounds on the target's greedy answers
         (features.chain_rounds): one target forward for the features, then the head's rounds
         simulated with its own predicted features."""
-        from sd2.heads.features import chain_rounds, target_features
-        from sd2.mal import teacher_forced_stats
-
         device = next(target.parameters()).device
 
         def rounds_for(req, resp):
