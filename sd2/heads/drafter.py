@@ -22,23 +22,17 @@ from sd2.heads.features import chain_rounds, head_inputs, row_features, target_f
 from sd2.heads.model import Head
 from sd2.heads.proposer import HeadProposer
 from sd2.heads.train import HeadTask
-from sd2.macs import MacCount
+from sd2.macs import MacCount, linear_macs
 from sd2.mal import teacher_forced_stats
 from sd2.train.losses import target_to_draft_map
 
 
 def head_macs(head: Head, context_len: int = 1024) -> MacCount:
-    """Per-token MACs of a head: fc, feature sampling and the decoder layer(s) count as "decoder"
-    (dense vs nonzero), the output layer (the target's lm_head, or the K-row trimmed one) as lm_head.
-    The embedding lookup is free, as for any drafter (sd2/macs.py)."""
-    dense = eff = 0
-    for _, mod in head.linears():
-        dense += mod.weight.numel()
-        eff += int(torch.count_nonzero(mod.weight).item())
+    """Per-token MACs of a head (sd2.macs.linear_macs): fc, feature sampling and the decoder layer(s)
+    as "decoder", the output layer (the target's lm_head, or the K-row trimmed one) as lm_head."""
     c = head.head_config
-    lm = head.get_output_embeddings().weight.numel()
-    attention = 2 * c.num_attention_heads * c.head_dim * context_len * c.num_layers
-    return MacCount(dense, eff, lm, attention, context_len, c.num_layers)
+    return linear_macs(head.linears(), head.get_output_embeddings().weight.numel(), c.num_attention_heads,
+                       c.head_dim, c.num_layers, context_len)
 
 
 def _prune_groups(head: Head) -> list[list[tuple[str, torch.nn.Linear]]]:
