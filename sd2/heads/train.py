@@ -84,23 +84,6 @@ class HeadLoss(torch.nn.Module):
         return f_sum, l_sum, int(where.sum())
 
 
-@torch.no_grad()
-def validate_head(head: Head, rows: Rows, features: FeatureSource, gamma: int, device) -> dict:
-    """The exact teacher-forced chain MAL (``features.chain_rounds``) and acceptance on held-out rows."""
-    stats = MalStats()
-    for i in range(len(rows)):
-        spans = _spans(rows.loss_mask[i])
-        if not spans:
-            continue
-        feats = features([i])[0].to(device)
-        for rounds in chain_rounds(head, rows.input_ids[i], feats, spans, gamma):
-            stats.add_request(rounds, rows.category[i])
-    summary = stats.summary(gamma)
-    return {"val_mal": summary["mal"], "val_acceptance_rate": summary["acceptance_rate"],
-            "val_acceptance_1": summary["acceptance_per_position"][0] if summary["acceptance_per_position"] else None,
-            "val_tokens": summary["tokens"]}
-
-
 def _spans(loss_mask: list[int]) -> list[tuple[int, int]]:
     """Contiguous runs of response tokens (a, b), a >= 1."""
     out, a = [], None
@@ -146,10 +129,22 @@ class HeadTask:
         f_sum, l_sum, _ = module(batch["input_ids"], feats, batch["labels"])
         return f_sum, l_sum
 
+    @torch.no_grad()
     def validate(self, module, step: int) -> dict:
-        if not len(self.rows_val):
+        """The exact teacher-forced chain MAL (``features.chain_rounds``) and acceptance on the held-out rows."""
+        rows, gamma, stats = self.rows_val, self.cfg.mal_gamma, MalStats()
+        if not len(rows):
             return {}
-        return validate_head(self.head, self.rows_val, self.feats_val, self.cfg.mal_gamma, self.device)
+        for i in range(len(rows)):
+            spans = _spans(rows.loss_mask[i])
+            if spans:
+                feats = self.feats_val([i])[0].to(self.device)
+                for rounds in chain_rounds(self.head, rows.input_ids[i], feats, spans, gamma):
+                    stats.add_request(rounds, rows.category[i])
+        s = stats.summary(gamma)
+        return {"val_mal": s["mal"], "val_acceptance_rate": s["acceptance_rate"],
+                "val_acceptance_1": s["acceptance_per_position"][0] if s["acceptance_per_position"] else None,
+                "val_tokens": s["tokens"]}
 
 
 def train_head(cfg, head: Head, target, rows_train: Rows, rows_val: Rows, pad_id: int, out_dir: Path, ctx,
@@ -159,7 +154,8 @@ def train_head(cfg, head: Head, target, rows_train: Rows, rows_val: Rows, pad_id
                       ctx, config_json)
 
 
-def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator, out_dir: Path, ctx) -> tuple[FeatureSource, FeatureSource]:
+def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator, out_dir: Path,
+                     ctx) -> tuple[FeatureSource, FeatureSource]:
     """(train, validation) feature sources: on the fly, or, with ``cfg.feature_cache_mb``, from the
     cache in the run folder (built by the main process; the others wait, then read it)."""
     if not cfg.feature_cache_mb:
@@ -171,6 +167,7 @@ def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator,
     every = rows_train.input_ids + rows_val.input_ids
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     cached = load_or_build(root, target, weights_digest(target), every, precision, str(accelerator.device),
-                           cfg.feature_cache_mb, accelerator.autocast, ctx, build=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+                           cfg.feature_cache_mb, accelerator.autocast, ctx, build=accelerator.is_main_process,
+                           barrier=accelerator.wait_for_everyone)
     n = len(rows_train)
     return (FeatureSource(rows_train, target, cached=cached[:n]), FeatureSource(rows_val, target, cached=cached[n:]))
