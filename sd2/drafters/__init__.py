@@ -14,7 +14,8 @@ A new drafter kind: a module with ``load(source, target=None, device="cpu", dtyp
 and ``recognizes(folder) -> bool``, and a ``Kind`` entry in ``KINDS``. A new head type (EAGLE-3, ...)
 is not a new kind: it is a head (sd2/heads/, docs/heads.md).
 
-This module imports neither torch nor a kind's module at import time (``sd2 validate`` reads it).
+This module imports neither torch nor a kind's module at import time (``sd2 validate`` reads it); a
+kind's module is imported to ask it about a local folder (``kind_of``) or to load a drafter.
 """
 
 from __future__ import annotations
