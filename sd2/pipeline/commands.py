@@ -77,10 +77,8 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
         raise Sd2Error(f"--drafter: prompt lookup is given twice ({', '.join(lookup)}); give it once")
     given = {k: (v[0] if len(v) == 1 else list(v)) if isinstance(v, (list, tuple)) else v
              for k, v in options.items() if v is not None and v != [] and v != ()}
-    if "gamma" in given:
+    if "gamma" in given:   # the command line's strings as numbers; Config checks the rest ('auto' alone)
         gamma = [g if g == "auto" else _int_option("--gamma", g) for g in map(str, options["gamma"])]
-        if "auto" in gamma and len(gamma) > 1:
-            raise Sd2Error("--gamma auto picks the depth itself; give it alone, not with other --gamma values")
         given["gamma"] = gamma[0] if len(gamma) == 1 else gamma
     if not given.get("decode", True):
         defaults = Config.model_fields
