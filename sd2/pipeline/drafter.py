@@ -42,7 +42,11 @@ def parse_build(raw: dict, distill, issues: list[Issue], validate) -> tuple[str,
                                 "(its prompts are the default)"))
             return None
         rest["calibration"] = distill.prompts
+    before = len(issues)
     cfg = validate(stage, rest, "drafter", issues)
+    if field is not None:   # the field the key's value fills is named as the recipe names it
+        issues[before:] = [Issue(f"drafter.{key}", i.message) if i.path == f"drafter.{field}" else i
+                           for i in issues[before:]]
     return (stage, cfg) if cfg is not None else None
 
 
