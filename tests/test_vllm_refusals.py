@@ -88,3 +88,17 @@ def test_vllm_here_is_the_cpu_backend_and_refuses_speculative_sampling(tmp_path,
     with pytest.raises(Sd2Error, match=r"vLLM issue #55005"):
         env.start(folder, "test", speculative_config={"model": folder, "method": "draft_model",
                                                       "num_speculative_tokens": 2}, temperature=1.0)
+
+
+@pytest.mark.vllm
+def test_a_failed_vllm_start_is_an_sd2_error_naming_the_cause(tmp_path, tokenizer, monkeypatch):
+    """vLLM's own error at start-up comes back as one Sd2Error line (the caller, the model, vLLM's
+    message), not a traceback through vLLM's engine."""
+    from sd2.serve import env
+    from vllm_tiny import VLLM_ENV, llama32
+
+    for k, v in VLLM_ENV.items():
+        monkeypatch.setenv(k, v)
+    folder = str(llama32(tmp_path / "t", tokenizer))       # max_position_embeddings 512
+    with pytest.raises(Sd2Error, match=r"^test: vLLM could not start .*/t: \w+Error: .*max_model_len"):
+        env.start(folder, "test", max_model_len=100_000)

@@ -102,7 +102,7 @@ def start(model_ref: str, what: str, *, dtype: str = "float32", seed: int = 0, m
     try:
         return vllm.LLM(**kw)
     except Exception as e:  # vLLM raises ValueError/RuntimeError/AssertionError from deep inside
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        msg = _cause(e)
         hint = ""
         if "memory" in msg.lower():
             hint = (f" Set VLLM_CPU_KVCACHE_SPACE (GiB of KV cache; now {os.environ.get('VLLM_CPU_KVCACHE_SPACE')})"
@@ -110,3 +110,17 @@ def start(model_ref: str, what: str, *, dtype: str = "float32", seed: int = 0, m
         raise Sd2Error(f"{what}: vLLM could not start {model_ref}"
                        f"{' with ' + str(speculative_config) if speculative_config else ''}: "
                        f"{type(e).__name__}: {msg}.{hint}") from e
+
+
+def _cause(e: BaseException, limit: int = 600) -> str:
+    """An exception's message on one line: a pydantic error's first message (vLLM validates its
+    config with pydantic), else the message's lines joined, without pydantic's "further information" line."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            return str(first.get("msg", first))[:limit]
+        except (TypeError, IndexError, AttributeError):
+            pass
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
+    return " ".join(lines)[:limit] or type(e).__name__
