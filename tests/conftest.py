@@ -74,3 +74,12 @@ def run_dir(tmp_path_factory, tokenizer, mtbench_file) -> Path:
     from publish_run import build_run
 
     return build_run(tmp_path_factory.mktemp("runs"), tokenizer, mtbench_file)
+
+
+@pytest.fixture(scope="session")
+def vllm_pair(tmp_path_factory, tokenizer) -> dict:
+    """For the vllm tests: a target vLLM's CPU attention takes, its first layer as a drafter, and a
+    trained EAGLE-1 head (tests/vllm_tiny.py), built once per session."""
+    from vllm_tiny import build_pair
+
+    return build_pair(tmp_path_factory.mktemp("vllm_pair"), tokenizer)

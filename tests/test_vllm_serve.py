@@ -15,19 +15,11 @@ import json
 import pytest
 import torch
 
-from vllm_tiny import VLLM_ENV, first_layers, llama32
+from vllm_tiny import VLLM_ENV, _rows
 
 pytestmark = pytest.mark.vllm
 
 GAMMA, MAX_TOKENS = 3, 24
-
-
-def _rows(n: int, seed: int, length: int = 36):
-    from sd2.stages.finetune.batches import Rows
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 300, (n, length), generator=g).tolist()
-    return Rows(ids, [[0] * 6 + [1] * (length - 6) for _ in ids], None, None, ["none"] * n)
 
 
 def _export(model_dir, dest):
@@ -39,33 +31,22 @@ def _export(model_dir, dest):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tokenizer):
+def served(tmp_path_factory, vllm_pair):
     """Exports, the vLLM worker's results (target alone, draft_model, eagle) and sd2's engine counts."""
     from transformers import AutoModelForCausalLM
 
-    from sd2.core.context import standalone_context
     from sd2.engine.cached import CachedLM
     from sd2.engine.drafter import DrafterProposer
     from sd2.engine.loop import target_generate
     from sd2.engine.sampling import DraftVocab
     from sd2.heads import io
     from sd2.heads.proposer import HeadProposer
-    from sd2.heads.train import train_head
     from sd2.serve.metrics import counts_of_rounds, engine_rounds_on_vllm_schedule
     from sd2.serve.worker import serve_apart
-    from sd2.stages.finetune import Config
 
     tmp = tmp_path_factory.mktemp("vllm")
-    (tmp / "train").mkdir()
-    tfold = llama32(tmp / "target", tokenizer)
+    tfold, dfold, hfold = vllm_pair["target"], vllm_pair["drafter"], vllm_pair["eagle"]
     target = AutoModelForCausalLM.from_pretrained(tfold).eval()
-    head = io.build("eagle", target, seed=0, target_ref=str(tfold))
-    cfg = Config(loss="fkl", lr=1e-2, max_steps=150, batch_size=16, checkpoint_every=0, mal_gamma=GAMMA,
-                 feature_noise=0.02)
-    train_head(cfg, head, target, _rows(256, 0), _rows(8, 1), 0, tmp / "train", standalone_context(tmp / "train"),
-               cfg.model_dump(mode="json"))
-    hfold = io.save(head.eval(), tmp / "eagle", tokenizer)
-    dfold = first_layers(tfold, tmp / "drafter", keep=1)
     d_exp, h_exp = _export(dfold, tmp / "export_drafter"), _export(hfold, tmp / "export_eagle")
 
     prompts = [p[:8 + i] for i, p in enumerate(_rows(6, 7).input_ids)]
@@ -81,7 +62,7 @@ def served(tmp_path_factory, tokenizer):
 
     tlm = CachedLM(target)
     drafter = AutoModelForCausalLM.from_pretrained(dfold).eval()
-    proposers = {"draft_model": DrafterProposer("d", CachedLM(drafter), DraftVocab(len(tokenizer), None), set()),
+    proposers = {"draft_model": DrafterProposer("d", CachedLM(drafter), DraftVocab(target.config.vocab_size, None), set()),
                  "eagle": HeadProposer(io.load(hfold, target), set(), "eagle")}
     sd2 = {"target": [target_generate(tlm, p, MAX_TOKENS, set()).tokens for p in prompts]}
     counts = {}

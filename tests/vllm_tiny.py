@@ -49,3 +49,37 @@ def first_layers(target_folder, folder, keep: int = 1) -> Path:
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(target_folder).save_pretrained(folder)
     return folder
+
+
+def _rows(n: int, seed: int, length: int = 36):
+    """Random token rows (ids 3..299) with a 6-token prompt, as finetune Rows."""
+    import torch
+
+    from sd2.stages.finetune.batches import Rows
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 300, (n, length), generator=g).tolist()
+    return Rows(ids, [[0] * 6 + [1] * (length - 6) for _ in ids], None, None, ["none"] * n)
+
+
+def build_pair(tmp, tokenizer, gamma: int = 3) -> dict:
+    """{"target", "drafter", "eagle"} folders: the target (llama32), its first layer as a standalone
+    drafter, and an EAGLE-1 head trained on it for 150 steps (sd2's head trainer), as sd2 head folders."""
+    from transformers import AutoModelForCausalLM
+
+    from sd2.core.context import standalone_context
+    from sd2.heads import io
+    from sd2.heads.train import train_head
+    from sd2.stages.finetune import Config
+
+    tmp = Path(tmp)
+    tfold = llama32(tmp / "target", tokenizer)
+    target = AutoModelForCausalLM.from_pretrained(tfold).eval()
+    head = io.build("eagle", target, seed=0, target_ref=str(tfold))
+    cfg = Config(loss="fkl", lr=1e-2, max_steps=150, batch_size=16, checkpoint_every=0, mal_gamma=gamma,
+                 feature_noise=0.02)
+    (tmp / "train").mkdir()
+    train_head(cfg, head, target, _rows(256, 0), _rows(8, 1), 0, tmp / "train", standalone_context(tmp / "train"),
+               cfg.model_dump(mode="json"))
+    return {"target": tfold, "drafter": first_layers(tfold, tmp / "drafter", keep=1),
+            "eagle": io.save(head.eval(), tmp / "eagle", tokenizer)}

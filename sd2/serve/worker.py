@@ -5,10 +5,12 @@
 JOB.json: ``{"runs": [RUN, ...]}``; RUN: ``name``, ``model`` (a folder or Hub id), ``prompts``
 (lists of token ids), ``max_tokens``, and optionally ``speculative_config`` (vLLM's dict),
 ``temperature`` (0), ``ignore_eos`` (false), ``dtype`` ("float32"), ``seed`` (0),
-``max_model_len``, ``one_by_one`` (false: all prompts in one batch; true: one request at a time,
-the batch-size-1 protocol that wall-clock speedups are measured with).
-OUT.json: ``{"vllm": version, "cpu": bool, "runs": [{"name", "outputs": [[ids]], "seconds",
-"tokens", "spec": SpecCounts.to_dict() or null}]}``. Runs go in order, one ``LLM`` each, freed
+``max_model_len``, ``top_k``/``top_p``/``min_p`` (off), ``one_by_one`` (false: all prompts in one
+batch; true: one request at a time, the batch-size-1 protocol wall-clock speedups are measured
+with), ``warmup`` (0: untimed requests of the first prompt before timing), ``repeats`` (1: timed
+passes; ``seconds`` is their median).
+OUT.json: ``{"vllm": version, "cpu": bool, "runs": [{"name", "outputs": [[ids]] (the first pass),
+"seconds", "walls", "tokens", "spec": SpecCounts.to_dict() over the timed passes, or null}]}``. Runs go in order, one ``LLM`` each, freed
 before the next starts. An Sd2Error (sd2/serve/env.py) exits 2 with its message on stderr.
 A separate process because vLLM changes process-wide state (threads, logging, signal handlers).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,21 +37,29 @@ def serve_run(run: dict) -> dict:
                     log_stats=True)
     params = vllm.SamplingParams(temperature=temperature, max_tokens=int(run["max_tokens"]),
                                  ignore_eos=bool(run.get("ignore_eos", False)), seed=run.get("seed", 0),
-                                 detokenize=False)
+                                 top_k=int(run.get("top_k", 0)), top_p=float(run.get("top_p", 1.0)),
+                                 min_p=float(run.get("min_p", 0.0)), detokenize=False)
     prompts = [{"prompt_token_ids": list(p)} for p in run["prompts"]]
+    for _ in range(int(run.get("warmup", 0))):
+        llm.generate(prompts[:1], params, use_tqdm=False)
     before = read_counts(llm.get_metrics())
-    t0 = time.perf_counter()
-    if run.get("one_by_one"):
-        outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
-    else:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
+    walls, outputs = [], None
+    for _ in range(int(run.get("repeats", 1))):
+        t0 = time.perf_counter()
+        if run.get("one_by_one"):
+            outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+        else:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        walls.append(time.perf_counter() - t0)
+        outputs = outputs or [list(o.outputs[0].token_ids) for o in outs]
     counts = read_counts(llm.get_metrics()) - before
-    outputs = [list(o.outputs[0].token_ids) for o in outs]
+    if run.get("one_by_one"):   # an engine step serves one request: its steps are the prefills and decode steps
+        counts.decode_steps = counts.steps - len(prompts) * int(run.get("repeats", 1))
     del llm
     gc.collect()
-    return {"name": run["name"], "outputs": outputs, "seconds": round(seconds, 4),
-            "tokens": sum(len(o) for o in outputs), "spec": counts.to_dict() if spec else None}
+    return {"name": run["name"], "outputs": outputs, "seconds": round(statistics.median(walls), 4),
+            "walls": [round(w, 4) for w in walls], "tokens": sum(len(o) for o in outputs),
+            "spec": counts.to_dict() if spec else None}
 
 
 def main(argv: list[str]) -> int:
@@ -61,7 +72,10 @@ def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
     try:
         vllm = env.import_vllm("sd2.serve.worker")
-        result = {"vllm": vllm.__version__, "cpu": env.on_cpu(), "runs": [serve_run(r) for r in job["runs"]]}
+        cpu = env.on_cpu()
+        for r in job["runs"]:       # every refusal before the first start
+            env.check_sampling(float(r.get("temperature", 0.0)), r.get("speculative_config") is not None, cpu)
+        result = {"vllm": vllm.__version__, "cpu": cpu, "runs": [serve_run(r) for r in job["runs"]]}
     except Sd2Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,6 +94,8 @@ class Config(BaseModel):
                                            "prompt. No wall-clock speedup, c or losslessness check; needs temperature 0, "
                                            "width 1, a fixed gamma and no prompt_lookup")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of both models")
+    engine: Literal["sd2", "vllm"] = Field("sd2", description="sd2: sd2's engine; vllm: vLLM serves the target and each "
+                                                              "drafter (draft_model, eagle, ngram; docs/vllm.md)")
 
     @field_validator("gamma")
     @classmethod
@@ -118,6 +120,15 @@ class Config(BaseModel):
         if bad:
             raise ValueError("decode: false measures greedy chain MAL by teacher forcing, so it needs "
                              + ", ".join(bad) + "; set decode: true (the default) to run speculative decoding")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm(self):
+        if self.engine == "vllm":
+            from sd2.serve.evaluate import conflicts
+
+            if bad := conflicts(self):
+                raise ValueError("engine: vllm needs " + "; ".join(bad))
         return self
 
     @property
@@ -147,5 +158,10 @@ class Config(BaseModel):
 
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.stages.evaluate.collect import evaluate_and_report
+
+    if config.engine == "vllm":
+        from sd2.serve.evaluate import evaluate_in_vllm
+
+        return evaluate_in_vllm(config, inputs, Path(out_dir), ctx)
 
     return evaluate_and_report(config, inputs, Path(out_dir), ctx)
