@@ -79,7 +79,7 @@ def evaluate_in_vllm(config, inputs, out_dir: Path, ctx) -> dict:
     drafters, infos, _ = collect.load_drafters(config, inputs, setup, ctx)
     prompts = [r.ids for r in setup.requests]
     base = {"model": inputs.target.ref, "prompts": prompts, "max_tokens": config.max_new_tokens,
-            "dtype": config.dtype, "seed": ctx.seed, "one_by_one": True, "warmup": config.warmup,
+            "dtype": _dtype(config, ctx), "seed": ctx.seed, "one_by_one": True, "warmup": config.warmup,
             "repeats": config.repeats,
             "top_k": config.top_k, "top_p": config.top_p, "min_p": config.min_p}
     runs = []
@@ -93,6 +93,13 @@ def evaluate_in_vllm(config, inputs, out_dir: Path, ctx) -> dict:
     served = {r["name"]: r for r in result["runs"]}
     sd2_mal = _sd2_mals(config, setup, drafters)
     return _write(config, inputs, setup, infos, served, specs, sd2_mal, result["vllm"], out_dir, ctx)
+
+
+def _dtype(config, ctx) -> str:
+    """evaluate.dtype as resolved for this machine (auto: bf16 only where computed natively), for vLLM too."""
+    from sd2.core.precision import resolve
+
+    return resolve(config.dtype, ctx.device, quiet=True).dtype
 
 
 def _sd2_mals(config, setup, drafters) -> dict[tuple[str, int], float]:
@@ -115,11 +122,12 @@ def _sd2_mals(config, setup, drafters) -> dict[tuple[str, int], float]:
 def _write(config, inputs, setup, infos, served, specs, sd2_mal, vllm_version: str, out_dir: Path, ctx) -> dict:
     from sd2 import __version__
     from sd2.core.artifacts import machine
-    from sd2.core.report import Baseline, Report, Result, Settings, TargetInfo
-    from sd2.stages.evaluate.collect import _r, summary
+    from sd2.core.report import Baseline, Report, Result, Settings
+    from sd2.stages.evaluate.collect import _r, summary, target_info
     from sd2.stages.evaluate.report import write_report
 
     ids = [r.id for r in setup.requests]
+    dtype = _dtype(config, ctx)
     baseline, results = {}, []
     for t in config.temperatures:
         tgt = served[f"target@{t}"]
@@ -146,12 +154,11 @@ def _write(config, inputs, setup, infos, served, specs, sd2_mal, vllm_version: s
         infos[name].settings = {**infos[name].settings, "vllm": spec}
     report = Report(
         sd2_version=__version__,
-        target=TargetInfo(ref=inputs.target.ref, label=inputs.target.label, hub_id=inputs.target.hub_id,
-                          fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict()),
+        target=target_info(inputs, setup),
         settings=Settings(gammas=config.gammas, temperatures=config.temperatures, top_k=config.top_k,
                           top_p=config.top_p, min_p=config.min_p, max_new_tokens=config.max_new_tokens,
                           n_prompts=len(ids), turns=config.turns, prompts=config.model_dump(mode="json")["prompts"],
-                          repeats=config.repeats, warmup=config.warmup, seed=ctx.seed, device="vllm", dtype=config.dtype,
+                          repeats=config.repeats, warmup=config.warmup, seed=ctx.seed, device="vllm", dtype=dtype,
                           engine="vllm", machine={**machine(), "vllm": vllm_version}),
         baseline=baseline, drafters=infos, results=results)
     write_report(report, out_dir)
