@@ -95,8 +95,8 @@ class Config(BaseModel):
                                            "prompt. No wall-clock speedup, c or losslessness check; needs temperature 0, "
                                            "width 1, a fixed gamma and no prompt_lookup")
     dtype: DType = dtype_field("dtype of both models")
-    engine: Literal["sd2", "vllm"] = Field("sd2", description="sd2: sd2's engine; vllm: vLLM serves the target and each "
-                                                              "drafter (draft_model, eagle, ngram; docs/vllm.md)")
+    engine: Literal["sd2", "vllm"] = added("sd2", since="2026-12-02", description="sd2: sd2's engine; vllm: vLLM serves "
+                                           "the target and each drafter (draft_model, eagle, ngram; docs/vllm.md)")
 
     @field_validator("gamma", mode="before")
     @classmethod
