@@ -61,7 +61,8 @@ def main() -> None:
     for r in vl.results:
         s = next(iter(sd.rows(r.drafter, r.gamma, 0.0)), None)
         method = vl.drafters[r.drafter].settings.get("vllm", {}).get("method", "?")
-        lines.append(f"| {r.drafter} | {method} | {r.mal:.3f} | {r.sd2_mal if r.sd2_mal is not None else '–'} | "
+        sd2_mal = f"{r.sd2_mal:.3f}" if r.sd2_mal is not None else "–"
+        lines.append(f"| {r.drafter} | {method} | {r.mal:.3f} | {sd2_mal} | "
                      f"{s.mal:.3f} | {r.speedup:.2f}× | {s.speedup:.2f}× | {r.lossless} / {s.lossless} |"
                      if s else f"| {r.drafter} | {method} | {r.mal:.3f} | – | – | {r.speedup:.2f}× | – | {r.lossless} / – |")
     lines += ["", "prompt_lookup is vLLM's ngram in the vLLM column and sd2's own prompt lookup in the sd2 column "
