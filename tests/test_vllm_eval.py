@@ -80,11 +80,12 @@ def test_engine_vllm_refuses_what_vllm_cannot_run(vllm_pair, tmp_path, tokenizer
                      tmp_path / "out2", engine="vllm")
 
 
-def test_engine_vllm_at_temperature_above_0_is_refused_on_this_cpu(vllm_pair, tmp_path):
-    """vLLM issue #55005: the worker refuses every speculative run at T > 0 on the CPU backend before
-    it starts any model; sd2 eval passes the message on."""
+def test_engine_vllm_at_temperature_above_0_is_refused_where_the_fix_cannot_apply(vllm_pair, tmp_path, monkeypatch):
+    """vLLM #55005: with the model in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1) sd2's fix cannot
+    apply, and the worker refuses every speculative run at T > 0 before it starts any model."""
     from sd2.pipeline.commands import eval_command
 
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     prompts = write_mtbench(tmp_path / "q.jsonl", n=1, turns=1)
     with pytest.raises(Sd2Error, match=r"the vLLM worker failed .*temperature 1.0 on vLLM's CPU backend .*#55005"):
         eval_command(str(vllm_pair["target"]), ["pld=prompt_lookup"], str(prompts), 1, 0, ["2"], [0.0, 1.0], 8, 1,

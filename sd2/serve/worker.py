@@ -73,8 +73,10 @@ def main(argv: list[str]) -> int:
     try:
         vllm = env.import_vllm("sd2.serve.worker")
         cpu = env.on_cpu()
+        if cpu:
+            env.cpu_environment()
         for r in job["runs"]:       # every refusal before the first start
-            env.check_sampling(float(r.get("temperature", 0.0)), r.get("speculative_config") is not None, cpu)
+            env.sampling_fix(float(r.get("temperature", 0.0)), r.get("speculative_config") is not None, cpu)
         result = {"vllm": vllm.__version__, "cpu": cpu, "runs": [serve_run(r) for r in job["runs"]]}
     except Sd2Error as e:
         print(f"error: {e}", file=sys.stderr)
