@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, StrictBool, model_validator
 
-from sd2.core.fields import DType, dtype_field
+from sd2.core.fields import DType, added, dtype_field
 from sd2.data.prompts import Prompts
 
 
@@ -95,6 +95,8 @@ class Config(BaseModel):
                                            "prompt. No wall-clock speedup, c or losslessness check; needs temperature 0, "
                                            "width 1, a fixed gamma and no prompt_lookup")
     dtype: DType = dtype_field("dtype of both models", exact=True)
+    engine: Literal["sd2", "vllm"] = added("sd2", since="2026-12-02", description="sd2: sd2's engine; vllm: vLLM serves "
+                                           "the target and each drafter (draft_model, eagle, ngram; docs/vllm.md)")
 
     @field_validator("gamma", mode="before")
     @classmethod
@@ -133,6 +135,15 @@ class Config(BaseModel):
                              + ", ".join(bad) + "; set decode: true (the default) to run speculative decoding")
         return self
 
+    @model_validator(mode="after")
+    def _vllm(self):
+        if self.engine == "vllm":
+            from sd2.serve.evaluate import conflicts
+
+            if bad := conflicts(self):
+                raise ValueError("engine: vllm needs " + "; ".join(bad))
+        return self
+
     @property
     def auto(self) -> bool:
         return self.gamma == "auto"
@@ -160,5 +171,10 @@ class Config(BaseModel):
 
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.stages.evaluate.collect import evaluate_and_report
+
+    if config.engine == "vllm":
+        from sd2.serve.evaluate import evaluate_in_vllm
+
+        return evaluate_in_vllm(config, inputs, Path(out_dir), ctx)
 
     return evaluate_and_report(config, inputs, Path(out_dir), ctx)

@@ -290,7 +290,7 @@ def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path
 def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out_dir: Path, ctx) -> dict:
     from sd2 import __version__
     from sd2.core.artifacts import machine
-    from sd2.core.report import Baseline, Report, Settings, TargetInfo
+    from sd2.core.report import Baseline, Report, Settings
     from sd2.stages.evaluate.report import write_report
 
     results = result_rows(config, setup, infos, baseline, cells, tf)
@@ -299,9 +299,7 @@ def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out
 
     report = Report(
         sd2_version=__version__,
-        target=TargetInfo(ref=inputs.target.label or inputs.target.ref,
-                          loaded_from=inputs.target.ref if inputs.target.label not in ("", inputs.target.ref) else None,
-                          hub_id=inputs.target.hub_id, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict()),
+        target=target_info(inputs, setup),
         settings=Settings(gammas=gammas, widths=config.widths, gamma_auto=config.auto,
                           max_gamma=config.max_gamma if config.auto else None, temperatures=config.temperatures,
                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
@@ -314,6 +312,15 @@ def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out
         drafters=infos, results=results)
     write_report(report, out_dir)
     return summary(report, ctx)
+
+
+def target_info(inputs, setup: Setup):
+    """report.json's target: as the user named it, and the folder it loaded from when that differs."""
+    from sd2.core.report import TargetInfo
+
+    return TargetInfo(ref=inputs.target.label or inputs.target.ref,
+                      loaded_from=inputs.target.ref if inputs.target.label not in ("", inputs.target.ref) else None,
+                      hub_id=inputs.target.hub_id, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict())
 
 
 def summary(report, ctx) -> dict:
