@@ -17,13 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent / "sd2"
 # package prefix -> packages it must never import
 FORBIDDEN = {
     "sd2.core": ("sd2.pipeline", "sd2.stages", "sd2.publish", "sd2.engine", "sd2.heads", "sd2.data", "sd2.drafters",
-                 "sd2.train"),
+                 "sd2.train", "sd2.serve"),
     "sd2.train": ("sd2.pipeline", "sd2.stages", "sd2.publish", "sd2.heads", "sd2.drafters"),
     "sd2.drafters": ("sd2.pipeline", "sd2.stages", "sd2.publish", "sd2.heads"),
     "sd2.stages": ("sd2.pipeline", "sd2.publish", "sd2.heads"),
     "sd2.engine": ("sd2.pipeline", "sd2.publish"),
     "sd2.heads": ("sd2.pipeline", "sd2.publish", "sd2.stages"),
     "sd2.publish": ("sd2.pipeline",),
+    "sd2.serve": ("sd2.pipeline", "sd2.publish"),
     "sd2.data": ("sd2.pipeline", "sd2.stages", "sd2.publish"),
 }
 # the top-level modules (sd2/macs.py, sd2/mal.py, ...) are base library too

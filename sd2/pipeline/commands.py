@@ -61,6 +61,7 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     Config fields as the command line gives them (None or an empty list: not given, the stage's default;
     a repeatable option with one value: that value), parsed once, by the stage's own Config."""
     from dataclasses import replace
+    from types import SimpleNamespace
 
     from pydantic import ValidationError
 
@@ -80,14 +81,16 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     if "gamma" in given:   # the command line's strings as numbers; Config checks the rest ('auto' alone)
         gamma = [g if g == "auto" else _int_option("--gamma", g) for g in map(str, options["gamma"])]
         given["gamma"] = gamma[0] if len(gamma) == 1 else gamma
-    if not given.get("decode", True):
-        defaults = Config.model_fields
-        bad = mal_only_conflicts(given.get("temperature", defaults["temperature"].default),
-                                 given.get("gamma", defaults["gamma"].default),
-                                 given.get("width", defaults["width"].default), lookup, flag="--")
-        if bad:
-            raise Sd2Error("--mal-only simulates greedy chain rounds by teacher forcing, so it needs "
-                           + ", ".join(bad) + "; drop --mal-only to run speculative decoding")
+    # the settings as the stage will see them, for the command line's own words about what conflicts
+    eff = SimpleNamespace(**{k: f.default for k, f in Config.model_fields.items() if not f.is_required()} | given)
+    if not eff.decode and (bad := mal_only_conflicts(eff.temperature, eff.gamma, eff.width, lookup, flag="--")):
+        raise Sd2Error("--mal-only simulates greedy chain rounds by teacher forcing, so it needs "
+                       + ", ".join(bad) + "; drop --mal-only to run speculative decoding")
+    if eff.engine == "vllm":
+        from sd2.serve.evaluate import conflicts
+
+        if bad := conflicts(eff):
+            raise Sd2Error("--engine vllm needs " + "; ".join(bad))
     try:
         cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1),
                      prompt_lookup={"name": lookup[0]} if lookup else None, **given)
