@@ -209,3 +209,28 @@ def test_drafter_kind_mismatches_are_recipe_errors_naming_the_field(tmp_path, ti
                                       "branches": {"h": [{"prune": {"method": "layer", "keep_layers": 1}}]}}
     with pytest.raises(RecipeError, match=r"branches\.h\[0\]\.prune\.method: prune\.method needs a standalone"):
         validate_recipe(head_first)
+
+
+def test_step_errors_do_not_breed_false_cross_step_errors(tmp_path, tiny_target):
+    """A branch with a step that fails its own validation is left out of the checks across steps (its
+    sequence is unknown), indices count a `from:` line, a head step ends layer counting, and derive's
+    layers list is not empty (found by a newcomer check: each of these gave a wrong second error)."""
+    data = base(tiny_target) | {"drafter": {"derive": "target", "keep_layers": 2}}
+    data["branches"] = {
+        "h": [{"head": {"type": "eagel"}}, {"finetune": {"loss": "fkl", "feature_noise": 0.1}}],
+        "d": [{"finetune": {"lr": -1}}, {"prune": {"method": "layer", "keep_layers": 9}}],
+        "a": [{"finetune": {"max_steps": 2}}],
+        "e": [{"from": "a"}, {"trim_vocab": {"k": 99999}}],
+        "g": [{"head": {"type": "eagle"}}, {"prune": {"method": "layer", "keep_layers": 3}}],
+    }
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(data)
+    out = " ".join(str(err.value).split())
+    assert "branches.h[0].head.type" in out and "branches.h[1]" not in out          # no false 'standalone' error
+    assert "branches.d[0].finetune.lr" in out and "branches.d[1]" not in out and "branches.d[0].prune" not in out
+    assert "branches.e[1].trim_vocab.k" in out and "branches.e[0].trim_vocab" not in out
+    assert "branches.g[1].prune.method: prune.method needs a standalone causal LM" in out
+    assert "keep_layers must be in" not in out                                     # no layer count through a head
+    empty = base(tiny_target) | {"drafter": {"derive": "target", "layers": []}}
+    with pytest.raises(RecipeError, match=r"drafter\.layers"):
+        validate_recipe(empty)

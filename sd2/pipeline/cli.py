@@ -177,7 +177,7 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
           max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="new tokens per request"),
           repeats: Optional[int] = typer.Option(None, "--repeats", help="timed passes; wall-clock is the median"),
           device: str = typer.Option("auto", "--device", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
-          dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (bfloat16 where the CPU or GPU computes it natively, else float32), float32, bfloat16 or float16, for both models"),
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (float32 on a CPU, where losslessness is checked token for token; bfloat16 on a GPU that supports it), float32, bfloat16 or float16, for both models"),
           out: Path = typer.Option(Path("artifacts/eval"), "--out", help="where report.json/.md go"),
           mal_only: bool = typer.Option(False, "--mal-only", help="MAL only: greedy chain rounds simulated exactly by "
                                         "teacher forcing, no speculative decoding and no wall-clock (evaluate.decode: false)"),

@@ -226,6 +226,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
     branches: dict[str, list[tuple[str, BaseModel]]] = {}
     branch_from: dict[str, str] = {}
     step_sections: list[tuple[str, BaseModel]] = []     # (field path, config) of every branch step
+    broken: set[str] = set()    # branches with a step that failed its own validation
     raw_branches = data.get("branches") or {}
     if isinstance(raw_branches, dict):
         for bname, steps in raw_branches.items():
@@ -237,7 +238,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
                                            f"and the baseline '{TARGET}'); pick another name"))
             if not isinstance(steps, list):
                 continue  # reported by the top-level model
-            parsed = []
+            parsed, before = [], len(issues)
             for i, step in enumerate(steps):
                 spath = f"{bpath}[{i}]"
                 if not isinstance(step, dict) or len(step) != 1:
@@ -265,15 +266,30 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
                     parsed.append((sname, cfg))
                     step_sections.append((f"{spath}.{sname}", cfg))
             branches[str(bname)] = parsed
+            if len(issues) > before:
+                broken.add(str(bname))
 
     if recipe is not None:
         build_cfg = drafter_build[1] if drafter_build is not None else None
         issues.extend(_check_prompt_files([("drafter", build_cfg), ("distill", distill), ("evaluate", evaluate)]
                                           + step_sections))
         issues.extend(_check_paths(recipe))
-        issues.extend(_check_cross(recipe, data, branches, branch_from))
-        issues.extend(_check_layers(recipe, drafter_build, branches, branch_from))
-        issues.extend(check_kinds(drafter_kind(recipe, drafter_build), branches, branch_from))
+        # Checks across steps read each branch as a sequence; a branch with a broken step (or one that starts
+        # from such a branch) is left out, since its sequence is unknown: its own errors come first.
+        for b in list(branches):
+            chain, seen = b, set()
+            while chain is not None and chain not in seen:
+                seen.add(chain)
+                if chain in broken:
+                    break
+                chain = branch_from.get(chain)
+            else:
+                continue
+            broken.add(b)
+        intact = {b: steps for b, steps in branches.items() if b not in broken}
+        issues.extend(_check_cross(recipe, data, intact, branch_from))
+        issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
+        issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
     if issues:
         raise RecipeError(issues, source)
     return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from, drafter_build)
@@ -348,19 +364,24 @@ def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict | Non
     for bname, steps in branches.items():
         n = ends.get((branch_from or {}).get(bname), start) if bname in (branch_from or {}) else start
         for i, (sname, cfg) in enumerate(steps):
-            if n is None:
+            if n is None or sname == "head":   # a head has no decoder layers to count (check_kinds refuses layer pruning)
+                n = None
                 break
             if sname == "prune" and getattr(cfg, "method", None) == "layer":
                 n_remove, problem = prune.layer_request(n, cfg)
                 if problem:
                     field = next(f for f in ("keep_layers", "n_remove", "match_sparsity") if getattr(cfg, f, None) is not None)
-                    at = i + (1 if bname in (branch_from or {}) else 0)  # the raw step index: `from:` is step 0
-                    issues.append(Issue(f"branches.{bname}[{at}].prune.{field}", problem))
+                    issues.append(Issue(f"branches.{bname}[{_raw_index(bname, i, branch_from)}].prune.{field}", problem))
                     n = None
                     break
                 n = None if n_remove is None else n - n_remove
         ends[bname] = n
     return issues
+
+
+def _raw_index(bname: str, i: int, branch_from: dict | None) -> int:
+    """The index a user sees of a branch's i-th parsed step: a ``from:`` line is step 0."""
+    return i + (1 if bname in (branch_from or {}) else 0)
 
 
 def _check_cross(recipe: Recipe, data: dict, branches: dict, branch_from: dict | None = None) -> list[Issue]:
@@ -371,7 +392,7 @@ def _check_cross(recipe: Recipe, data: dict, branches: dict, branch_from: dict |
             if k is not None:
                 vocab = known_vocab_size(recipe.drafter or recipe.target)   # a built drafter reads the target's
                 if vocab is not None and k > vocab:
-                    issues.append(Issue(f"branches.{bname}[{i}].trim_vocab.k",
+                    issues.append(Issue(f"branches.{bname}[{_raw_index(bname, i, branch_from)}].trim_vocab.k",
                                         f"must be at most the drafter's vocabulary size {vocab} (got {k})"))
     data_at_end: dict[str, bool] = {}
     for bname, steps in branches.items():
@@ -381,7 +402,7 @@ def _check_cross(recipe: Recipe, data: dict, branches: dict, branch_from: dict |
             if sname == "distill":
                 has_data = True
             elif "dataset" in consumed_inputs(STAGES[sname], cfg) and not has_data:
-                issues.append(Issue(f"branches.{bname}[{i}].{sname}", "needs a distilled dataset: add a top-level `distill:` section or a distill step before it"))
+                issues.append(Issue(f"branches.{bname}[{_raw_index(bname, i, branch_from)}].{sname}", "needs a distilled dataset: add a top-level `distill:` section or a distill step before it"))
         data_at_end[bname] = has_data
     if not branches and recipe.evaluate is None and recipe.distill is None:
         issues.append(Issue("", "the recipe does nothing: add distill, branches or evaluate"))

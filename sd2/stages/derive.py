@@ -26,7 +26,7 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     keep_layers: int | None = Field(None, ge=1, description="keep K layers (which: see select)")
-    layers: list[int] | None = Field(None, description="the exact layer indices to keep")
+    layers: list[int] | None = Field(None, min_length=1, description="the exact layer indices to keep")
     select: Literal["first_last", "angular"] = Field(
         "first_last", description="with keep_layers: first_last keeps the first K-2 and the last 2; angular removes "
                                   "the block of L-K layers of least angular distance on the calibration prompts")
