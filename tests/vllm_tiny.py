@@ -55,7 +55,7 @@ def _rows(n: int, seed: int, length: int = 36):
     """Random token rows (ids 3..299) with a 6-token prompt, as finetune Rows."""
     import torch
 
-    from sd2.stages.finetune.batches import Rows
+    from sd2.train.batches import Rows
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 300, (n, length), generator=g).tolist()
