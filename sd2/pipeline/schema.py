@@ -85,10 +85,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node: Any = data
         try:
             for part in parts[:-1]:
-                if isinstance(node, list):
-                    node = node[int(part)]
-                else:
-                    node = node.setdefault(part, {})
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
             last = parts[-1]
             if isinstance(node, list):
                 node[int(last)] = value
