@@ -64,7 +64,6 @@ def _spans(positions: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
-
 class LMTask:
     """The loop's Task (sd2.train.loop) for a causal LM. ``module`` is the model wrapped to return its
     logits at the label positions; the objective is ce_weight * CE + kd_weight * divergence, each

@@ -27,12 +27,6 @@ def modifiers(config) -> list:
     return [cls(sparsity=config.sparsity, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])]
 
 
-def _calibration_dataset(samples: list[list[int]]):
-    import datasets
-
-    return datasets.Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
-
-
 def _quiet_logs(out_dir: Path) -> int:
     """llm-compressor logs every pruned module (and its error) to stdout: keep only errors on the
     console and write the rest as text to ``out_dir/llmcompressor.log``. Returns the file sink's
@@ -47,15 +41,17 @@ def _quiet_logs(out_dir: Path) -> int:
 def run_oneshot(model, tokenizer, samples: list[list[int]], config, out_dir: Path, existing_recipe: Path | None = None):
     """Prune ``model`` (loaded from a folder) in place; write the applied ``recipe.yaml`` into
     ``out_dir``, appended to ``existing_recipe`` (the input model's) when there is one."""
+    import datasets
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
     from sd2.core.errors import Sd2Error
 
     recipe = config.recipe if config.recipe is not None else modifiers(config)
+    calibration = datasets.Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
     sink = _quiet_logs(Path(out_dir))
     try:
-        model = oneshot(model=model, tokenizer=tokenizer, recipe=recipe, dataset=_calibration_dataset(samples),
+        model = oneshot(model=model, tokenizer=tokenizer, recipe=recipe, dataset=calibration,
                         pipeline="sequential", num_calibration_samples=len(samples),
                         max_seq_length=max(len(s) for s in samples), shuffle_calibration_samples=False,
                         batch_size=1)

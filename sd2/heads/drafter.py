@@ -109,8 +109,6 @@ def prune_head(head: Head, method: str, sparsity: float, nm: tuple[int, int] | N
         sparsify(group, calibrate(head, rows, group, method), method, sparsity, nm)
 
 
-
-
 def recognizes(folder: Path) -> bool:
     return io.is_head(folder)
 

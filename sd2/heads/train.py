@@ -53,10 +53,8 @@ class HeadLoss(torch.nn.Module):
 
     def __init__(self, head: Head, target, cfg, t2d):
         super().__init__()
-        self.head = head
+        self.head, self.cfg, self.t2d = head, cfg, t2d
         object.__setattr__(self, "target", target)   # frozen, not part of the trained module
-        self.cfg = cfg
-        self.t2d = t2d
 
     def forward(self, input_ids, feats, labels):
         cfg, head = self.cfg, self.head

@@ -30,7 +30,6 @@ from sd2.pipeline.schema import ValidatedRecipe
 log = logging.getLogger("sd2")
 
 
-
 @dataclass
 class Step:
     index: int

@@ -85,10 +85,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node: Any = data
         try:
             for part in parts[:-1]:
-                if isinstance(node, list):
-                    node = node[int(part)]
-                else:
-                    node = node.setdefault(part, {})
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
             last = parts[-1]
             if isinstance(node, list):
                 node[int(last)] = value
@@ -141,8 +138,8 @@ def pydantic_issues(err: ValidationError, model_cls: type[BaseModel], prefix: st
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-", "union-"))))
         path = _loc_to_path(prefix, loc)
         if e["type"] == "extra_forbidden":
-            hint = did_you_mean(loc[-1], _fields_at(model_cls, loc[:-1]))
             allowed = _fields_at(model_cls, loc[:-1])
+            hint = did_you_mean(loc[-1], allowed)
             msg = f"unknown key{hint}; allowed: {', '.join(allowed)}" if allowed else f"unknown key{hint}"
         else:
             msg = e["msg"].removeprefix("Value error, ")
@@ -153,8 +150,7 @@ def pydantic_issues(err: ValidationError, model_cls: type[BaseModel], prefix: st
 
 
 def _validate_stage(name: str, raw: Any, path: str, issues: list[Issue]):
-    spec = STAGES[name]
-    cls = spec.config_cls
+    cls = STAGES[name].config_cls
     try:
         return cls.model_validate(raw or {})
     except ValidationError as err:
@@ -167,12 +163,8 @@ class ValidatedRecipe:
 
     def __init__(self, recipe: Recipe, distill, branches: dict[str, list[tuple[str, BaseModel]]], evaluate, raw: dict,
                  branch_from: dict[str, str] | None = None, drafter_build: tuple[str, BaseModel] | None = None):
-        self.recipe = recipe
+        self.recipe, self.distill, self.branches, self.evaluate, self.raw = recipe, distill, branches, evaluate, raw
         self.drafter_build = drafter_build     # (stage, config) of the stage that builds the drafter, or None
-        self.distill = distill
-        self.branches = branches
-        self.evaluate = evaluate
-        self.raw = raw
         self.branch_from = branch_from or {}   # branch -> the earlier branch whose model and dataset it starts from
         self.drafter_kind = drafter_kind(recipe, drafter_build)
         self.kinds = step_kinds(self.drafter_kind, branches, self.branch_from)
@@ -185,11 +177,8 @@ class ValidatedRecipe:
         """The recipe as it will run, with every default filled in (written to the run folder)."""
         out = self.recipe.model_dump(mode="json", exclude_none=True)
         out["target"] = self.recipe.target.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-        if self.drafter_build is not None:
-            stage, cfg = self.drafter_build
-            out["drafter"] = build_ref(stage, cfg)
-        else:
-            out["drafter"] = self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        out["drafter"] = (build_ref(*self.drafter_build) if self.drafter_build is not None else
+                          self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True))
         if self.distill is not None:
             out["distill"] = self.distill.model_dump(mode="json")
         out["branches"] = {b: ([{"from": self.branch_from[b]}] if b in self.branch_from else [])
@@ -213,11 +202,8 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         recipe = None
 
     # Stage sections are validated even when the top level has problems, so all errors show at once.
-    distill = evaluate = None
-    if isinstance(data.get("distill"), dict):
-        distill = _validate_stage("distill", data["distill"], "distill", issues)
-    if isinstance(data.get("evaluate"), dict):
-        evaluate = _validate_stage("evaluate", data["evaluate"], "evaluate", issues)
+    distill, evaluate = (_validate_stage(s, data[s], s, issues) if isinstance(data.get(s), dict) else None
+                         for s in ("distill", "evaluate"))
     drafter_build = parse_build(build_raw, distill, issues, _validate_stage) if build_raw is not None else None
     if recipe is not None and recipe.drafter is None and build_raw is None:
         issues.append(Issue("drafter", "give the drafter's weights (hub, path or gguf) or how to build it "
@@ -287,7 +273,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
                 continue
             broken.add(b)
         intact = {b: steps for b, steps in branches.items() if b not in broken}
-        issues.extend(_check_cross(recipe, data, intact, branch_from))
+        issues.extend(_check_cross(recipe, intact, branch_from))
         issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
         issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
     if issues:
@@ -384,7 +370,7 @@ def _raw_index(bname: str, i: int, branch_from: dict | None) -> int:
     return i + (1 if bname in (branch_from or {}) else 0)
 
 
-def _check_cross(recipe: Recipe, data: dict, branches: dict, branch_from: dict | None = None) -> list[Issue]:
+def _check_cross(recipe: Recipe, branches: dict, branch_from: dict | None = None) -> list[Issue]:
     issues = []
     for bname, steps in branches.items():
         for i, (sname, cfg) in enumerate(steps):

@@ -67,7 +67,6 @@ def consumes(config: Config) -> tuple[str, ...]:
 
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     import hashlib
-    import json
     import time
 
     from sd2.core.artifacts import write_json_atomic
@@ -165,8 +164,6 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
 def _backend(config: Config, inputs, ctx):
     """(generator, the target's tokenizer, the model that records top-k logits or None, writer name)."""
-    import torch
-
     from sd2.core.errors import Sd2Error
     from sd2.core.models import eos_ids, load_model, load_tokenizer, model_eos_ids, same_tokenizer
     from sd2.stages.distill.generate import HFGenerator, Sampling

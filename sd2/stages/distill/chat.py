@@ -195,10 +195,8 @@ def converse(convs: list[Conversation], fmt: ChatFormat, generate, seed: int, pr
         if k > 0:
             for s in live:
                 fmt.next_turn(s, k)
-        if recorded is not None:
-            answers = recorded(live, k, progress)
-        else:
-            answers = generate([s.ids for s in live], seed * 1009 + k, progress)
+        answers = (recorded(live, k, progress) if recorded is not None
+                   else generate([s.ids for s in live], seed * 1009 + k, progress))
         for s, g in zip(live, answers):
             fmt.add_answer(s, g)
     for s in states:

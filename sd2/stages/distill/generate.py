@@ -87,10 +87,7 @@ class HFGenerator:
         from sd2.attention import use_grouped_sdpa
 
         use_grouped_sdpa(model)   # in place: padded batches otherwise copy the KV cache per head group (sd2/attention.py)
-        self.model = model
-        self.pad_id = pad_id
-        self.sampling = sampling
-        self.batch_size = batch_size
+        self.model, self.pad_id, self.sampling, self.batch_size = model, pad_id, sampling, batch_size
 
     def generate(self, prompts: list[list[int]], seed: int = 0, progress=None) -> list[Generated]:
         import torch

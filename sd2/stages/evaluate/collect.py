@@ -40,8 +40,6 @@ class Setup:
 
 
 def load_target(config, inputs, ctx) -> Setup:
-    import torch
-
     from sd2.core.models import load_model, load_tokenizer, model_eos_ids
     from sd2.data.prompts import load_prompts, with_user_turn
     from sd2.macs import count_macs

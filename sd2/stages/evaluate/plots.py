@@ -32,13 +32,7 @@ def write_plots(report, out_dir: Path) -> list[str]:
                         label=f"{kind} pruned, γ={gamma}, T={temp:g}")
     ax.set_xlabel("drafter MACs per token (M, effective)")
     ax.set_ylabel("MAL (tokens per target forward)")
-    ax.set_title("MAL vs drafter MACs (up and left is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "mal_vs_macs.png", dpi=120)
-    plt.close(fig)
-    names.append("mal_vs_macs.png")
+    names.append(_finish(plt, fig, ax, "MAL vs drafter MACs (up and left is better)", 8, out_dir / "mal_vs_macs.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for r in results:
@@ -47,11 +41,16 @@ def write_plots(report, out_dir: Path) -> list[str]:
     ax.set_xlabel("draft position")
     ax.set_ylabel("acceptance rate (among rounds drafting it)")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Acceptance per position")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "acceptance_per_position.png", dpi=120)
-    plt.close(fig)
-    names.append("acceptance_per_position.png")
+    names.append(_finish(plt, fig, ax, "Acceptance per position", 7, out_dir / "acceptance_per_position.png"))
     return names
+
+
+def _finish(plt, fig, ax, title: str, legend_size: int, path: Path) -> str:
+    """Title, grid and legend on ``ax``; save ``fig`` to ``path`` (PNG, 120 dpi), close it; the file's name."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
