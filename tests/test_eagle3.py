@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from sd2.heads.eagle3 import (DraftVocabMap, Eagle3Config, build, choose_draft_vocab, resolve_aux_layers, target_aux,
                               training_time_test, ttt_unroll)
+from sd2.heads.eagle3 import export as e3export
 from tests.tiny import learnable_target
 
 AUX = [1, 2, 3]
@@ -75,10 +76,9 @@ def test_target_aux_is_the_hidden_state_after_k_layers(target):
 # -- the module ------------------------------------------------------------------------------------
 def test_shapes_and_parameter_names(target):
     head = _head(target, k=100)
-    assert set(head.state_dict()) == {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} | {
-        f"layers.0.{n}.weight" for n in ("hidden_norm", "input_layernorm", "post_attention_layernorm",
-                                         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert set(head.state_dict()) == set(e3export.speculators_tensors(head.head_config))
+    for name, shape in e3export.speculators_tensors(head.head_config).items():
+        assert tuple(head.state_dict()[name].shape) == shape, name
     assert not any(n.startswith("embed") for n in head.state_dict())         # the target's, shared
     assert head.layers[0].self_attn.q_proj.in_features == 128                  # [embedding; hidden] = 2H
     ids, _ = _rows(3, 7, 1)
@@ -296,3 +296,106 @@ def test_a_map_for_another_vocabulary_is_refused(target):
         build(target, other, aux_layers=AUX)
     with pytest.raises(ValueError, match=r"holds 12 tokens, the head's lm_head has draft_vocab_size = 10"):
         head.set_draft_vocab(DraftVocabMap(torch.arange(12), 320))
+
+
+# -- export: the speculators layout against vLLM's loader --------------------------------------------
+def _vllm_params(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """vLLM 0.32.0's Eagle3LlamaForCausalLM parameters for a speculators config (one layer), as its
+    model code builds them: qkv/gate_up stacked, fc over 3 x target_hidden_size, no fc bias."""
+    lc = cfg["transformer_layer_config"]
+    h, hd, nh, kv, inter = lc["hidden_size"], lc["head_dim"], lc["num_attention_heads"], lc["num_key_value_heads"], \
+        lc["intermediate_size"]
+    k = cfg["draft_vocab_size"]
+    p = "model.layers.0."
+    out = {"model.fc.weight": (h, 3 * cfg["target_hidden_size"]), p + "hidden_norm.weight": (h,),
+           p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+           p + "self_attn.qkv_proj.weight": ((nh + 2 * kv) * hd, 2 * h), p + "self_attn.o_proj.weight": (h, nh * hd),
+           p + "mlp.gate_up_proj.weight": (2 * inter, h), p + "mlp.down_proj.weight": (h, inter),
+           "model.norm.weight": (h,), "lm_head.weight": (k, h)}
+    if k != lc["vocab_size"]:
+        out["draft_id_to_target_id"] = (k,)
+    return out
+
+
+def _vllm_load(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """vLLM 0.32.0's renaming (Eagle3LlamaForCausalLM.load_weights + its WeightsMapper): drop t2d,
+    d2t -> draft_id_to_target_id, 'model.' before all but lm_head, midlayer -> layers.0, q/k/v and
+    gate/up stacked. Raises KeyError for a name vLLM has no parameter for (its loader fails)."""
+    params = _vllm_params(cfg)
+    shards: dict[str, list] = {}
+    for name, w in tensors.items():
+        if "t2d" in name:
+            continue
+        if "d2t" in name:
+            name = name.replace("d2t", "draft_id_to_target_id")
+        elif "lm_head" not in name:
+            name = "model." + name
+        name = name.replace("midlayer.", "layers.0.")
+        for old, new, order in ((".q_proj", ".qkv_proj", 0), (".k_proj", ".qkv_proj", 1), (".v_proj", ".qkv_proj", 2),
+                                (".gate_proj", ".gate_up_proj", 0), (".up_proj", ".gate_up_proj", 1)):
+            if old in name:
+                name = name.replace(old, new)
+                break
+        else:
+            order = 0
+        if name not in params:
+            raise KeyError(f"vLLM has no parameter {name}")
+        shards.setdefault(name, []).append((order, w))
+    return {n: torch.cat([w for _, w in sorted(s, key=lambda x: x[0])], dim=0) for n, s in shards.items()}
+
+
+def test_export_matches_vllms_loader_contract(target, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    head = _head(target, k=100)
+    cfg = e3export.export(head, tmp_path / "e3", verifier_name_or_path="org/target", speculative_tokens=4)
+    on_disk = json.loads((tmp_path / "e3" / "config.json").read_text())
+    assert on_disk == cfg and "model_type" not in cfg
+    assert cfg["speculators_model_type"] == "eagle3" and cfg["architectures"] == ["Eagle3Speculator"]
+    sc = cfg["speculators_config"]                                    # what vLLM's SpeculatorsConfig validates
+    assert sc["algorithm"] == "eagle3" and sc["default_proposal_method"] == "greedy"
+    assert sc["proposal_methods"][0]["proposal_type"] == "greedy" and sc["proposal_methods"][0]["speculative_tokens"] == 4
+    assert sc["verifier"] == {"name_or_path": "org/target", "architectures": ["LlamaForCausalLM"]}
+    assert cfg["draft_vocab_size"] == 100 and cfg["target_hidden_size"] == 64
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == AUX
+    for flag in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output"):   # written, never defaulted
+        assert cfg[flag] is False, flag
+    layer = LlamaConfig(**cfg["transformer_layer_config"])
+    assert (layer.hidden_size, layer.head_dim, layer.num_hidden_layers, layer.vocab_size) == (64, 16, 1, 320)
+    assert layer.rope_parameters["rope_theta"] == head.head_config.rope_theta
+    tensors = load_file(str(tmp_path / "e3" / e3export.WEIGHTS))
+    loaded = _vllm_load(tensors, cfg)
+    want = _vllm_params(cfg)
+    assert set(loaded) == set(want)                                   # every vLLM parameter, nothing else
+    for name, shape in want.items():
+        assert tuple(loaded[name].shape) == shape, name
+    assert tensors["d2t"].dtype == torch.long and tensors["t2d"].dtype == torch.bool
+    assert torch.equal(torch.arange(100) + loaded["draft_id_to_target_id"], head.draft_to_target())
+
+
+def test_export_round_trip_and_refusals(target, tmp_path):
+    head = _head(target, k=100).eval()
+    e3export.export(head, tmp_path / "a", verifier_name_or_path="org/target")
+    back = e3export.load(tmp_path / "a", target)
+    ids, _ = _rows(1, 8, 2)
+    hid = torch.randn(1, 8, 64)
+    with torch.no_grad():
+        assert torch.equal(head(ids, hid, torch.arange(8)[None])[1], back(ids, hid, torch.arange(8)[None])[1])
+    assert torch.equal(back.d2t, head.d2t) and torch.equal(back.t2d, head.t2d)
+    full = _head(target, k=320)                                       # K = V: no d2t (vLLM 0.32 would refuse it)
+    cfg = e3export.export(full, tmp_path / "b", verifier_name_or_path="org/target")
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp_path / "b" / e3export.WEIGHTS))
+    assert "d2t" not in tensors and set(_vllm_load(tensors, cfg)) == set(_vllm_params(cfg))
+    assert torch.equal(e3export.load(tmp_path / "b", target).draft_to_target(), torch.arange(320))
+    with pytest.raises(ValueError, match="feature sampling, a block vLLM's EAGLE-3 model does not have"):
+        e3export.export(_head(target, feature_sampling=True), tmp_path / "c", verifier_name_or_path="x")
+    with pytest.raises(ValueError, match="verifier .* is unknown: pass verifier_name_or_path"):
+        e3export.export(head, tmp_path / "d")
+    from tests.tiny import make_model
+    from transformers import AutoModelForCausalLM
+    from tests.tiny import make_tokenizer
+    other = AutoModelForCausalLM.from_pretrained(make_model(tmp_path / "o", n_layers=4, tokenizer=make_tokenizer(300)))
+    with pytest.raises(ValueError, match=r"made for a target vocabulary of 320 tokens, the given target has 300"):
+        e3export.load(tmp_path / "a", other)
