@@ -286,8 +286,17 @@ def test_d2t_round_trip_and_engine_mapping():
         DraftVocabMap(torch.tensor([3, 2]), 16)
 
 
-def test_a_map_for_another_vocabulary_is_refused(target):
+def test_a_map_for_another_vocabulary_is_refused(target, tmp_path):
     """speculators #1081: a map cached for one vocabulary reused for another. Refused by name."""
+    saved = tmp_path / "draft_vocab.json"
+    DraftVocabMap(torch.tensor([1, 4, 9]), 320).save(saved)
+    assert DraftVocabMap.load(saved, 320).keep.tolist() == [1, 4, 9]
+    with pytest.raises(ValueError, match=r"draft_vocab.json: this draft vocabulary map .* made for a target "
+                                         r"vocabulary of 320 tokens, but the target has 49152"):
+        DraftVocabMap.load(saved, 49152)
+    saved.write_text("{}")
+    with pytest.raises(ValueError, match=r"draft_vocab.json: not a readable draft vocabulary map"):
+        DraftVocabMap.load(saved, 320)
     head = _head(target, k=10)
     other = DraftVocabMap(torch.arange(10), 49152)
     with pytest.raises(ValueError, match=r"made for a target vocabulary of 49152 tokens, but the target has 320"):

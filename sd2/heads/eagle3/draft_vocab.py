@@ -11,6 +11,7 @@ A map belongs to one target vocabulary: ``check_target`` refuses it for a target
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -61,6 +62,28 @@ class DraftVocabMap:
                              f"{self.target_vocab_size} tokens, but the target has {int(target_vocab_size)}: a map is "
                              "never reused across vocabularies; choose the draft vocabulary again on this target's "
                              "distilled data (choose_draft_vocab)")
+
+    def save(self, path) -> None:
+        """Write the map as JSON: the kept ids and the target vocabulary size they belong to."""
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps({"target_vocab_size": self.target_vocab_size, "keep": self.keep.tolist()}))
+
+    @classmethod
+    def load(cls, path, target_vocab_size: int) -> "DraftVocabMap":
+        """A saved map, refused (ValueError naming the file) when made for another vocabulary size."""
+        from pathlib import Path
+
+        try:
+            d = json.loads(Path(path).read_text())
+            vmap = cls(torch.tensor(d["keep"], dtype=torch.long), int(d["target_vocab_size"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a readable draft vocabulary map ({e}); choose it again") from e
+        try:
+            vmap.check_target(target_vocab_size)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return vmap
 
     @classmethod
     def from_buffers(cls, d2t: torch.Tensor, t2d: torch.Tensor) -> "DraftVocabMap":
