@@ -31,6 +31,8 @@ import statistics
 import time
 from pathlib import Path
 
+from sd2.core.precision import cpu_info
+
 VARIANTS = {  # name: (batch_size, dtype, attention, shared prefix); the ablations switch one change off:
     # attention "hf_sdpa" = transformers' own sdpa (before sd2_sdpa); shared False = every row prefills its
     # whole prompt (before the shared-prefix prefill)
@@ -188,7 +190,7 @@ def write_report(path: str, state: dict, wanted: list[str], dtypes: list[str]) -
                      "naive_note": "naive (batch 1, model.generate, transformers' sdpa) runs on the first naive_prompts "
                                    "prompts at each precision; compared per generated token (tokens/s). Rounds "
                                    "interleave every measurement; speedups are medians of per-round ratios"},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {**cpu_info(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "load_average_start": [round(x, 2) for x in state["load_start"]],
                     "load_average_end": [round(x, 2) for x in os.getloadavg()],

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sd2.core.precision import cpu_info
+
 
 def build(root: Path, rows: int, response_tokens: int) -> tuple[Path, Path, float]:
     """The pruned drafter and a distilled dataset; returns (model folder, data folder, mean row length)."""
@@ -142,7 +144,7 @@ def main() -> None:
         "mask_only_share_of_a_step": round(cost["seconds_per_step"] / step_seconds, 5),
         "mask": {k: v for k, v in cost.items() if k != "seconds_per_step"},
         "segments": segments,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_start": load_start,
+        "machine": {**cpu_info(), "platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_start": load_start,
                     "load_avg_end": os.getloadavg(),
                     "note": "2-core CPU shared with other engineers' jobs; segments alternate so load hits both modes"},
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),

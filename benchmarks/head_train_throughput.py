@@ -31,6 +31,8 @@ import statistics
 import time
 from pathlib import Path
 
+from sd2.core.precision import cpu_info
+
 
 ROWS_SOURCE = ""
 
@@ -157,7 +159,7 @@ def main() -> None:
     tokens = [len(r) for r in rows.input_ids]
     state = {"args": vars(args), "target": src.ref, "rows": len(rows), "rows_source": ROWS_SOURCE, "tokens": sum(tokens),
              "mean_row_tokens": round(sum(tokens) / len(tokens), 1), "torch_threads": torch.get_num_threads(),
-             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+             "machine": {**cpu_info(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                          "cpus": os.cpu_count()},
              "load_start": os.getloadavg(), "runs": [], "forward_only": []}
     out = Path(args.out)

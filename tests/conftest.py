@@ -10,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dtype: auto resolves to float32 in the tests, on every CPU kind: the same numerics everywhere (a test of
+# bf16 or of the auto rule itself sets or removes it). Inherited by the subprocesses that tests start.
+os.environ.setdefault("SD2_AUTO_DTYPE", "float32")
 
 from tiny import make_model, make_tokenizer, write_mtbench  # noqa: E402
 

@@ -276,3 +276,30 @@ def test_mal_only_refuses_what_it_cannot_simulate(tmp_path, tiny_target, tiny_dr
         with pytest.raises(ValidationError, match=rf"decode: false measures greedy chain MAL .*{what}.*set decode: true"):
             Config(prompts=p, decode=False, **extra)
     assert Config(prompts=p, decode=False, gamma=[2, 4]).gammas == [2, 4]
+
+
+def test_report_names_a_gguf_target_as_the_user_wrote_it(tmp_path, tokenizer, tiny_drafter, mtbench_file, monkeypatch):
+    """report.json's target ref is what the user wrote; the converted cache folder is kept apart (loaded_from),
+    for the snippets that transformers must load."""
+    from typer.testing import CliRunner
+
+    from sd2.pipeline.cli import app
+    from tiny import make_model, write_gguf
+
+    monkeypatch.setenv("SD2_CACHE", str(tmp_path / "cache"))
+    gguf_file = write_gguf(make_model(tmp_path / "t", tokenizer=tokenizer, n_layers=2, seed=1), tmp_path / "t.gguf")
+    res = CliRunner().invoke(app, ["eval", "--target", str(gguf_file), "--drafter", str(tiny_drafter),
+                                   "--prompts", str(mtbench_file), "--limit", "1", "--gamma", "2",
+                                   "--max-new-tokens", "4", "--mal-only", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    target = json.loads((tmp_path / "ev" / "report.json").read_text())["target"]
+    assert target["ref"] == str(gguf_file)
+    assert target["loaded_from"].startswith(str(tmp_path / "cache")) and "label" not in target
+    # every report names the CPU it ran on, as torch reports it
+    import torch
+
+    from sd2.core.precision import cpu_info
+
+    machine = json.loads((tmp_path / "ev" / "report.json").read_text())["settings"]["machine"]
+    assert machine["cpu"] == cpu_info()["cpu"] and machine["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"CPU: {cpu_info()['cpu']} (torch kernels {machine['capability']}" in (tmp_path / "ev" / "report.md").read_text()

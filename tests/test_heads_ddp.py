@@ -3,6 +3,7 @@ with the same global batch, and a pruned head's zeros stay exactly zero in both.
 comparison follow tests/test_finetune_ddp.py (the causal-LM case)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,10 @@ def _run(script: Path, out: Path, cfg: dict, processes: int) -> tuple[dict, dict
     launch = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
         str(_free_port())]
-    res = subprocess.run(launch + [str(script), str(out), json.dumps(cfg)], capture_output=True, text=True, timeout=240)
+    # one compute thread per process either way (torchrun's default per rank), so that no kernel splits
+    # its reductions differently between the runs: the comparison below is exact
+    res = subprocess.run(launch + [str(script), str(out), json.dumps(cfg)], capture_output=True, text=True, timeout=240,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     return (json.loads((out / f"metrics-{processes}.json").read_text()), load_file(str(out / "model.safetensors")))
 

@@ -154,8 +154,12 @@ def test_gguf_source_is_named_as_the_user_gave_it_not_by_the_cache(tmp_path, tok
                            source_repo="someorg/tiny-llama")
     src = resolve(ModelRef(gguf=str(gguf_file)))
     assert src.label == str(gguf_file) and src.hub_id == "someorg/tiny-llama" and src.ref != src.label
-    t = TargetInfo(ref=src.ref, label=src.label, hub_id=src.hub_id)
-    assert t.shown == str(gguf_file) and TargetInfo(ref="/x").shown == "/x"   # older reports: the folder
+    t = TargetInfo(ref=src.label, loaded_from=src.ref, hub_id=src.hub_id)
+    assert t.shown == str(gguf_file) and t.loadable == "someorg/tiny-llama" and TargetInfo(ref="/x").shown == "/x"
+    # a report written before 2026-12 held the cache folder in ref and the user's name in label
+    old = TargetInfo.model_validate({"ref": src.ref, "label": src.label, "hub_id": None})
+    assert (old.ref, old.loaded_from, old.loadable) == (src.label, src.ref, src.ref)
+    assert "label" not in old.model_dump() and TargetInfo.model_validate({"ref": "/x", "label": ""}).loaded_from is None
     hf = snippets(t.shown, DrafterInfo(path="/run/d", kind="drafter"), 3, t.hub_id)["transformers"]
     assert "from_pretrained('someorg/tiny-llama')" in hf and src.ref not in hf
 
@@ -169,7 +173,7 @@ def test_report_snippets_load_what_transformers_can_read():
     from sd2.stages.evaluate.report import best_snippets
 
     rep = Report.read(Path(__file__).parent.parent / "benchmarks" / "results" / "smollm2-sd2" / "report.json")
-    rep.target.label, rep.target.hub_id, rep.target.ref = "pkg:T.gguf", None, "/cache/T-123"
+    rep.target.ref, rep.target.hub_id, rep.target.loaded_from = "pkg:T.gguf", None, "/cache/T-123"
     snip = best_snippets(rep)
     assert "from_pretrained('/cache/T-123')" in snip["transformers"] and "pkg:T.gguf" not in snip["transformers"]
     rep.target.hub_id = "org/T"

@@ -179,3 +179,20 @@ def test_killed_run_leaves_a_stale_lock_that_is_recognised(tmp_path):
     with art.RunLock(tmp_path / "r"):
         held = json.loads((tmp_path / "r" / ".lock").read_text())
         assert held["pid"] == os.getpid()
+
+
+def test_cli_prints_only_a_report_this_invocation_reached(tmp_path, tiny_target, fake_stages):
+    from typer.testing import CliRunner
+
+    from sd2.pipeline.cli import app
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(tiny_target).resolved()))
+    out = tmp_path / "out"
+    assert CliRunner().invoke(app, ["run", str(path), "--out", str(out)]).exit_code == 0
+    (out / "r" / "05_evaluate" / "report.md").write_text("# THE EARLIER REPORT\n")
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--until", "distill"])
+    assert res.exit_code == 0, res.output
+    assert "THE EARLIER REPORT" not in res.output
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])  # reaches evaluate (done: skipped)
+    assert res.exit_code == 0 and "THE EARLIER REPORT" in res.output

@@ -143,8 +143,10 @@ def git_sha() -> str | None:
 def machine() -> dict:
     import torch
 
+    from sd2.core.precision import cpu_info
+
     info = {"host": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), **cpu_info()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from sd2.core.errors import Sd2Error, reading, reason
 from sd2.core.gguf_header import gguf_info, gguf_problem
@@ -62,7 +62,7 @@ class ModelRef(BaseModel):
                           "measured on; default: the recipe's distill prompts")
     head: Literal["eagle", "fspad"] | None = Field(None, description="a feature-level head over the target (docs/heads.md)")
     head_layers: int | None = Field(None, ge=1, le=8, description="head: decoder layers in the head (default 1)")
-    trust_remote_code: bool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
+    trust_remote_code: StrictBool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
 
     @model_validator(mode="before")
     @classmethod

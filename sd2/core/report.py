@@ -180,16 +180,33 @@ class DrafterInfo(_Model):
 
 class TargetInfo(_Model):
     name: str = TARGET
-    ref: str = ""                   # the folder it was loaded from (a GGUF's converted copy in sd2's cache)
-    label: str = ""                 # as the user named it (hub id, folder, PACKAGE:FILE.gguf); older reports: ""
+    ref: str = ""                   # as the user named it: hub id, folder, or PACKAGE:FILE.gguf
+    loaded_from: str | None = None  # a GGUF's converted folder in sd2's cache (what transformers and vLLM
+    #                                 can load, for the report's snippets); None when ``ref`` itself loads
     hub_id: str | None = None
     fingerprint: str = ""
     macs: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _older_reports(cls, data):
+        """Reports before 2026-12 held the loaded folder in ``ref`` and the user's name in ``label``."""
+        if isinstance(data, dict) and data.get("label") and "loaded_from" not in data:
+            data = dict(data)
+            label = data.pop("label")
+            if label != data.get("ref"):
+                data["loaded_from"], data["ref"] = data.get("ref") or None, label
+        return data
+
     @property
     def shown(self) -> str:
-        """How reports and snippets name the target to a user: the label, else the loaded folder."""
-        return self.label or self.ref
+        """How reports name the target to a user: as the user named it."""
+        return self.ref
+
+    @property
+    def loadable(self) -> str | None:
+        """What transformers / vLLM load for this target: its Hub id, else the folder it was loaded from."""
+        return self.hub_id or self.loaded_from or self.ref or None
 
 
 class Baseline(_Model):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, StrictBool, model_validator
 
 from sd2.core.errors import Sd2Error, did_you_mean, reading
 from sd2.core.paths import expand
@@ -58,7 +58,7 @@ class PromptsConfig(BaseModel):
     split: str = Field("train", description="HF dataset: the split to read")
     limit: int | None = Field(None, ge=1, description="keep at most this many conversations (after shuffle and skip)")
     skip: int = Field(0, ge=0, description="drop the first N (after shuffle): hold evaluation prompts apart from training prompts")
-    shuffle: bool = Field(False, description="shuffle the conversations (seeded) before skip and limit")
+    shuffle: StrictBool = Field(False, description="shuffle the conversations (seeded) before skip and limit")
     seed: int = Field(0, description="seed of the shuffle, and of gsm_symbolic's generator")
     max_turns: int | None = Field(None, ge=1, description="keep the first N user turns of each conversation")
 

@@ -74,9 +74,13 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"), overrides: Optio
     results = runner.run()
     typer.echo(f"run folder: {runner.run_dir}", err=True)
     print_summary(results)
-    report = runner.run_dir / next((s.folder for s in runner.steps if s.stage == "evaluate"), "-") / "report.md"
-    if report.is_file():
-        typer.echo(report.read_text())
+    # The report of an evaluate this invocation reached (ran, or found done with the same fingerprint):
+    # never one left from an earlier run past an --until.
+    reached = {r["id"] for r in results}
+    for step in runner.steps:
+        report = runner.run_dir / step.folder / "report.md"
+        if step.stage == "evaluate" and step.id in reached and report.is_file():
+            typer.echo(report.read_text())
 
 
 @app.command()
@@ -172,7 +176,7 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
           max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
           repeats: int = typer.Option(1, "--repeats", help="timed passes; wall-clock is the median"),
           device: str = typer.Option("auto", "--device", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
-          dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16, for both models"),
+          dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 where the CPU or GPU computes it natively, else float32), float32, bfloat16 or float16, for both models"),
           out: Path = typer.Option(Path("artifacts/eval"), "--out", help="where report.json/.md go"),
           mal_only: bool = typer.Option(False, "--mal-only", help="MAL only: greedy chain rounds simulated exactly by "
                                         "teacher forcing, no speculative decoding and no wall-clock (evaluate.decode: false)")):

@@ -57,7 +57,7 @@ def _int_option(flag: str, text: str) -> int:
 
 def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list,
                  temperature: list[float], max_new_tokens: int, repeats: int, out: Path, seed: int = 0,
-                 device: str = "auto", dtype: str = "float32", width: list[int] | None = None, top_k: int = 0,
+                 device: str = "auto", dtype: str = "auto", width: list[int] | None = None, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, decode: bool = True) -> dict:
     from pydantic import ValidationError
 

@@ -21,6 +21,7 @@ import yaml
 from sd2.core import artifacts as art
 from sd2.core.context import PeakRSS, StageContext, StageInputs, pick_device, rank_world
 from sd2.core.errors import Sd2Error, did_you_mean
+from sd2.core.fields import config_identity, precisions
 from sd2.core.models import ModelSource, load_tokenizer, resolve, same_tokenizer
 from sd2.core.report import RAW
 from sd2.pipeline.registry import consumed_inputs, get_stage
@@ -188,7 +189,7 @@ class Runner:
         consumed = consumed_inputs(spec, step.config)
         sources = {k: v for k, v in step.sources.items() if k in consumed}
         idents = {k: self._identity(v) for k, v in sources.items()}
-        fp = art.fingerprint(step.stage, step.config.model_dump(mode="json"), idents, self.recipe.recipe.seed)
+        fp = art.fingerprint(step.stage, config_identity(step.config, self._device()), idents, self.recipe.recipe.seed)
         return spec, sources, idents, fp
 
     def _follow(self, rank: int, poll: float = 1.0) -> list[dict]:
@@ -288,6 +289,9 @@ class Runner:
         ctx = StageContext(seed=self.recipe.recipe.seed, device=self._device(), log=log, stage_id=step.id,
                            metrics_path=self.run_dir / "metrics.jsonl", run_dir=self.run_dir)
         log.info("run   %-28s (%s)", step.folder, spec.summary)
+        chosen = precisions(step.config, ctx.device)
+        for name, p in chosen.items():
+            log.info("      %s: %s -> %s (%s)", name, p["requested"], p["dtype"], p["reason"])
         module = spec.load()
         started = time.time()
         with PeakRSS() as rss:
@@ -302,7 +306,7 @@ class Runner:
             "seed": self.recipe.recipe.seed, "started": started, "finished": finished,
             "seconds": round(finished - started, 3), "peak_rss_mb": rss.peak_mb,
             "versions": art.package_versions(), "git_sha": art.git_sha(), "machine": art.machine(),
-            "metrics": metrics, "lineage": lineage,
+            "metrics": metrics, "lineage": lineage, **({"precision": chosen} if chosen else {}),
         }
         art.write_json_atomic(folder / art.MANIFEST, manifest)
         partial.unlink(missing_ok=True)

@@ -60,7 +60,7 @@ def publish(source: Path, repo_id: str, drafter: str | None = None, private: boo
                          sorted(p.name for p in Path(source).iterdir()), up.url, up.created)
     sel = select(Path(source), drafter)
     say(f"drafter: {sel.name}: {sel.why}")
-    target_ref = (sel.report.target.hub_id or sel.report.target.ref) if sel.report is not None else None
+    target_ref = sel.report.target.loadable if sel.report is not None else None
     prov = provenance(sel.recipe, sel.model_dir, target_ref)
 
     def render(exp):

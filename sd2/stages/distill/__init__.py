@@ -21,7 +21,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sd2.core.fields import DType, dtype_field
 from sd2.data.prompts import Prompts
+from sd2.core.precision import resolve
 
 
 class Config(BaseModel):
@@ -43,7 +45,7 @@ class Config(BaseModel):
         None, ge=1, description="drop conversations whose first prompt (chat template applied) is longer; "
                                 "a few very long prompts otherwise dominate generation time and the padded batch")
     flush_every: int = Field(256, ge=1, description="prompts per shard: a killed run resumes from the last shard")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype while generating")
+    dtype: DType = dtype_field("weights dtype while generating")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model")
     answers: Literal["generate", "dataset"] = Field(
         "generate", description="generate: the target (or drafter) writes every assistant turn; dataset: keep the "
@@ -181,14 +183,15 @@ def _backend(config: Config, inputs, ctx):
         generator = _Recorded(Sampling(config.max_new_tokens, 0.0, 1.0, eos_ids(tok, cfg, gcfg)))
         teacher = None
         if config.topk_logits is not None:
-            teacher = load_model(inputs.target, device=ctx.device, dtype=getattr(torch, config.dtype))
+            teacher = load_model(inputs.target, device=ctx.device, dtype=resolve(config.dtype, ctx.device).torch_dtype)
         return generator, tok, teacher, "keeping the source's recorded answers to"
     writer_src, writer_name = (inputs.target, "the target answers") if config.policy == "target" \
         else (inputs.model, "the drafter answers")
     if config.policy == "drafter" and not same_tokenizer(tok, load_tokenizer(inputs.model)):
         raise Sd2Error("distill.policy 'drafter' needs the drafter to share the target's tokenizer "
                        "(its answers are scored by the target token by token); use policy: target")
-    dtype = getattr(torch, config.dtype)
+    chosen = resolve(config.dtype, ctx.device)
+    dtype = chosen.torch_dtype
     teacher = None
     if config.backend == "hf":
         writer = load_model(writer_src, device=ctx.device, dtype=dtype)
@@ -208,7 +211,7 @@ def _backend(config: Config, inputs, ctx):
                      "check the model reference"):
             cfg = AutoConfig.from_pretrained(writer_src.ref, trust_remote_code=writer_src.trust_remote_code)
         sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, eos_ids(tok, cfg))
-        generator = VllmGenerator(writer_src.ref, sampling, config.tensor_parallel_size, config.dtype, ctx.seed,
+        generator = VllmGenerator(writer_src.ref, sampling, config.tensor_parallel_size, chosen.dtype, ctx.seed,
                                   writer_src.trust_remote_code)
         if config.topk_logits is not None:
             teacher = load_model(inputs.target, device=ctx.device, dtype=dtype)

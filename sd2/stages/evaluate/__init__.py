@@ -16,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, StrictBool, model_validator
 
+from sd2.core.fields import DType, added, dtype_field
 from sd2.data.prompts import Prompts
 
 
@@ -87,13 +88,25 @@ class Config(BaseModel):
                                             "see the target's greedy answers as history")
     repeats: int = Field(1, ge=1, le=20, description="timed passes over the prompts; wall-clock is the median")
     warmup: int = Field(1, ge=0, le=10, description="untimed warm-up runs before timing")
-    teacher_forced: bool = Field(True, description="also compute greedy MAL by teacher forcing (one drafter forward per prompt)")
-    decode: bool = Field(True, description="false: MAL only, no speculative decoding. The target's greedy answers are "
+    teacher_forced: StrictBool = Field(True, description="also compute greedy MAL by teacher forcing (one drafter forward per prompt)")
+    decode: StrictBool = added(True, since="2026-11-30", description="false: MAL only, no speculative decoding. The target's greedy answers are "
                                            "generated (timed: the baseline) and each drafter's greedy chain rounds at "
                                            "each gamma are simulated exactly by teacher forcing, one drafter forward per "
                                            "prompt. No wall-clock speedup, c or losslessness check; needs temperature 0, "
                                            "width 1, a fixed gamma and no prompt_lookup")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of both models")
+    dtype: DType = dtype_field("dtype of both models")
+
+    @field_validator("gamma", mode="before")
+    @classmethod
+    def _gamma_shape(cls, v):
+        """One sentence for the shapes the union would otherwise answer with three raw lines."""
+        if isinstance(v, list) and "auto" in v:
+            raise ValueError(f"gamma: auto picks the depth itself; give it alone (gamma: auto), not in a list "
+                             f"with fixed depths, got {v}")
+        bad = lambda x: isinstance(x, bool) or not isinstance(x, int)  # noqa: E731
+        if (isinstance(v, str) and v != "auto") or isinstance(v, bool) or (isinstance(v, list) and any(map(bad, v))):
+            raise ValueError(f"gamma must be an integer in [1, 64], a non-empty list of them, or 'auto', got {v!r}")
+        return v
 
     @field_validator("gamma")
     @classmethod

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd2.core.errors import Sd2Error
+from sd2.core.precision import resolve
 
 
 def _lineage(ref: str) -> list:
@@ -54,7 +55,7 @@ def load_target(config, inputs, ctx) -> Setup:
         raise Sd2Error(f"evaluate.prompt_lookup.name {config.prompt_lookup.name!r} is also a drafter's name; "
                        "choose another")
     convs = with_user_turn(load_prompts(config.prompts), "evaluate.prompts", ctx.log)   # before the model loads
-    model = load_model(inputs.target, device=ctx.device, dtype=getattr(torch, config.dtype))
+    model = load_model(inputs.target, device=ctx.device, dtype=resolve(config.dtype, ctx.device, quiet=True).torch_dtype)
     tok = load_tokenizer(inputs.target)
     target = CachedLM(model)
     eos = set(model_eos_ids(model, tok))
@@ -85,7 +86,7 @@ def load_drafters(config, inputs, setup: Setup, ctx):
         if is_head(src):
             drafters.append(_head_drafter(name, src, setup, config, infos, maps, ctx))
             continue
-        model = load_model(src, device=ctx.device, dtype=getattr(torch, config.dtype))
+        model = load_model(src, device=ctx.device, dtype=resolve(config.dtype, ctx.device, quiet=True).torch_dtype)
         tok = load_tokenizer(src)
         cross = bool(inputs.cross_tokenizer) or not same_tokenizer(setup.tokenizer, tok)
         maps[name] = draft_to_target(model)
@@ -122,7 +123,7 @@ def _head_drafter(name, src, setup: Setup, config, infos, maps, ctx):
     from sd2.heads.stages import head_macs
     from sd2.stages.evaluate import measure as M
 
-    head = io.load(src, setup.target.model, device=ctx.device, dtype=getattr(torch, config.dtype))
+    head = io.load(src, setup.target.model, device=ctx.device, dtype=resolve(config.dtype, ctx.device, quiet=True).torch_dtype)
     maps[name] = head.d2t
     macs = head_macs(head)
     infos[name] = DrafterInfo(path=src.ref, kind="head", fingerprint=src.fingerprint, macs=macs.to_dict(),
@@ -298,13 +299,15 @@ def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out
 
     report = Report(
         sd2_version=__version__,
-        target=TargetInfo(ref=inputs.target.ref, label=inputs.target.label, hub_id=inputs.target.hub_id, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict()),
+        target=TargetInfo(ref=inputs.target.label or inputs.target.ref,
+                          loaded_from=inputs.target.ref if inputs.target.label not in ("", inputs.target.ref) else None,
+                          hub_id=inputs.target.hub_id, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict()),
         settings=Settings(gammas=gammas, widths=config.widths, gamma_auto=config.auto,
                           max_gamma=config.max_gamma if config.auto else None, temperatures=config.temperatures,
                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
                           max_new_tokens=config.max_new_tokens, n_prompts=len(setup.requests), turns=config.turns,
                           prompts=config.model_dump(mode="json")["prompts"], repeats=config.repeats,
-                          warmup=config.warmup, seed=ctx.seed, device=str(ctx.device), dtype=config.dtype,
+                          warmup=config.warmup, seed=ctx.seed, device=str(ctx.device), dtype=resolve(config.dtype, ctx.device, quiet=True).dtype,
                           decode=config.decode, machine=machine()),
         baseline={str(t): Baseline(**{k: (_r(v) if isinstance(v, float) else v) for k, v in b.items()})
                   for t, b in baseline.items()},

@@ -25,7 +25,7 @@ def best_snippets(report: Report) -> dict[str, str]:
     t = report.target
     # transformers and vLLM load the Hub id when known, else the folder the target was loaded from
     # (a GGUF's converted copy): "PACKAGE:FILE.gguf" is sd2's spelling, which they cannot read
-    return snippets(t.shown, report.drafters[b.drafter], b.gamma, t.hub_id or t.ref or None) if b else {}
+    return snippets(t.shown, report.drafters[b.drafter], b.gamma, t.loadable) if b else {}
 
 
 def head_snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None) -> dict[str, str]:
@@ -104,12 +104,21 @@ def sparse_vs_layer(report: Report) -> list[tuple]:
     return rows
 
 
+def _cpu(machine: dict) -> str:
+    """ " CPU: AMD EPYC (torch kernels AVX512, AVX512-BF16), 2 threads." where the report recorded it."""
+    if not machine.get("cpu"):
+        return ""
+    bf16 = [n for k, n in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if machine.get(k)]
+    return (f" CPU: {machine['cpu']} (torch kernels {machine.get('capability', '?')}"
+            f"{', ' + ', '.join(bf16) if bf16 else ', no native bf16'}), {machine.get('torch_threads', '?')} threads.")
+
+
 def markdown(report: Report, plots: list[str]) -> str:
     s, t = report.settings, report.target
     lines = ["# sd2 evaluation", "",
              f"Target `{t.shown}`{f' (Hub: {t.hub_id})' if t.hub_id and t.hub_id != t.shown else ''}: {_macs(t.macs['effective'])} MACs/token. {s.n_prompts} prompts, "
              f"{s.max_new_tokens} new tokens, batch size 1, {s.repeats} timed pass(es) after {s.warmup} warm-up, "
-             f"{s.device} {s.dtype}.", ""]
+             f"{s.device} {s.dtype}.{_cpu(s.machine)}", ""]
     for temp, b in report.baseline.items():
         lines.append(f"- target alone at T={temp}: {b.tokens} tokens in {b.wall_s:.2f} s ({b.tokens_per_s:.1f} tok/s)")
     if not s.decode:

@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+from sd2.core.fields import Autocast, precision_field
 
 
 class Config(BaseModel):
@@ -41,21 +43,20 @@ class Config(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="optimizer steps to run; overrides epochs")
     max_length: int = Field(1024, ge=8, description="a longer conversation keeps its last max_length tokens "
                             "(where the answers are); the start of its prompt is dropped")
-    bucket: bool = Field(True, description="length bucketing: batch conversations of similar length, to pad less")
+    bucket: StrictBool = Field(True, description="length bucketing: batch conversations of similar length, to pad less")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of conversations held out for validation")
     val_rows: int | None = Field(None, ge=0, description="or: exactly this many conversations held out")
     eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the start and the end)")
     mal_gamma: int = Field(4, ge=1, le=64, description="draft length gamma for the validation's teacher-forced greedy MAL")
     log_every: int = Field(10, ge=1, description="write a training row to metrics.jsonl every N steps")
     checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N steps (0: never)")
-    hold_mask: bool = Field(True, description="keep every zero weight of the decoder's Linear layers at exactly zero "
+    hold_mask: StrictBool = Field(True, description="keep every zero weight of the decoder's Linear layers at exactly zero "
                                               "(only acts when the model has zeros)")
-    freeze_embeddings: bool = Field(False, description="do not train the input embeddings (with tied embeddings "
+    freeze_embeddings: StrictBool = Field(False, description="do not train the input embeddings (with tied embeddings "
                                                        "this also freezes lm_head, unless untie_embeddings)")
-    untie_embeddings: bool = Field(False, description="give lm_head its own trainable copy of tied embeddings "
+    untie_embeddings: StrictBool = Field(False, description="give lm_head its own trainable copy of tied embeddings "
                                                       "(the saved model is then untied: one more V x d matrix)")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32")
+    precision: Autocast = precision_field("training precision")
     # Feature-level heads only (the input model is a head folder; docs/heads.md). The logit part is
     # `loss` (ce, or a divergence from the target's distribution: fkl is EAGLE/FSPAD's soft CE).
     feature_weight: float = Field(1.0, ge=0.0, description="heads: weight of the SmoothL1 regression onto the target's next feature")

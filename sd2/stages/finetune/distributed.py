@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from sd2.core.precision import autocast_token
+
 
 class LogitsAtPositions(nn.Module):
     """Wraps a causal LM: forward(input_ids, attention_mask, positions) -> logits at the flattened
@@ -38,8 +40,9 @@ class LogitsAtPositions(nn.Module):
 
 
 def make_accelerator(precision: str, device: str):
-    """An Accelerator for this run. precision 'auto' is bf16 autocast on a GPU that supports it,
-    fp32 otherwise (CPU bf16 autocast is slower than fp32 on most CPUs).
+    """An Accelerator for this run, and the precision it trains in (fp32 or bf16 autocast).
+    'auto' is bf16 where the device computes it natively (a CUDA device with bf16; a CPU with AMX or
+    AVX512-BF16), fp32 elsewhere: sd2.core.precision.
 
     Gradient accumulation is done by the trainer (``no_sync`` on all but the last micro-batch and
     a loss already normalised by the global token count), so accelerate's own accumulation, which
@@ -47,8 +50,7 @@ def make_accelerator(precision: str, device: str):
     from accelerate import Accelerator
 
     cuda = device.startswith("cuda") and torch.cuda.is_available()
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    precision = autocast_token(precision, device if cuda else "cpu")
     mixed = "bf16" if precision == "bf16" else "no"
     return Accelerator(mixed_precision=mixed, cpu=not cuda), precision
 

@@ -1,0 +1,81 @@
+"""Shared field builders for stage configs, and what a stage's fingerprint hashes of its config.
+
+The fingerprint rule (``config_identity``):
+- Every field is hashed with its value, defaults included, as since sd2 0.1.0.
+- A field added to a stage's config later is declared with :func:`added`: it is hashed only when it
+  differs from its default, and that default must reproduce the behaviour from before the field
+  existed. An upgrade that only adds defaulted fields therefore reruns nothing. tests/test_fingerprint.py
+  holds the list of every config's fields as shipped, and fails on a new field not declared this way.
+- A precision field (:func:`dtype_field`, :func:`precision_field`) is hashed as the precision it
+  resolves to on the run's device (``auto`` -> ``float32`` on a CPU without native bf16), so a
+  folder made when the default was ``float32`` is reused wherever ``auto`` means the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from sd2.core import precision
+
+SINCE = "sd2_since"
+PRECISION = "sd2_precision"
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Autocast = Literal["auto", "fp32", "bf16"]
+
+
+def added(default: Any, *, since: str, **kw) -> Any:
+    """A config field added after its stage first shipped (``since``: the date it was added; sd2's
+    version also enters every fingerprint, so it is not bumped for this). Its default keeps the
+    earlier behaviour, and it enters fingerprints only when set to something else."""
+    return Field(default, json_schema_extra={SINCE: since}, **kw)
+
+
+def dtype_field(description: str) -> Any:
+    """``dtype: auto | float32 | bfloat16 | float16`` (default auto: bf16 only where computed natively)."""
+    return Field("auto", description=description + " (auto: bfloat16 where the device computes it natively, "
+                 "AMX or AVX512-BF16 on a CPU, else float32)", json_schema_extra={PRECISION: "dtype"})
+
+
+def precision_field(description: str) -> Any:
+    """finetune's ``precision: auto | fp32 | bf16`` (autocast), resolved by the same rule."""
+    return Field("auto", description=description + " (auto: bf16 autocast where the device computes bf16 "
+                 "natively, AMX or AVX512-BF16 on a CPU, else fp32)", json_schema_extra={PRECISION: "autocast"})
+
+
+def config_identity(config: BaseModel, device: str = "cpu") -> dict:
+    """What a stage's fingerprint hashes of its config: its JSON dump, less the later-added fields at
+    their defaults, with precision fields resolved for ``device`` (nested configs alike)."""
+    out = {}
+    for name, info in type(config).model_fields.items():
+        value = getattr(config, name)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if SINCE in extra and value == info.default:
+            continue
+        kind = extra.get(PRECISION)
+        if kind == "dtype":
+            out[name] = precision.resolve(value, device, quiet=True).dtype
+        elif kind == "autocast":
+            # finetune's "auto" was hashed as the word before 0.2, when it meant fp32 on every CPU: it
+            # keeps that token wherever it still resolves to what it resolved to then.
+            token = precision.autocast_token(value, device)
+            out[name] = "auto" if value == "auto" and token == precision.legacy_autocast(device) else token
+        elif isinstance(value, BaseModel):
+            out[name] = config_identity(value, device)
+        else:
+            out[name] = config.model_dump(mode="json", include={name})[name]
+    return out
+
+
+def precisions(config: BaseModel, device: str = "cpu") -> dict[str, dict]:
+    """The precision fields of a stage config as resolved for ``device``: ``{field: {requested, dtype,
+    reason}}``, for the log and the manifest."""
+    out = {}
+    for name, info in type(config).model_fields.items():
+        kind = (info.json_schema_extra or {}).get(PRECISION) if isinstance(info.json_schema_extra, dict) else None
+        if kind:
+            fn = precision.resolve if kind == "dtype" else precision.resolve_autocast
+            out[name] = fn(getattr(config, name), device, quiet=True).to_dict()
+    return out

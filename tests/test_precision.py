@@ -1,0 +1,82 @@
+"""dtype: auto follows the machine (sd2.core.precision): bf16 only where it is computed natively."""
+
+import json
+import logging
+
+import pytest
+
+import recording_stages
+from sd2.core import precision
+from sd2.pipeline.runner import Runner
+from test_fingerprint import V2Added
+from test_runner import fake_stages, recipe  # noqa: F401 (fixture)
+
+
+@pytest.fixture(autouse=True)
+def real_auto_rule(monkeypatch):
+    monkeypatch.delenv(precision.FORCE_ENV, raising=False)
+
+
+def _native(monkeypatch, ok: bool):
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": (ok, "native" if ok else "AVX2 only"))
+
+
+def test_auto_takes_bf16_only_where_native(monkeypatch):
+    _native(monkeypatch, True)
+    assert precision.resolve("auto") == precision.Precision("auto", "bfloat16", "native")
+    assert precision.resolve_autocast("auto").dtype == "bfloat16"
+    _native(monkeypatch, False)
+    assert precision.resolve("auto").dtype == "float32" and precision.resolve("auto").reason == "AVX2 only"
+    assert precision.resolve_autocast("auto").dtype == "float32"
+    assert precision.resolve("float16").dtype == "float16"
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"):
+        precision.resolve("fp8")
+
+
+def test_the_rule_reads_the_cpus_bf16_instructions(monkeypatch):
+    real = precision.cpu_info()
+    assert set(real) >= {"cpu", "capability", "amx_bf16", "avx512_bf16"} and real["cpu"]
+    for caps, want in (({"amx_bf16": True}, True), ({"avx512_bf16": True}, True), ({}, False)):
+        info = {"cpu": "Some CPU", "capability": "AVX2", "amx_bf16": False, "avx512_bf16": False} | caps
+        monkeypatch.setattr(precision, "cpu_info", lambda: info)
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        ok, why = precision.native_bf16("cpu")
+        assert ok is want and "Some CPU" in why
+        # oneDNN held to AVX2 (how an AVX2-only CPU is emulated on a newer one) never uses bf16 instructions
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        assert precision.native_bf16("cpu")[0] is False
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+        assert precision.native_bf16("cpu")[0] is want
+
+
+def test_explicit_bf16_without_native_support_runs_with_a_warning(monkeypatch, caplog):
+    _native(monkeypatch, False)
+    with caplog.at_level(logging.WARNING, logger="sd2"):
+        p = precision.resolve("bfloat16")
+    assert p.dtype == "bfloat16"
+    assert "6.5x slower than float32" in caplog.text and "Use dtype: auto" in caplog.text
+    caplog.clear()
+    _native(monkeypatch, True)
+    with caplog.at_level(logging.WARNING, logger="sd2"):
+        precision.resolve("bfloat16")
+    assert caplog.text == ""
+
+
+def test_the_environment_can_pin_what_auto_means(monkeypatch):
+    _native(monkeypatch, True)
+    monkeypatch.setenv(precision.FORCE_ENV, "float32")
+    assert precision.resolve("auto").dtype == "float32" and precision.resolve("bfloat16").dtype == "bfloat16"
+    monkeypatch.setenv(precision.FORCE_ENV, "fp32")
+    with pytest.raises(ValueError, match="SD2_AUTO_DTYPE must be float32 or bfloat16"):
+        precision.resolve("auto")
+
+
+def test_the_manifest_and_log_record_the_chosen_precision(tmp_path, tiny_target, fake_stages, monkeypatch, caplog):
+    _native(monkeypatch, False)
+    monkeypatch.setattr(recording_stages, "Config", V2Added)
+    with caplog.at_level(logging.INFO, logger="sd2"):
+        Runner(recipe(tiny_target), tmp_path).run()
+    m = json.loads((tmp_path / "r" / "01_distill" / "manifest.json").read_text())
+    assert m["precision"] == {"dtype": {"requested": "auto", "dtype": "float32", "reason": "AVX2 only"}}
+    assert m["machine"]["cpu"] and "capability" in m["machine"]
+    assert "dtype: auto -> float32 (AVX2 only)" in caplog.text
