@@ -125,18 +125,21 @@ def training_time_test(head, aux: torch.Tensor, input_ids: torch.Tensor, loss_ma
     d2t_abs = head.draft_to_target()
     t2d = head.draft_vocab().target_to_draft().to(input_ids.device)
     mask = loss_mask.bool()
+    # the teacher restricted to the draft vocabulary once ([B, L, K]); renormalised per position below
+    teacher_k = target_logits.index_select(-1, d2t_abs.to(target_logits.device)) if loss != "ce" else None
     prev = None
     out = TTTResult(loss_sum=aux.new_zeros((), dtype=torch.float32))
     for i, (_, normed) in enumerate(ttt_unroll(head, head.fuse(aux[:, :-1]), input_ids, depth, pad_id)):
         valid = shift_left(mask, 2 + i, False)[:, :t]                  # label x_{t+2+i} exists and is trained
-        labels = shift_left(input_ids, 2 + i, pad_id)[:, :t][valid]
-        logits = head.logits(normed[valid])
+        rows, anchors = valid.nonzero(as_tuple=True)
+        labels = input_ids[rows, anchors + 2 + i]
+        logits = head.logits(normed[rows, anchors])
         if loss == "ce":
             mapped = t2d[labels]
             per = cross_entropy(logits, torch.where(mapped >= 0, mapped, torch.full_like(mapped, IGNORE)))
         else:
-            teach = shift_left(target_logits, 1 + i, 0.0)[:, :t][valid]
-            per = divergence(loss, logits, teacher_from_logits(teach, temperature, d2t_abs), temperature, jsd_beta)
+            teach = teacher_k[rows, anchors + 1 + i]                    # gathered, not shifted: [N, K] only
+            per = divergence(loss, logits, teacher_from_logits(teach, temperature), temperature, jsd_beta)
         s = per.sum()
         out.loss_sum = out.loss_sum + (decay ** i) * s
         right = torch.zeros_like(valid)
