@@ -218,6 +218,14 @@ def test_acceptance_counts_only_chains_that_were_right_so_far():
                   step_accepted=[5, 2])
     assert r.accuracy() == [0.5, 6 / 9] and r.acceptance() == [0.5, 0.4]
     assert r.mal() == pytest.approx(1 + 7 / 10) and r.mal(1) == pytest.approx(1.5)
+    from sd2.heads.eagle3.ttt import merge, summary
+
+    both = merge([r, TTTResult(torch.ones(()), step_positions=[2], step_correct=[2], step_candidates=[2],
+                               step_accepted=[2])])
+    assert both.step_positions == [12, 9] and both.step_accepted == [7, 2] and both.loss_sum.item() == 1.0
+    s = summary(both)
+    assert s["val_acceptance_1"] == 7 / 12 and s["val_acceptance_2"] == 0.4 and s["val_ttt_positions"] == 12
+    assert s["val_ttt_mal"] == pytest.approx(1 + 9 / 12)
 
 
 def test_head_learns_the_targets_next_token(target):

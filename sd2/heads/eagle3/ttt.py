@@ -97,6 +97,29 @@ class TTTResult:
         return 1.0 + sum(self.step_accepted[:g]) / self.step_candidates[0]
 
 
+def merge(results: list[TTTResult]) -> TTTResult:
+    """One result of several batches' (counts and losses summed; ``loss_sum`` detached)."""
+    out = TTTResult(loss_sum=torch.zeros(()))
+    for r in results:
+        out.loss_sum = out.loss_sum + r.loss_sum.detach().float().cpu()
+        for name in ("step_loss", "step_positions", "step_correct", "step_candidates", "step_accepted"):
+            acc, new = getattr(out, name), getattr(r, name)
+            if len(acc) < len(new):
+                acc.extend([0] * (len(new) - len(acc)))
+            for i, v in enumerate(new):
+                acc[i] += v
+    return out
+
+
+def summary(result: TTTResult, prefix: str = "val_") -> dict:
+    """Flat figures for a metrics log: per-step accuracy and acceptance (1-based, as the report's
+    acceptance at position k), the teacher-forced MAL over all steps, and the label count."""
+    out: dict = {f"{prefix}ttt_mal": result.mal(), f"{prefix}ttt_positions": result.positions}
+    for i, (a, c) in enumerate(zip(result.accuracy(), result.acceptance()), start=1):
+        out[f"{prefix}accuracy_{i}"], out[f"{prefix}acceptance_{i}"] = a, c
+    return out
+
+
 def training_time_test(head, aux: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                        target_logits: torch.Tensor | None = None, depth: int = 7, loss: str = "ce",
                        temperature: float = 1.0, jsd_beta: float = 0.5, decay: float = 0.8,
