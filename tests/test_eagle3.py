@@ -73,6 +73,21 @@ def test_target_aux_is_the_hidden_state_after_k_layers(target):
     assert torch.equal(logits, target(ids).logits)
 
 
+def test_a_qwen2_target(tmp_path, tokenizer):
+    """Any Llama-family target: a Qwen2 (q/k/v biases, its own rope base) gives aux states, a head and a forward."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import make_model
+
+    qwen = AutoModelForCausalLM.from_pretrained(make_model(tmp_path / "q", "qwen2", n_layers=5, tokenizer=tokenizer))
+    ids, mask = _rows(2, 10, 0)
+    aux, logits = target_aux(qwen, ids, [2, 3, 4])
+    head = build(qwen, choose_draft_vocab(ids.tolist(), mask.tolist(), len(tokenizer), 32), aux_layers=[2, 3, 4])
+    res = training_time_test(head, aux, ids, mask, logits, depth=2, loss="fkl")
+    assert aux.shape == (2, 10, 192) and res.step_positions == [4 * 2, 4 * 2]
+    assert head.head_config.rope_theta == float(qwen.config.rope_parameters["rope_theta"])
+
+
 # -- the module ------------------------------------------------------------------------------------
 def test_shapes_and_parameter_names(target):
     head = _head(target, k=100)
