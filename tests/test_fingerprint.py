@@ -76,8 +76,18 @@ def test_finetune_auto_keeps_its_old_token_where_it_still_means_fp32(monkeypatch
 
     monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": (False, "no"))
     assert config_identity(finetune.Config())["precision"] == "auto"  # as hashed before: fp32 on CPU
+    assert config_identity(finetune.Config(precision="fp32"))["precision"] == "auto"  # the same computation
     monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": (True, "yes"))
     assert config_identity(finetune.Config())["precision"] == "bf16" == config_identity(finetune.Config(precision="bf16"))["precision"]
+    assert config_identity(finetune.Config(precision="fp32"))["precision"] == "auto"
+
+
+def test_evaluate_auto_is_float32_on_a_cpu_even_with_native_bf16(monkeypatch):
+    from sd2.stages import evaluate
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": (True, "yes"))
+    cfg = evaluate.Config(prompts={"source": "mtbench"})
+    assert config_identity(cfg)["dtype"] == "float32" == config_identity(cfg.model_copy(update={"dtype": "float32"}))["dtype"]
 
 
 def _models(cls, seen=None) -> dict[str, list[str]]:

@@ -18,6 +18,7 @@ FORBIDDEN = {
     "sd2.engine": ("sd2.pipeline", "sd2.publish"),
     "sd2.heads": ("sd2.pipeline", "sd2.publish"),
     "sd2.publish": ("sd2.pipeline",),
+    "sd2.serve": ("sd2.pipeline", "sd2.publish"),
     "sd2.data": ("sd2.pipeline", "sd2.stages", "sd2.publish"),
 }
 # the top-level modules (sd2/macs.py, sd2/mal.py, ...) are base library too

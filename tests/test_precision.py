@@ -51,6 +51,7 @@ def test_the_rule_reads_the_cpus_bf16_instructions(monkeypatch):
 
 def test_explicit_bf16_without_native_support_runs_with_a_warning(monkeypatch, caplog):
     _native(monkeypatch, False)
+    precision._WARNED.clear()
     with caplog.at_level(logging.WARNING, logger="sd2"):
         p = precision.resolve("bfloat16")
     assert p.dtype == "bfloat16"
@@ -62,13 +63,52 @@ def test_explicit_bf16_without_native_support_runs_with_a_warning(monkeypatch, c
     assert caplog.text == ""
 
 
-def test_the_environment_can_pin_what_auto_means(monkeypatch):
+def test_the_environment_can_pin_what_auto_means(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from sd2.core.errors import Sd2Error
+    from sd2.pipeline.cli import app
+
     _native(monkeypatch, True)
     monkeypatch.setenv(precision.FORCE_ENV, "float32")
     assert precision.resolve("auto").dtype == "float32" and precision.resolve("bfloat16").dtype == "bfloat16"
     monkeypatch.setenv(precision.FORCE_ENV, "fp32")
-    with pytest.raises(ValueError, match="SD2_AUTO_DTYPE must be float32 or bfloat16"):
+    with pytest.raises(Sd2Error, match="SD2_AUTO_DTYPE must be float32 or bfloat16 .*, got 'fp32'; unset it"):
         precision.resolve("auto")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("name: r\ntarget: {hub: org/t}\ndrafter: {hub: org/d}\n")
+    res = CliRunner().invoke(app, ["validate", str(recipe_file)])  # refused before anything else is looked at
+    assert res.exit_code == 1 and "SD2_AUTO_DTYPE must be float32 or bfloat16" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_evaluation_stays_float32_on_a_cpu(monkeypatch):
+    """Losslessness is token equality: bf16 verify forwards over gamma + 1 tokens round differently from
+    one-token decoding, and flipped greedy near-ties made the tiny pipeline and SmolLM2 'NOT LOSSLESS'
+    in bf16 on the AVX512-BF16 EPYC. So evaluate's auto is float32 on any CPU."""
+    _native(monkeypatch, True)
+    assert precision.resolve("auto", "cpu", exact=True).dtype == "float32"
+    assert precision.resolve("auto", "cpu").dtype == "bfloat16"          # distill keeps the fast path
+    assert precision.resolve("bfloat16", "cpu", exact=True).dtype == "bfloat16"  # an explicit choice stands
+
+
+def test_onednn_isa_levels(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_info", lambda: {"cpu": "C", "capability": "AVX512", "amx_bf16": False,
+                                                         "avx512_bf16": True})
+    for isa, want in (("AVX2", False), ("AVX512_CORE", False), ("AVX512_CORE_BF16", True), ("AVX512_CORE_FP16", True),
+                      ("DEFAULT", True), ("ALL", True), ("nonsense", True), ("", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert precision.native_bf16("cpu")[0] is want, isa
+
+
+def test_an_explicit_bf16_warning_comes_once(monkeypatch, caplog):
+    _native(monkeypatch, False)
+    precision._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="sd2"):
+        for _ in range(3):
+            precision.resolve("bfloat16")
+            precision.resolve_autocast("bf16")
+    assert caplog.text.count("without native bf16") == 1
 
 
 def test_the_manifest_and_log_record_the_chosen_precision(tmp_path, tiny_target, fake_stages, monkeypatch, caplog):

@@ -33,8 +33,12 @@ def added(default: Any, *, since: str, **kw) -> Any:
     return Field(default, json_schema_extra={SINCE: since}, **kw)
 
 
-def dtype_field(description: str) -> Any:
-    """``dtype: auto | float32 | bfloat16 | float16`` (default auto: bf16 only where computed natively)."""
+def dtype_field(description: str, *, exact: bool = False) -> Any:
+    """``dtype: auto | float32 | bfloat16 | float16`` (default auto: bf16 only where computed natively;
+    with ``exact``, float32 on every CPU: see sd2.core.precision.resolve)."""
+    if exact:
+        return Field("auto", description=description + " (auto: float32 on a CPU, where losslessness is checked "
+                     "token for token; bfloat16 on a GPU that supports it)", json_schema_extra={PRECISION: "exact"})
     return Field("auto", description=description + " (auto: bfloat16 where the device computes it natively, "
                  "AMX or AVX512-BF16 on a CPU, else float32)", json_schema_extra={PRECISION: "dtype"})
 
@@ -55,13 +59,13 @@ def config_identity(config: BaseModel, device: str = "cpu") -> dict:
         if SINCE in extra and value == info.default:
             continue
         kind = extra.get(PRECISION)
-        if kind == "dtype":
-            out[name] = precision.resolve(value, device, quiet=True).dtype
+        if kind in ("dtype", "exact"):
+            out[name] = precision.resolve(value, device, exact=kind == "exact", quiet=True).dtype
         elif kind == "autocast":
-            # finetune's "auto" was hashed as the word before 0.2, when it meant fp32 on every CPU: it
-            # keeps that token wherever it still resolves to what it resolved to then.
+            # finetune's "auto" was hashed as the word before 2026-12, when it meant fp32 on every CPU
+            # (bf16 on a CUDA device with bf16): whatever resolves to that, auto or explicit, keeps the token
             token = precision.autocast_token(value, device)
-            out[name] = "auto" if value == "auto" and token == precision.legacy_autocast(device) else token
+            out[name] = "auto" if token == precision.legacy_autocast(device) else token
         elif isinstance(value, BaseModel):
             out[name] = config_identity(value, device)
         else:
@@ -69,13 +73,14 @@ def config_identity(config: BaseModel, device: str = "cpu") -> dict:
     return out
 
 
-def precisions(config: BaseModel, device: str = "cpu") -> dict[str, dict]:
+def precisions(config: BaseModel, device: str = "cpu", *, quiet: bool = True) -> dict[str, dict]:
     """The precision fields of a stage config as resolved for ``device``: ``{field: {requested, dtype,
     reason}}``, for the log and the manifest."""
     out = {}
     for name, info in type(config).model_fields.items():
         kind = (info.json_schema_extra or {}).get(PRECISION) if isinstance(info.json_schema_extra, dict) else None
-        if kind:
-            fn = precision.resolve if kind == "dtype" else precision.resolve_autocast
-            out[name] = fn(getattr(config, name), device, quiet=True).to_dict()
+        if kind == "autocast":
+            out[name] = precision.resolve_autocast(getattr(config, name), device, quiet=quiet).to_dict()
+        elif kind:
+            out[name] = precision.resolve(getattr(config, name), device, exact=kind == "exact", quiet=quiet).to_dict()
     return out

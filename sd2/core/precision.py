@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+
+from sd2.core.errors import Sd2Error
 from dataclasses import asdict, dataclass
 
 log = logging.getLogger("sd2")
@@ -79,6 +81,12 @@ def _lscpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+# oneDNN's ISA levels below its bf16 instructions (AVX512_CORE_BF16); other values, DEFAULT and ALL
+# included, leave them to the CPU (oneDNN ignores a value it does not know).
+_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+_WARNED: set[tuple[str, str]] = set()
+
+
 def native_bf16(device: str | object = "cpu") -> tuple[bool, str]:
     """Whether ``device`` computes bf16 natively, and why (a sentence for the log and manifest)."""
     device = str(device)
@@ -89,7 +97,7 @@ def native_bf16(device: str | object = "cpu") -> tuple[bool, str]:
         return ok, f"CUDA device {'supports' if ok else 'does not support'} bf16"
     info = cpu_info()
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if isa and isa != "ALL" and not any(k in isa for k in ("BF16", "AMX", "AVX10")):
+    if isa in _BELOW_BF16:
         # oneDNN, which runs torch's bf16 matmuls, is held below the bf16 instructions: they are unused
         return False, f"CPU {info['cpu']}: ONEDNN_MAX_CPU_ISA={isa} keeps oneDNN off its bf16 instructions"
     if info["amx_bf16"]:
@@ -99,23 +107,39 @@ def native_bf16(device: str | object = "cpu") -> tuple[bool, str]:
     return False, f"CPU {info['cpu']} ({info['capability']}) has neither AMX-BF16 nor AVX512-BF16"
 
 
-def resolve(requested: str, device: str | object = "cpu", *, quiet: bool = False) -> Precision:
+def check_env() -> None:
+    """Refuses a malformed SD2_AUTO_DTYPE before any work (Sd2Error naming the variable)."""
+    forced = os.environ.get(FORCE_ENV, "")
+    if forced and forced not in ("float32", "bfloat16"):
+        raise Sd2Error(f"{FORCE_ENV} must be float32 or bfloat16 (what dtype: auto resolves to), got {forced!r}; "
+                       f"unset it to let auto follow the machine")
+
+
+def resolve(requested: str, device: str | object = "cpu", *, exact: bool = False, quiet: bool = False) -> Precision:
     """Resolve a recipe's ``dtype`` (auto | float32 | bfloat16 | float16) for ``device``.
 
-    ``auto``: bfloat16 where the device computes it natively, float32 elsewhere. An explicit
-    ``bfloat16`` on a CPU without native bf16 is kept, with a warning that says what it costs.
-    Raises ValueError for a name outside DTYPES."""
+    ``auto``: bfloat16 where the device computes it natively, float32 elsewhere. ``exact`` (evaluate):
+    on a CPU, auto is float32 always: losslessness is checked token for token, and in bf16 a verify
+    forward over gamma + 1 tokens rounds differently from one-token decoding, which flips greedy
+    near-ties (seen on the AVX512-BF16 EPYC: the tiny pipeline and SmolLM2 both came out "NOT
+    LOSSLESS" in bf16, lossless in fp32). An explicit ``bfloat16`` on a CPU without native bf16 is
+    kept, with a warning (once per process) of what it costs. Raises ValueError for a name outside
+    DTYPES, Sd2Error for a malformed SD2_AUTO_DTYPE."""
     if requested not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {requested!r}")
+    check_env()
     forced = os.environ.get(FORCE_ENV, "")
     if requested == "auto" and forced:
-        if forced not in ("float32", "bfloat16"):
-            raise ValueError(f"{FORCE_ENV} must be float32 or bfloat16 (what dtype: auto resolves to), got {forced!r}")
         return Precision("auto", forced, f"{FORCE_ENV}={forced} in the environment")
+    cpu = not str(device).startswith("cuda")
     native, why = native_bf16(device)
     if requested == "auto":
+        if exact and cpu:
+            return Precision("auto", "float32", "evaluation on a CPU: losslessness is checked token for token, and "
+                             "bf16 verify forwards round differently from one-token decoding")
         return Precision("auto", "bfloat16" if native else "float32", why)
-    if requested == "bfloat16" and not native and not str(device).startswith("cuda") and not quiet:
+    if requested == "bfloat16" and not native and cpu and not quiet and (requested, why) not in _WARNED:
+        _WARNED.add((requested, why))
         log.warning("dtype bfloat16 on a CPU without native bf16: %s; this %s. Use dtype: auto (float32 here).",
                     why, _SLOW_BF16)
     return Precision(requested, requested, "set in the recipe" + ("" if native or requested != "bfloat16" else f"; {why}"))
@@ -130,9 +154,9 @@ def resolve_autocast(requested: str, device: str | object = "cpu", *, quiet: boo
     return Precision(requested, p.dtype, p.reason)
 
 
-def autocast_token(requested: str, device: str | object = "cpu") -> str:
+def autocast_token(requested: str, device: str | object = "cpu", *, quiet: bool = True) -> str:
     """finetune's precision as resolved for ``device``: ``fp32`` or ``bf16``."""
-    return "bf16" if resolve_autocast(requested, device, quiet=True).dtype == "bfloat16" else "fp32"
+    return "bf16" if resolve_autocast(requested, device, quiet=quiet).dtype == "bfloat16" else "fp32"
 
 
 def legacy_autocast(device: str | object) -> str:

@@ -108,6 +108,7 @@ class Result(_Model):
     sparsity: float | None = None
     lossless: bool | None = Field(None, description="T=0: equal to target-only greedy token for token; else None")
     lossless_mismatches: list[str] = Field(default_factory=list)
+    sd2_mal: float | None = Field(None, description="engine vllm: sd2's engine MAL, same drafter, prompts and rounds (greedy)")
 
     @property
     def label(self) -> str:
@@ -217,6 +218,7 @@ class Baseline(_Model):
 
 
 class Settings(_Model):
+    engine: Literal["sd2", "vllm"] = Field("sd2", description="what decoded: sd2's engine, or vLLM (evaluate.engine)")
     gammas: list[int] = Field(default_factory=list)
     widths: list[int] = Field(default_factory=lambda: [1])
     gamma_auto: bool = False

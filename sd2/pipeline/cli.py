@@ -7,6 +7,7 @@
     sd2 publish RUN_OR_MODEL_DIR --repo-id ORG/NAME [--drafter BRANCH] [--private] [--dry-run --out DIR] [--exist-ok]
     sd2 eval --target MODEL --drafter [NAME=]MODEL [...] [--prompts SRC] [--limit N] [--gamma G ...]
              [--temperature T ...] [--max-new-tokens N] [--repeats N] [--device D] [--dtype T] [--out DIR]
+             [--engine sd2|vllm]
     sd2 compare NEW BASELINE [--max-mal-drop 0.05]      (exit 0 ok, 1 regression, 2 unusable input)
 """
 
@@ -179,13 +180,15 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
           dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 where the CPU or GPU computes it natively, else float32), float32, bfloat16 or float16, for both models"),
           out: Path = typer.Option(Path("artifacts/eval"), "--out", help="where report.json/.md go"),
           mal_only: bool = typer.Option(False, "--mal-only", help="MAL only: greedy chain rounds simulated exactly by "
-                                        "teacher forcing, no speculative decoding and no wall-clock (evaluate.decode: false)")):
+                                        "teacher forcing, no speculative decoding and no wall-clock (evaluate.decode: false)"),
+          engine: str = typer.Option("sd2", "--engine", help="sd2 (sd2's engine) or vllm (vLLM serves the target and "
+                                     "each drafter; docs/vllm.md)")):
     """Evaluate any drafter against a target, without a recipe."""
     from sd2.pipeline.commands import eval_command
 
     metrics = eval_command(target, drafter, prompts, limit, skip, gamma, temperature, max_new_tokens, repeats, out,
                            device=device, dtype=dtype, width=width, top_k=top_k, top_p=top_p, min_p=min_p,
-                           decode=not mal_only)
+                           decode=not mal_only, engine=engine)
     report = out / "report.md"
     typer.echo(report.read_text() if report.is_file() else json.dumps(metrics))
 

@@ -58,7 +58,7 @@ def _int_option(flag: str, text: str) -> int:
 def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list,
                  temperature: list[float], max_new_tokens: int, repeats: int, out: Path, seed: int = 0,
                  device: str = "auto", dtype: str = "auto", width: list[int] | None = None, top_k: int = 0,
-                 top_p: float = 1.0, min_p: float = 0.0, decode: bool = True) -> dict:
+                 top_p: float = 1.0, min_p: float = 0.0, decode: bool = True, engine: str = "sd2") -> dict:
     from pydantic import ValidationError
 
     from sd2.data.prompts import PromptsConfig, check_file
@@ -80,13 +80,20 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
         if bad:
             raise Sd2Error("--mal-only simulates greedy chain rounds by teacher forcing, so it needs "
                            + ", ".join(bad) + "; drop --mal-only to run speculative decoding")
+    if engine == "vllm":
+        from types import SimpleNamespace
+
+        from sd2.serve.evaluate import conflicts
+
+        if bad := conflicts(SimpleNamespace(decode=decode, gamma="auto" if "auto" in gamma else gamma, width=width)):
+            raise Sd2Error("--engine vllm needs " + "; ".join(bad))
     try:
         cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1),
                      gamma=gamma if len(gamma) > 1 else gamma[0], width=width if len(width) > 1 else width[0],
                      temperature=temperature if len(temperature) > 1 else temperature[0],
                      top_k=top_k, top_p=top_p, min_p=min_p,
                      prompt_lookup={"name": lookup[0]} if lookup else None,
-                     max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype, decode=decode)
+                     max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype, decode=decode, engine=engine)
     except ValidationError as e:
         raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-') or 'prompts'}: "
                                  f"{err['msg'].removeprefix('Value error, ')}"  # an empty loc: PromptsConfig's own check

@@ -289,7 +289,7 @@ class Runner:
         ctx = StageContext(seed=self.recipe.recipe.seed, device=self._device(), log=log, stage_id=step.id,
                            metrics_path=self.run_dir / "metrics.jsonl", run_dir=self.run_dir)
         log.info("run   %-28s (%s)", step.folder, spec.summary)
-        chosen = precisions(step.config, ctx.device)
+        chosen = precisions(step.config, ctx.device, quiet=False)  # warns of an explicit bf16 without native support
         for name, p in chosen.items():
             log.info("      %s: %s -> %s (%s)", name, p["requested"], p["dtype"], p["reason"])
         module = spec.load()

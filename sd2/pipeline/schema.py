@@ -20,6 +20,7 @@ from sd2.core.errors import Issue, RecipeError, did_you_mean, short
 from sd2.core.errors import Sd2Error
 from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locate_gguf
+from sd2.core.precision import check_env
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 from sd2.core.paths import expand
@@ -189,6 +190,7 @@ class ValidatedRecipe:
 
 
 def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
+    check_env()  # a malformed SD2_AUTO_DTYPE would change what every precision field means
     issues: list[Issue] = []
     if not isinstance(data, dict):
         raise RecipeError([Issue("", f"a recipe must be a YAML mapping, got {type(data).__name__}")], source)

@@ -77,7 +77,7 @@ def publish(source: Path, repo_id: str, drafter: str | None = None, private: boo
         if exp.untrimmed:
             say(f"trimmed vocabulary ({exp.untrimmed['draft_vocab_size']} of {exp.untrimmed['full_vocab_size']} tokens) "
                 f"exported as its full-vocabulary equivalent; see the card's Vocabulary section")
-        for note in prov.notes:
+        for note in exp.notes + prov.notes:
             say(f"note: {note}")
         result = Published(sel.name, sel.why, None if scratch else dest, exp.files)
         if dry_run:

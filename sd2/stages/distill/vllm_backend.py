@@ -1,18 +1,17 @@
-"""The vLLM backend: offline ``LLM.generate`` on token prompts, tensor-parallel across GPUs.
+"""The vLLM backend: offline ``LLM.generate`` on token prompts, on a CPU or tensor-parallel across GPUs.
 
-vLLM is an optional extra (``pip install 'sd2[vllm]'``). The requests are built from the same token
-prompts as the HF backend (so the chat template, multi-turn carrying and loss mask are shared),
-and its outputs are normalised to ``Generated`` (the stop token kept, as the HF backend does).
-Request building is plain data, unit-tested without vLLM.
+vLLM is optional (``SD2_VLLM=1 bash scripts/setup.sh``; vLLM's CPU build on a machine without a
+GPU). It starts through sd2.serve.env, which sets what vLLM's CPU backend needs (its KV cache size,
+the engine in this process) and turns start-up failures into errors naming the fix. The requests are
+built from the same token prompts as the HF backend (so the chat template, multi-turn carrying and
+loss mask are shared), and its outputs are normalised to ``Generated`` (the stop token kept, as the
+HF backend does). Request building is plain data, unit-tested without vLLM; tests/test_vllm_distill.py
+runs the backend on a tiny model.
 """
 
 from __future__ import annotations
 
-from sd2.core.errors import Sd2Error
 from sd2.stages.distill.generate import Generated, Sampling
-
-INSTALL = "pip install 'sd2[vllm]'  (or: pip install vllm)"
-
 
 def sampling_kwargs(s: Sampling, seed: int) -> dict:
     """Keyword arguments of ``vllm.SamplingParams`` for these settings."""
@@ -46,15 +45,13 @@ def to_generated(token_ids, finish_reason: str | None, stop_reason, stop_ids: tu
 class VllmGenerator:
     def __init__(self, model_ref: str, sampling: Sampling, tensor_parallel_size: int, dtype: str, seed: int,
                  trust_remote_code: bool = False):
-        try:
-            import vllm
-        except ImportError:
-            raise Sd2Error(f"distill.backend is 'vllm' but vLLM is not installed: {INSTALL}; "
-                           "or set distill.backend: hf") from None
-        self.vllm = vllm
+        from sd2.serve import env
+
+        what = "distill.backend: vllm"
+        self.vllm = env.import_vllm(what + " (or set distill.backend: hf)")
         self.sampling = sampling
-        self.llm = vllm.LLM(model=model_ref, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
-                            trust_remote_code=trust_remote_code)
+        self.llm = env.start(model_ref, what, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
+                             trust_remote_code=trust_remote_code, temperature=sampling.temperature)
 
     def generate(self, prompts: list[list[int]], seed: int = 0, progress=None) -> list[Generated]:
         params = self.vllm.SamplingParams(**sampling_kwargs(self.sampling, seed))

@@ -89,12 +89,14 @@ class Config(BaseModel):
     repeats: int = Field(1, ge=1, le=20, description="timed passes over the prompts; wall-clock is the median")
     warmup: int = Field(1, ge=0, le=10, description="untimed warm-up runs before timing")
     teacher_forced: StrictBool = Field(True, description="also compute greedy MAL by teacher forcing (one drafter forward per prompt)")
-    decode: StrictBool = added(True, since="2026-11-30", description="false: MAL only, no speculative decoding. The target's greedy answers are "
+    decode: StrictBool = Field(True, description="false: MAL only, no speculative decoding. The target's greedy answers are "
                                            "generated (timed: the baseline) and each drafter's greedy chain rounds at "
                                            "each gamma are simulated exactly by teacher forcing, one drafter forward per "
                                            "prompt. No wall-clock speedup, c or losslessness check; needs temperature 0, "
                                            "width 1, a fixed gamma and no prompt_lookup")
-    dtype: DType = dtype_field("dtype of both models")
+    dtype: DType = dtype_field("dtype of both models", exact=True)
+    engine: Literal["sd2", "vllm"] = added("sd2", since="2026-12-02", description="sd2: sd2's engine; vllm: vLLM serves "
+                                           "the target and each drafter (draft_model, eagle, ngram; docs/vllm.md)")
 
     @field_validator("gamma", mode="before")
     @classmethod
@@ -104,7 +106,7 @@ class Config(BaseModel):
             raise ValueError(f"gamma: auto picks the depth itself; give it alone (gamma: auto), not in a list "
                              f"with fixed depths, got {v}")
         bad = lambda x: isinstance(x, bool) or not isinstance(x, int)  # noqa: E731
-        if (isinstance(v, str) and v != "auto") or isinstance(v, bool) or (isinstance(v, list) and any(map(bad, v))):
+        if v != "auto" and (bad(v) if not isinstance(v, list) else any(map(bad, v))):
             raise ValueError(f"gamma must be an integer in [1, 64], a non-empty list of them, or 'auto', got {v!r}")
         return v
 
@@ -131,6 +133,15 @@ class Config(BaseModel):
         if bad:
             raise ValueError("decode: false measures greedy chain MAL by teacher forcing, so it needs "
                              + ", ".join(bad) + "; set decode: true (the default) to run speculative decoding")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm(self):
+        if self.engine == "vllm":
+            from sd2.serve.evaluate import conflicts
+
+            if bad := conflicts(self):
+                raise ValueError("engine: vllm needs " + "; ".join(bad))
         return self
 
     @property
@@ -160,5 +171,10 @@ class Config(BaseModel):
 
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.stages.evaluate.collect import evaluate_and_report
+
+    if config.engine == "vllm":
+        from sd2.serve.evaluate import evaluate_in_vllm
+
+        return evaluate_in_vllm(config, inputs, Path(out_dir), ctx)
 
     return evaluate_and_report(config, inputs, Path(out_dir), ctx)

@@ -55,7 +55,7 @@ def load_target(config, inputs, ctx) -> Setup:
         raise Sd2Error(f"evaluate.prompt_lookup.name {config.prompt_lookup.name!r} is also a drafter's name; "
                        "choose another")
     convs = with_user_turn(load_prompts(config.prompts), "evaluate.prompts", ctx.log)   # before the model loads
-    model = load_model(inputs.target, device=ctx.device, dtype=resolve(config.dtype, ctx.device, quiet=True).torch_dtype)
+    model = load_model(inputs.target, device=ctx.device, dtype=resolve(config.dtype, ctx.device, exact=True).torch_dtype)
     tok = load_tokenizer(inputs.target)
     target = CachedLM(model)
     eos = set(model_eos_ids(model, tok))
@@ -86,7 +86,7 @@ def load_drafters(config, inputs, setup: Setup, ctx):
         if is_head(src):
             drafters.append(_head_drafter(name, src, setup, config, infos, maps, ctx))
             continue
-        model = load_model(src, device=ctx.device, dtype=resolve(config.dtype, ctx.device, quiet=True).torch_dtype)
+        model = load_model(src, device=ctx.device, dtype=resolve(config.dtype, ctx.device, exact=True).torch_dtype)
         tok = load_tokenizer(src)
         cross = bool(inputs.cross_tokenizer) or not same_tokenizer(setup.tokenizer, tok)
         maps[name] = draft_to_target(model)
@@ -123,7 +123,7 @@ def _head_drafter(name, src, setup: Setup, config, infos, maps, ctx):
     from sd2.heads.stages import head_macs
     from sd2.stages.evaluate import measure as M
 
-    head = io.load(src, setup.target.model, device=ctx.device, dtype=resolve(config.dtype, ctx.device, quiet=True).torch_dtype)
+    head = io.load(src, setup.target.model, device=ctx.device, dtype=resolve(config.dtype, ctx.device, exact=True).torch_dtype)
     maps[name] = head.d2t
     macs = head_macs(head)
     infos[name] = DrafterInfo(path=src.ref, kind="head", fingerprint=src.fingerprint, macs=macs.to_dict(),
@@ -290,7 +290,7 @@ def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path
 def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out_dir: Path, ctx) -> dict:
     from sd2 import __version__
     from sd2.core.artifacts import machine
-    from sd2.core.report import Baseline, Report, Settings, TargetInfo
+    from sd2.core.report import Baseline, Report, Settings
     from sd2.stages.evaluate.report import write_report
 
     results = result_rows(config, setup, infos, baseline, cells, tf)
@@ -299,21 +299,28 @@ def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out
 
     report = Report(
         sd2_version=__version__,
-        target=TargetInfo(ref=inputs.target.label or inputs.target.ref,
-                          loaded_from=inputs.target.ref if inputs.target.label not in ("", inputs.target.ref) else None,
-                          hub_id=inputs.target.hub_id, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict()),
+        target=target_info(inputs, setup),
         settings=Settings(gammas=gammas, widths=config.widths, gamma_auto=config.auto,
                           max_gamma=config.max_gamma if config.auto else None, temperatures=config.temperatures,
                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
                           max_new_tokens=config.max_new_tokens, n_prompts=len(setup.requests), turns=config.turns,
                           prompts=config.model_dump(mode="json")["prompts"], repeats=config.repeats,
-                          warmup=config.warmup, seed=ctx.seed, device=str(ctx.device), dtype=resolve(config.dtype, ctx.device, quiet=True).dtype,
+                          warmup=config.warmup, seed=ctx.seed, device=str(ctx.device), dtype=resolve(config.dtype, ctx.device, exact=True).dtype,
                           decode=config.decode, machine=machine()),
         baseline={str(t): Baseline(**{k: (_r(v) if isinstance(v, float) else v) for k, v in b.items()})
                   for t, b in baseline.items()},
         drafters=infos, results=results)
     write_report(report, out_dir)
     return summary(report, ctx)
+
+
+def target_info(inputs, setup: Setup):
+    """report.json's target: as the user named it, and the folder it loaded from when that differs."""
+    from sd2.core.report import TargetInfo
+
+    return TargetInfo(ref=inputs.target.label or inputs.target.ref,
+                      loaded_from=inputs.target.ref if inputs.target.label not in ("", inputs.target.ref) else None,
+                      hub_id=inputs.target.hub_id, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict())
 
 
 def summary(report, ctx) -> dict:
