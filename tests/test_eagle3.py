@@ -404,6 +404,11 @@ def test_export_matches_vllms_loader_contract(target, tmp_path):
         assert tuple(loaded[name].shape) == shape, name
     assert tensors["d2t"].dtype == torch.long and tensors["t2d"].dtype == torch.bool
     assert torch.equal(torch.arange(100) + loaded["draft_id_to_target_id"], head.draft_to_target())
+    from sd2.core.errors import Sd2Error
+    from sd2.serve.env import check_head_dim
+
+    with pytest.raises(Sd2Error, match="head_dim 16"):            # read from a speculators folder's layer config
+        check_head_dim(str(tmp_path / "e3"))
 
 
 def test_export_round_trip_and_refusals(target, tmp_path):
