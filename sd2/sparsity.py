@@ -34,10 +34,15 @@ def nonzeros(w: torch.Tensor) -> int:
 
 
 def measure(model: nn.Module) -> dict:
-    """{"decoder_sparsity": share of exact zeros over all decoder linear weights,
+    """``measure_linears`` over the decoder linear layers of a causal LM."""
+    return measure_linears(decoder_linears(model))
+
+
+def measure_linears(linears: list[tuple[str, nn.Module]]) -> dict:
+    """{"decoder_sparsity": share of exact zeros over all the given linear weights,
     "layers": {weight name: its own share}} (rounded to 6 digits per layer)."""
     layers, zeros, total = {}, 0, 0
-    for name, mod in decoder_linears(model):
+    for name, mod in linears:
         w = mod.weight
         z = w.numel() - nonzeros(w)
         layers[name] = round(z / w.numel(), 6)

@@ -29,10 +29,6 @@ def draft_to_target(model) -> torch.Tensor | None:
     return getattr(model, _ATTR, None)
 
 
-def is_trimmed_config(config) -> bool:
-    return bool(getattr(config, CONFIG_KEY, None))
-
-
 def trim_lm_head(model, keep_ids) -> nn.Module:
     """Replace the model's lm_head by the rows ``keep_ids`` (ascending target ids), in place.
 

@@ -52,7 +52,7 @@ if point == "distill":
 
     after(shards, "write", lambda folder, i, *a, **k: i == 0)
 elif point == "finetune":
-    from sd2.stages.finetune import checkpoint
+    from sd2.train import checkpoint
 
     after(checkpoint, "save", lambda out_dir, acc, model, opt, sched, step, *a, **k: step == 2)
 elif point == "evaluate":

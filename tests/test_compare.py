@@ -58,9 +58,13 @@ def test_lost_losslessness_or_missing_drafter_exits_1(tmp_path):
 
 
 def test_run_folder_is_accepted(tmp_path):
+    """A run folder stands for its finished evaluate step's report (sd2.core.report.find_report, the
+    one lookup `sd2 compare` and `sd2 publish` share): an unfinished one (no manifest) is not read."""
     ev = tmp_path / "run" / "05_evaluate"
     ev.mkdir(parents=True)
     _write(ev / "report.json", _report(2.0))
+    assert _cmp(tmp_path, tmp_path / "run", _report(2.0)).exit_code == 2
+    (ev / "manifest.json").write_text(json.dumps({"id": "evaluate", "output_id": "x"}))
     assert _cmp(tmp_path, tmp_path / "run", _report(2.0)).exit_code == 0
 
 

@@ -73,7 +73,7 @@ def test_recipe_angular_calibrates_on_the_distill_prompts_by_default(tmp_path, p
     with pytest.raises(RecipeError, match="drafter.calibration: select: angular measures layer distances"):
         validate_recipe({**base, "evaluate": {"prompts": {"source": str(mtbench_file)}},
                          "drafter": {"derive": "target", "keep_layers": 4, "select": "angular"}})
-    with pytest.raises(RecipeError, match="select and calibration only go with derive: target and keep_layers"):
+    with pytest.raises(RecipeError, match="drafter: select: angular chooses which keep_layers layers to keep"):
         validate_recipe({**base, "evaluate": {"prompts": {"source": str(mtbench_file)}},
                          "drafter": {"derive": "target", "layers": [0, 5], "select": "angular"}})
 

@@ -369,7 +369,7 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_no_answer(tmp_path, e
     shared_seen = []
     real = gen_mod._shared_prefix
     monkeypatch.setattr(gen_mod, "_shared_prefix", lambda p: shared_seen.append(real(p)) or shared_seen[-1])
-    sampling = gen_mod.Sampling(12, 0.0, 1.0, (tokenizer.eos_token_id,))
+    sampling = gen_mod.Sampling(max_new_tokens=12, stop_ids=(tokenizer.eos_token_id,))
     out = gen_mod.HFGenerator(model, tokenizer.pad_token_id, sampling, batch_size=5).generate(prompts)
     assert shared_seen == [len(system)]
     unshared = gen_mod.HFGenerator(model, tokenizer.pad_token_id, sampling, batch_size=5)

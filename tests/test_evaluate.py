@@ -121,6 +121,29 @@ def test_config_errors_name_the_field():
     assert Config(prompts=PromptsConfig(source="mtbench"), gamma=[4, 2, 4]).gammas == [2, 4]
 
 
+def test_sd2_eval_builds_the_stage_config_with_the_stages_defaults(tmp_path, tiny_target, mtbench_file, monkeypatch):
+    """`sd2 eval` has no defaults of its own for evaluate's settings: what it does not set is what a
+    recipe's evaluate section gets (one Config, one parse), and a repeatable option given once is a value."""
+    from typer.testing import CliRunner
+
+    import sd2.stages.evaluate as ev
+    from sd2.pipeline.cli import app
+
+    seen = {}
+    monkeypatch.setattr(ev, "run", lambda cfg, inputs, out, ctx: seen.update(cfg=cfg, inputs=inputs) or {})
+    base = ["eval", "--target", str(tiny_target), "--prompts", str(mtbench_file), "--out", str(tmp_path / "ev")]
+    res = CliRunner().invoke(app, base + ["--drafter", f"d={tiny_target}", "--gamma", "2", "--gamma", "3",
+                                          "--temperature", "0.5"])
+    assert res.exit_code == 0, res.output
+    cfg, recipe_default = seen["cfg"], Config(prompts=PromptsConfig(source="mtbench"))
+    assert cfg.gamma == [2, 3] and cfg.temperature == 0.5
+    for field in ("max_new_tokens", "repeats", "dtype", "top_k", "top_p", "min_p", "width", "decode"):
+        assert getattr(cfg, field) == getattr(recipe_default, field), field
+    assert seen["inputs"].drafters["d"].kind == "lm"     # a folder named on the command line: its kind, read once
+    res = CliRunner().invoke(app, base + ["--drafter", str(tiny_target), "--max-new-tokens", "0"])
+    assert res.exit_code == 1 and "--max-new-tokens" in res.output and "greater than or equal to 1" in res.output
+
+
 def test_sd2_eval_command(tmp_path, tiny_target, tiny_drafter, mtbench_file):
     from typer.testing import CliRunner
 
@@ -231,7 +254,7 @@ def test_mal_only_gives_the_decoding_runs_rounds_without_decoding(tmp_path, tiny
     head = io.save(io.build("fspad", load_model(tiny_target), target_ref=str(tiny_target)), tmp_path / "head", tokenizer)
     inputs = StageInputs(target=ModelSource(str(tiny_target), "fp-t"),
                          drafters={"raw": ModelSource(str(tiny_drafter), "fp-d"),
-                                   "self": ModelSource(str(tiny_target), "fp-t"), "head": ModelSource(str(head), "fp-h")})
+                                   "self": ModelSource(str(tiny_target), "fp-t"), "head": ModelSource(str(head), "fp-h", kind="head")})
     reports = {}
     for decode in (True, False):
         out = tmp_path / f"decode-{decode}"

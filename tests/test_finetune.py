@@ -97,7 +97,7 @@ def test_mask_held_exactly_and_weights_change(tmp_path, tokenizer, tiny_drafter,
 def test_mask_verify_catches_a_revived_weight_and_optimizer_state():
     """The weights are not re-zeroed after each step, so ``verify`` is the guarantee: it must see a
     pruned weight that came back, and optimizer state at a pruned position."""
-    from sd2.stages.finetune.mask import SparsityMask
+    from sd2.train.mask import SparsityMask
 
     p = torch.nn.Parameter(torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
     mask = SparsityMask({"w": p})
@@ -119,7 +119,7 @@ def test_long_rows_keep_their_answers(tokenizer, data):
     so the answer tokens (at the end) and their top-k entries survive."""
     from datasets import load_from_disk
 
-    from sd2.stages.finetune.batches import load_rows
+    from sd2.train.batches import load_rows
 
     full = load_from_disk(str(data / "dataset"))
     rows, _ = load_rows(data, tokenizer, len(tokenizer), max_length=10, need_topk=True)
@@ -186,7 +186,7 @@ from pathlib import Path
 from sd2.core.context import StageInputs, standalone_context
 from sd2.core.models import ModelSource
 from sd2.stages import finetune
-from sd2.stages.finetune import train
+from sd2.train import loop as train
 
 def kill(step):
     if step == {kill_at}:
@@ -248,7 +248,7 @@ class _Payload:
 def test_checkpoint_is_safetensors_and_json_and_a_planted_pickle_never_runs(tmp_path, tiny_drafter, data, monkeypatch):
     import functools
 
-    from sd2.stages.finetune import train as training
+    from sd2.train import loop as training
 
     cfg = dict(loss="ce", lr=5e-3, max_steps=4, batch_size=2, val_rows=2, checkpoint_every=2)
 
@@ -331,8 +331,8 @@ def test_config_rejects_bad_values():
 
 def test_adamw_is_fused_on_cpu_and_keeps_pruned_state_exactly_zero():
     # foreach AdamW's sqrt over half-zero exp_avg_sq was the mask's hidden cost (train.make_adamw)
-    from sd2.stages.finetune.mask import SparsityMask
-    from sd2.stages.finetune.train import make_adamw
+    from sd2.train.mask import SparsityMask
+    from sd2.train.loop import make_adamw
 
     lin = torch.nn.Linear(16, 16, bias=False)
     with torch.no_grad():

@@ -124,3 +124,12 @@ def test_every_new_config_field_is_declared_with_added():
                 undeclared.append(f"{cls_name}.{name}")
     assert not undeclared, (f"new config fields change every existing run's fingerprints: {undeclared}; declare them "
                             f"with sd2.core.fields.added(default, since=...) or add them to {SNAPSHOT.name}")
+
+
+def test_a_renamed_field_keeps_its_old_name_in_fingerprints():
+    """The head stage's layer count is `num_layers` (derive's `layers` are indices), hashed as `layers`,
+    the name it shipped with, so no head folder reruns for the rename."""
+    from sd2.core.fields import config_identity
+    from sd2.stages.head import Config
+
+    assert config_identity(Config(type="eagle", num_layers=2)) == {"type": "eagle", "layers": 2}

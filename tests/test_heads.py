@@ -43,9 +43,9 @@ def test_forward_shapes_and_state_dict(target, kind):
     pos = torch.arange(7).expand(3, 7)
     hl, hf = head(ids, feats, pos)
     assert hl.shape == hf.shape == (3, 7, 64)
-    from sd2.heads.train import head_mask
+    from sd2.train.mask import SparsityMask
 
-    assert not head_mask(head)      # a fresh head has no exact zeros for finetune to hold as a mask
+    assert not SparsityMask.of(head.linears())      # a fresh head has no exact zeros for finetune to hold as a mask
     assert head.logits(hl).shape == (3, 7, target.config.vocab_size)
     keys = set(head.state_dict())
     # the target's embeddings and lm_head are shared, not the head's
@@ -175,7 +175,7 @@ def test_trimmed_head_maps_ids(target):
 
 
 def _random_rows(n_rows: int, seed: int, length: int = 36):
-    from sd2.stages.finetune.batches import Rows
+    from sd2.train.batches import Rows
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 300, (n_rows, length), generator=g).tolist()

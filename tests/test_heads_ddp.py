@@ -26,7 +26,7 @@ from sd2.stages import finetune
 cfg = finetune.Config(**json.loads(sys.argv[2]))
 out = Path(sys.argv[1])
 out.mkdir(exist_ok=True)
-inputs = StageInputs(model=ModelSource({head!r}, "h"), target=ModelSource({target!r}, "t"), dataset=Path({data!r}))
+inputs = StageInputs(model=ModelSource({head!r}, "h", kind="head"), target=ModelSource({target!r}, "t"), dataset=Path({data!r}))
 metrics = finetune.run(cfg, inputs, out, standalone_context(None))
 if int(os.environ.get("RANK", "0")) == 0:  # every rank returns the metrics; one writes them
     (out / ("metrics-%d.json" % metrics["world_size"])).write_text(json.dumps(metrics))

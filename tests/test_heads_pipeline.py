@@ -99,7 +99,7 @@ def test_head_finetune_resume_is_bit_identical(tmp_path, target):
 
     b = fresh()
     calls = {"n": 0}
-    import sd2.heads.train as T
+    import sd2.train as T
 
     real_save = T.checkpoint.save
 

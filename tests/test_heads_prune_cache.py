@@ -1,4 +1,4 @@
-"""Heads: SparseGPT and Wanda through llm-compressor's per-layer code (sd2/heads/stages.py), and the
+"""Heads: SparseGPT and Wanda through llm-compressor's per-layer code (sd2/heads/drafter.py), and the
 optional cache of the target's features for head training (sd2/heads/feature_cache.py)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from sd2.core.errors import Sd2Error
 from sd2.heads import io
-from sd2.heads.stages import calibrate, prune_head, sparsify
+from sd2.heads.drafter import calibrate, prune_head, sparsify
 from tests.tiny import make_model
 
 
@@ -94,22 +94,23 @@ def test_sparsegpt_layer_error_below_magnitude(target, nm):
 
 
 def test_refused_methods_name_the_working_ones(tmp_path, target):
-    from types import SimpleNamespace
+    """Run directly (outside a validated recipe), prune refuses a causal-LM-only method on a head
+    before loading anything, naming the methods that work."""
+    from sd2.core.context import StageInputs, standalone_context
+    from sd2.core.models import ModelSource
+    from sd2.stages import prune
 
-    from sd2.core.context import standalone_context
-    from sd2.heads.stages import prune_stage
-    from sd2.stages.prune import Config
-
-    cfg = Config(method="layer", n_remove=1)
-    with pytest.raises(Sd2Error, match="use method: sparsegpt, wanda or magnitude"):
-        prune_stage(cfg, SimpleNamespace(model=None), tmp_path, standalone_context(tmp_path))
+    cfg = prune.Config(method="layer", n_remove=1)
+    src = ModelSource(str(tmp_path / "no-such-head"), "h", kind="head")
+    with pytest.raises(Sd2Error, match="prune.method needs a standalone causal LM.*use method: sparsegpt, wanda or magnitude"):
+        prune.run(cfg, StageInputs(model=src, dataset=tmp_path), tmp_path / "out", standalone_context(tmp_path))
 
 
 # -- the feature cache ------------------------------------------------------------------------------
 
 def _rows(n: int, seed: int):
     """Rows of different lengths (so batches pad) with a response part."""
-    from sd2.stages.finetune.batches import Rows
+    from sd2.train.batches import Rows
 
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(3, 300, (int(torch.randint(12, 30, (1,), generator=g)),), generator=g).tolist()
@@ -207,10 +208,12 @@ def test_interrupted_cache_build_is_never_read_and_resumes(tmp_path, target, mon
 
 
 def test_feature_cache_is_refused_for_a_causal_lm():
-    from sd2.stages.finetune import Config, _no_head_options
+    from sd2 import drafters
+    from sd2.stages.finetune import Config
 
-    with pytest.raises(Sd2Error, match="finetune.feature_cache_mb applies to feature-level heads only"):
-        _no_head_options(Config(feature_cache_mb=100))
+    with pytest.raises(Sd2Error, match="finetune.feature_cache_mb needs a feature-level head"):
+        drafters.check("finetune", Config(feature_cache_mb=100), "lm")
+    drafters.check("finetune", Config(feature_cache_mb=100), "head")
 
 
 # -- through sd2 run ----------------------------------------------------------------------------------

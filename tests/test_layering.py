@@ -1,6 +1,9 @@
-"""The package layering: the base library (sd2.core and the top-level modules) and the stages never
-import orchestration (sd2.pipeline). Checked on the source by AST, so an import inside a function
-counts too."""
+"""The package layering, checked on the source by AST (an import inside a function counts too):
+- the base library (sd2.core and the top-level modules) and the stages never import orchestration
+  (sd2.pipeline); sd2.core imports neither sd2.data nor anything above it;
+- the training loop (sd2.train) knows no drafter kind, no stage and no head;
+- heads never import the stages, and the stages never import the heads: they reach every drafter
+  kind through sd2.drafters (the Drafter protocol), whose registry names each kind's module."""
 
 from __future__ import annotations
 
@@ -13,10 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent / "sd2"
 
 # package prefix -> packages it must never import
 FORBIDDEN = {
-    "sd2.core": ("sd2.pipeline", "sd2.stages", "sd2.publish", "sd2.engine", "sd2.heads"),
-    "sd2.stages": ("sd2.pipeline", "sd2.publish"),
+    "sd2.core": ("sd2.pipeline", "sd2.stages", "sd2.publish", "sd2.engine", "sd2.heads", "sd2.data", "sd2.drafters",
+                 "sd2.train", "sd2.serve"),
+    "sd2.train": ("sd2.pipeline", "sd2.stages", "sd2.publish", "sd2.heads", "sd2.drafters"),
+    "sd2.drafters": ("sd2.pipeline", "sd2.stages", "sd2.publish", "sd2.heads"),
+    "sd2.stages": ("sd2.pipeline", "sd2.publish", "sd2.heads"),
     "sd2.engine": ("sd2.pipeline", "sd2.publish"),
-    "sd2.heads": ("sd2.pipeline", "sd2.publish"),
+    "sd2.heads": ("sd2.pipeline", "sd2.publish", "sd2.stages"),
     "sd2.publish": ("sd2.pipeline",),
     "sd2.serve": ("sd2.pipeline", "sd2.publish"),
     "sd2.data": ("sd2.pipeline", "sd2.stages", "sd2.publish"),
@@ -76,13 +82,22 @@ def test_the_check_sees_a_violation(tmp_path):
     (fake / "core").mkdir(parents=True)
     (fake / "core" / "bad.py").write_text("def f():\n    from sd2.pipeline.runner import plan\n")
     (fake / "core" / "good.py").write_text("from sd2.core.errors import Sd2Error\n")
+    (fake / "core" / "data.py").write_text("import json\n\ndef f():\n    import sd2.data.prompts\n")
     (fake / "stages").mkdir()
     (fake / "stages" / "x.py").write_text("from sd2 import pipeline\n")
+    (fake / "stages" / "y.py").write_text("def f():\n    from sd2.heads.io import load\n")
+    (fake / "heads").mkdir()
+    (fake / "heads" / "z.py").write_text("from sd2.stages.prune.magnitude import magnitude_mask\n")
     assert violations(fake) == ["sd2/core/bad.py:2 (sd2.core.bad) imports sd2.pipeline.runner",
-                                "sd2/stages/x.py:1 (sd2.stages.x) imports sd2.pipeline"]
+                                "sd2/core/data.py:4 (sd2.core.data) imports sd2.data.prompts",
+                                "sd2/heads/z.py:1 (sd2.heads.z) imports sd2.stages.prune.magnitude",
+                                "sd2/stages/x.py:1 (sd2.stages.x) imports sd2.pipeline",
+                                "sd2/stages/y.py:2 (sd2.stages.y) imports sd2.heads.io"]
 
 
 @pytest.mark.parametrize("mod,banned", [("sd2.core.models", "sd2.pipeline"), ("sd2.stages.evaluate.collect", "sd2.pipeline"),
-                                        ("sd2.macs", "sd2.stages")])
+                                        ("sd2.macs", "sd2.stages"), ("sd2.core.models", "sd2.data"),
+                                        ("sd2.stages.finetune", "sd2.heads"), ("sd2.heads.train", "sd2.stages"),
+                                        ("sd2.train.loop", "sd2.heads"), ("sd2.train.loop", "sd2.stages")])
 def test_rules_cover_the_layers(mod, banned):
     assert banned in rules_for(mod)

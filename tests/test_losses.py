@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sd2.stages.finetune.losses import (IGNORE, Teacher, cross_entropy, divergence, map_labels, target_to_draft_map,
+from sd2.train.losses import (IGNORE, Teacher, cross_entropy, divergence, map_labels, target_to_draft_map,
                                         teacher_from_logits, teacher_from_topk)
 
 # One position, a vocabulary of 4. The student's logits and the target's logits:

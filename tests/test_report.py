@@ -101,7 +101,7 @@ def test_sparse_vs_layer_table_pairs_equal_mac_drafters(tmp_path):
     the MAL ratio; drafters are told apart by the last prune step of their lineage."""
     from sd2.core.report import DrafterInfo, Report, Result
     from sd2.stages.evaluate.plots import write_plots
-    from sd2.stages.evaluate.report import markdown, pruning_kind, sparse_vs_layer
+    from sd2.stages.evaluate.report import markdown, sparse_vs_layer
 
     def lineage(*prunes):
         return [{"id": "dense.finetune", "stage": "finetune", "config": {}}] + [
@@ -117,7 +117,7 @@ def test_sparse_vs_layer_table_pairs_equal_mac_drafters(tmp_path):
     mal = {"dense": 2.2, "sparse50": 2.0, "sparse70": 1.6, "layer50": 1.5, "layer70": 1.6}
     report = Report(target={"macs": {"effective": 134 * 10**6}}, settings={"gammas": [4]}, drafters=drafters, results=[
         Result(drafter=n, gamma=4, temperature=0.0, mal=mal[n], macs_per_token=macs[n] * 10**6) for n in drafters])
-    assert [pruning_kind(drafters[n]) for n in drafters] == [None, "sparse", "sparse", "layer", "layer"]
+    assert [drafters[n].pruning for n in drafters] == [None, "sparse", "sparse", "layer", "layer"]
     rows = {(r.drafter, q.drafter): ratio for r, q, ratio in sparse_vs_layer(report)}
     assert rows == {("sparse50", "layer50"): pytest.approx(2.0 / 1.5), ("sparse70", "layer70"): pytest.approx(1.0)}
     md = markdown(report, [])

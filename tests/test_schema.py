@@ -85,10 +85,39 @@ def test_model_ref_kinds_and_shorthand(tmp_path):
     assert ModelRef.model_validate("org/model").kind == "hub"
     assert ModelRef.model_validate(str(tmp_path)).kind == "path"
     assert ModelRef.model_validate({"gguf": "a.gguf", "package": "p"}).kind == "gguf"
-    assert ModelRef.model_validate({"derive": "target", "layers": [0, 3]}).kind == "derive"
-    for bad in ({"hub": "a/b", "path": "."}, {"derive": "target"}, {"hub": "a/b", "keep_layers": 2}, {}):
+    for bad in ({"hub": "a/b", "path": "."}, {"hub": "a/b", "keep_layers": 2}, {},
+                {"derive": "target", "layers": [0, 3]}):   # a source of weights only names where they are
         with pytest.raises(Exception):
             ModelRef.model_validate(bad)
+
+
+def test_a_built_drafter_is_its_stages_config(tiny_target):
+    """drafter: {derive: target, ...} and {head: ..., num_layers: N} are the derive and head stages'
+    own configs, checked by them (errors under drafter.*), planned as drafter.derive / drafter.head."""
+    from sd2.pipeline.runner import plan
+
+    data = base(tiny_target) | {"drafter": {"derive": "target", "layers": [0, 1]}}
+    r = validate_recipe(data)
+    assert r.recipe.drafter is None and r.drafter_build[0] == "derive" and r.drafter_build[1].layers == [0, 1]
+    assert r.resolved()["drafter"] == {"derive": "target", "layers": [0, 1], "select": "first_last",
+                                       "calibration_samples": 64, "seq_len": 256}
+    head = validate_recipe(base(tiny_target) | {"drafter": {"head": "eagle", "num_layers": 2}})
+    assert [(s.id, s.kind) for s in plan(head)][:1] == [("drafter.head", "head")]
+    assert head.drafter_build[1].num_layers == 2 and head.resolved()["drafter"] == {"head": "eagle", "num_layers": 2}
+    for bad, where in [({"derive": "target", "layers": [1, 0]}, r"drafter.layers: layer indices must be distinct"),
+                       ({"head": "eagle", "num_layers": 9}, r"drafter.num_layers: Input should be less than"),
+                       ({"head": "medusa"}, r"drafter.head: Input should be 'eagle' or 'fspad' \(got 'medusa'\)"),
+                       ({"derive": "drafter", "keep_layers": 2}, r"drafter.derive: a drafter is derived from the target"),
+                       ({"derive": "target", "keep_layers": 2, "hub": "a/b"}, r"drafter: give exactly one of")]:
+        with pytest.raises(RecipeError, match=where):
+            validate_recipe(base(tiny_target) | {"drafter": bad})
+
+
+def test_a_derive_needs_exactly_one_of_keep_layers_or_layers(tiny_target):
+    data = base(tiny_target)
+    data["drafter"] = {"derive": "target"}
+    with pytest.raises(RecipeError, match="drafter: give exactly one of keep_layers or layers"):
+        validate_recipe(data)
 
 
 def test_derived_target_is_refused(tiny_target):
@@ -150,3 +179,33 @@ def test_prompt_source_errors_name_the_entry_without_union_tags(tiny_target, pro
     with pytest.raises(RecipeError) as e:
         validate_recipe(data, "r.yaml")
     assert f"{where}:" in str(e.value) and "union-" not in str(e.value) and ".one" not in str(e.value)
+
+
+def test_drafter_kind_mismatches_are_recipe_errors_naming_the_field(tmp_path, tiny_target):
+    """The planner knows which kind of drafter each branch step receives (a causal LM, or a head after
+    `- head:` or with drafter: {head: ...}), so options the kind lacks are refused by `sd2 validate`,
+    before any model loads, and a `from:` branch carries its kind on."""
+    data = base(tiny_target)
+    data["branches"] = {
+        "dense": [{"finetune": {"epochs": 1, "feature_noise": 0.1}}],                    # a head-only option on an LM
+        "head": [{"head": {"type": "eagle"}}, {"prune": {"method": "layer", "n_remove": 1}},  # LM-only on a head
+                 {"finetune": {"feature_noise": 0.1, "unroll": 1}}],                     # fine on a head
+        "more": [{"from": "head"}, {"prune": {"recipe": "a: {b: 1}"}},                    # a head, via from:
+                 {"finetune": {"freeze_embeddings": True}}],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    out = " ".join(res.output.split())
+    assert "branches.dense[0].finetune.feature_noise: finetune.feature_noise needs a feature-level head" in out
+    assert "branches.head[1].prune.method: prune.method needs a standalone causal LM" in out
+    assert "use method: sparsegpt, wanda or magnitude" in out
+    assert "branches.more[1].prune.recipe" in out and "branches.more[2].finetune.freeze_embeddings" in out
+    assert "branches.head[2]" not in out
+    with pytest.raises(RecipeError, match=r"branches\.dense\[0\]\.finetune\.feature_noise"):
+        validate_recipe(data | {"branches": {"dense": data["branches"]["dense"]}})
+    head_first = base(tiny_target) | {"drafter": {"head": "fspad"},
+                                      "branches": {"h": [{"prune": {"method": "layer", "keep_layers": 1}}]}}
+    with pytest.raises(RecipeError, match=r"branches\.h\[0\]\.prune\.method: prune\.method needs a standalone"):
+        validate_recipe(head_first)

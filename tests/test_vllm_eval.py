@@ -25,7 +25,8 @@ def report(vllm_pair, tmp_path_factory):
     prompts = write_mtbench(tmp / "q.jsonl", n=4, turns=1)
     try:
         eval_command(str(vllm_pair["target"]), [f"first_layer={vllm_pair['drafter']}", f"eagle={vllm_pair['eagle']}",
-                     "pld=prompt_lookup"], str(prompts), 4, 0, ["3"], [0.0], 20, 1, tmp / "out", engine="vllm")
+                     "pld=prompt_lookup"], str(prompts), 4, 0, tmp / "out", gamma=["3"], max_new_tokens=20,
+                     engine="vllm")
     finally:
         mp.undo()
     return Report.read(tmp / "out"), tmp / "out"
@@ -73,11 +74,11 @@ def test_engine_vllm_refuses_what_vllm_cannot_run(vllm_pair, tmp_path, tokenizer
     io.save(io.build("fspad", target), tmp_path / "fspad", tokenizer)
     prompts = write_mtbench(tmp_path / "q.jsonl", n=1, turns=1)
     with pytest.raises(Sd2Error, match=r"drafter 'fspad' .* has an FSPAD head: nothing in vLLM runs it.*engine: sd2"):
-        eval_command(str(vllm_pair["target"]), [f"fspad={tmp_path / 'fspad'}"], str(prompts), 1, 0, ["2"], [0.0], 8,
-                     1, tmp_path / "out", engine="vllm")
+        eval_command(str(vllm_pair["target"]), [f"fspad={tmp_path / 'fspad'}"], str(prompts), 1, 0, tmp_path / "out",
+                     gamma=["2"], max_new_tokens=8, engine="vllm")
     with pytest.raises(Sd2Error, match=r"^--engine vllm needs a fixed gamma, not auto"):
-        eval_command(str(vllm_pair["target"]), ["prompt_lookup"], str(prompts), 1, 0, ["auto"], [0.0], 8, 1,
-                     tmp_path / "out2", engine="vllm")
+        eval_command(str(vllm_pair["target"]), ["prompt_lookup"], str(prompts), 1, 0, tmp_path / "out2",
+                     gamma=["auto"], max_new_tokens=8, engine="vllm")
 
 
 def test_engine_vllm_at_temperature_above_0_is_refused_where_the_fix_cannot_apply(vllm_pair, tmp_path, monkeypatch):
@@ -88,5 +89,5 @@ def test_engine_vllm_at_temperature_above_0_is_refused_where_the_fix_cannot_appl
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     prompts = write_mtbench(tmp_path / "q.jsonl", n=1, turns=1)
     with pytest.raises(Sd2Error, match=r"the vLLM worker failed .*temperature 1.0 on vLLM's CPU backend .*#55005"):
-        eval_command(str(vllm_pair["target"]), ["pld=prompt_lookup"], str(prompts), 1, 0, ["2"], [0.0, 1.0], 8, 1,
-                     tmp_path / "out", engine="vllm")
+        eval_command(str(vllm_pair["target"]), ["pld=prompt_lookup"], str(prompts), 1, 0, tmp_path / "out",
+                     gamma=["2"], temperature=[0.0, 1.0], max_new_tokens=8, engine="vllm")

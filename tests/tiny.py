@@ -227,7 +227,7 @@ def greedy_rows(target, n_rows: int, seed: int, prompt_len: int = 6, answer: int
     """The tiny target's own greedy answers to random prompts, as finetune Rows."""
     import torch
 
-    from sd2.stages.finetune.batches import Rows
+    from sd2.train.batches import Rows
 
     g = torch.Generator().manual_seed(seed)
     seq = torch.randint(3, 300, (n_rows, prompt_len), generator=g)

@@ -6,6 +6,7 @@ The fingerprint rule (``config_identity``):
   differs from its default, and that default must reproduce the behaviour from before the field
   existed. An upgrade that only adds defaulted fields therefore reruns nothing. tests/test_fingerprint.py
   holds the list of every config's fields as shipped, and fails on a new field not declared this way.
+- A renamed field (:func:`renamed`) is hashed under its old name.
 - A precision field (:func:`dtype_field`, :func:`precision_field`) is hashed as the precision it
   resolves to on the run's device (``auto`` -> ``float32`` on a CPU without native bf16), so a
   folder made when the default was ``float32`` is reused wherever ``auto`` means the same.
@@ -21,6 +22,7 @@ from sd2.core import precision
 
 SINCE = "sd2_since"
 PRECISION = "sd2_precision"
+WAS = "sd2_was"
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Autocast = Literal["auto", "fp32", "bf16"]
@@ -31,6 +33,12 @@ def added(default: Any, *, since: str, **kw) -> Any:
     version also enters every fingerprint, so it is not bumped for this). Its default keeps the
     earlier behaviour, and it enters fingerprints only when set to something else."""
     return Field(default, json_schema_extra={SINCE: since}, **kw)
+
+
+def renamed(was: str, default: Any, **kw) -> Any:
+    """A field renamed after it shipped (``was``: its old name): fingerprints hash it under the old
+    name, so the rename reruns nothing."""
+    return Field(default, json_schema_extra={WAS: was}, **kw)
 
 
 def dtype_field(description: str, *, exact: bool = False) -> Any:
@@ -58,6 +66,7 @@ def config_identity(config: BaseModel, device: str = "cpu") -> dict:
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if SINCE in extra and value == info.default:
             continue
+        name, field = extra.get(WAS, name), name
         kind = extra.get(PRECISION)
         if kind in ("dtype", "exact"):
             out[name] = precision.resolve(value, device, exact=kind == "exact", quiet=True).dtype
@@ -69,7 +78,7 @@ def config_identity(config: BaseModel, device: str = "cpu") -> dict:
         elif isinstance(value, BaseModel):
             out[name] = config_identity(value, device)
         else:
-            out[name] = config.model_dump(mode="json", include={name})[name]
+            out[name] = config.model_dump(mode="json", include={field})[field]
     return out
 
 

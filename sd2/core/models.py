@@ -19,14 +19,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from sd2.core.errors import Sd2Error, reading, reason
 from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.paths import expand
-from sd2.data.prompts import Prompts
 
 log = logging.getLogger("sd2")
 
@@ -36,7 +35,8 @@ log = logging.getLogger("sd2")
 
 
 class ModelRef(BaseModel):
-    """Where a model comes from. Exactly one of ``hub``, ``path``, ``gguf``, ``derive`` or ``head``.
+    """Where a model's weights come from. Exactly one of ``hub``, ``path`` or ``gguf``. (A drafter
+    that a stage builds, derived from the target or a head, is that stage's config: sd2.pipeline.schema.BUILDS.)
 
     A bare string is shorthand: an existing path or one starting with '.', '/' or '~' is a local
     folder, anything else a Hub id.
@@ -50,18 +50,6 @@ class ModelRef(BaseModel):
     gguf: str | None = Field(None, description="a .gguf file: a path, or a file name inside `package`")
     package: str | None = Field(None, description="installed Python package that ships the gguf file")
     tokenizer: str | None = Field(None, description="gguf only: a folder or hub id with the tokenizer, if the gguf's own is not wanted")
-    derive: Literal["target"] | None = Field(None, description="derive the drafter from the target by keeping a subset of layers")
-    keep_layers: int | None = Field(None, ge=1, description="derive: keep K layers (which: see select)")
-    layers: list[int] | None = Field(None, description="derive: the exact layer indices to keep")
-    select: Literal["first_last", "angular"] | None = Field(
-        None, description="derive with keep_layers: first_last (default) keeps the first K-2 and the last 2 layers; "
-                          "angular removes the contiguous block of L-K layers whose input and output hidden states "
-                          "are closest in angular distance (Gromov et al. 2024), measured on calibration prompts")
-    calibration: Prompts | None = Field(
-        None, description="derive with select: angular: the prompts (chat template applied) the distances are "
-                          "measured on; default: the recipe's distill prompts")
-    head: Literal["eagle", "fspad"] | None = Field(None, description="a feature-level head over the target (docs/heads.md)")
-    head_layers: int | None = Field(None, ge=1, le=8, description="head: decoder layers in the head (default 1)")
     trust_remote_code: StrictBool = Field(False, description="allow custom modelling code from the model folder/Hub (off by default)")
 
     @model_validator(mode="before")
@@ -76,19 +64,9 @@ class ModelRef(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "ModelRef":
-        kinds = [k for k in ("hub", "path", "gguf", "derive", "head") if getattr(self, k) is not None]
+        kinds = [k for k in ("hub", "path", "gguf") if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"give exactly one of hub, path, gguf, derive, head (got {kinds or 'none'})")
-        if self.head is None and self.head_layers is not None:
-            raise ValueError("head_layers only goes with head: eagle | fspad")
-        if self.derive is None and (self.keep_layers is not None or self.layers is not None):
-            raise ValueError("keep_layers/layers only go with derive: target")
-        if self.derive is not None and (self.keep_layers is None) == (self.layers is None):
-            raise ValueError("derive needs exactly one of keep_layers or layers")
-        if (self.select is not None or self.calibration is not None) and self.keep_layers is None:
-            raise ValueError("select and calibration only go with derive: target and keep_layers")
-        if self.calibration is not None and self.select != "angular":
-            raise ValueError("calibration prompts are for select: angular")
+            raise ValueError(f"give exactly one of hub, path, gguf (got {kinds or 'none'})")
         if self.package is not None and self.gguf is None:
             raise ValueError("package only goes with gguf")
         if self.revision is not None and self.hub is None:
@@ -97,7 +75,7 @@ class ModelRef(BaseModel):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("hub", "path", "gguf", "derive", "head") if getattr(self, k) is not None)
+        return next(k for k in ("hub", "path", "gguf") if getattr(self, k) is not None)
 
 
 def locate_gguf(ref: ModelRef) -> Path:
@@ -117,11 +95,9 @@ def locate_gguf(ref: ModelRef) -> Path:
     return path
 
 
-def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | None:
-    """The number of decoder layers when it is cheap to know: a derived drafter's ``keep_layers`` /
-    ``layers``, a local folder's config.json, or a GGUF header. None otherwise (a Hub id)."""
-    if ref.derive is not None:
-        return ref.keep_layers if ref.keep_layers is not None else len(ref.layers or []) or None
+def known_layer_count(ref: ModelRef) -> int | None:
+    """The number of decoder layers when it is cheap to know: a local folder's config.json, or a
+    GGUF header. None otherwise (a Hub id)."""
     if ref.path is not None:
         cfg = expand(ref.path) / "config.json"
         try:
@@ -139,11 +115,9 @@ def known_layer_count(ref: ModelRef, target: ModelRef | None = None) -> int | No
     return None
 
 
-def known_vocab_size(ref: ModelRef, target: ModelRef | None = None) -> int | None:
+def known_vocab_size(ref: ModelRef) -> int | None:
     """The model's vocabulary size when it is cheap to know (a local config.json, or a GGUF already
     converted in the cache); None otherwise, and the stage checks at run time."""
-    if ref.derive is not None or ref.head is not None:
-        return known_vocab_size(target) if target is not None else None
     folder = None
     if ref.path is not None:
         folder = expand(ref.path)
@@ -175,6 +149,7 @@ class ModelSource:
     revision: str | None = None
     label: str = ""                 # the model as a user names it to sd2 (hub id, folder, PACKAGE:FILE.gguf)
     hub_id: str | None = None       # its Hub id where known (a hub ref, or the repo a GGUF was converted from)
+    kind: str = "lm"                # the drafter kind (sd2.drafters.KINDS) its folder holds, set by the planner
 
     @property
     def is_local(self) -> bool:
@@ -223,9 +198,7 @@ def folder_fingerprint(folder: Path) -> str:
 
 
 def resolve(ref: ModelRef, convert: bool = True) -> ModelSource:
-    """A target or drafter reference as a ModelSource. ``derive`` refs are stages, not sources."""
-    if ref.derive is not None or ref.head is not None:
-        raise ValueError("derive and head refs are produced by the derive and head stages")
+    """A target or drafter reference as a ModelSource."""
     if ref.hub is not None:
         fp = hashlib.sha256(f"hub|{ref.hub}|{ref.revision}".encode()).hexdigest()[:16]
         return ModelSource(ref.hub, fp, ref.trust_remote_code, ref.revision, label=ref.hub, hub_id=ref.hub)
@@ -412,7 +385,3 @@ def same_tokenizer(a, b) -> bool:
         return False
     return a.eos_token_id == b.eos_token_id
 
-
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)

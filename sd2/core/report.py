@@ -178,6 +178,14 @@ class DrafterInfo(_Model):
     vocab: VocabInfo | None = None
     shape: ShapeChoice | None = Field(None, description="gamma: auto's choice, else null")
 
+    @property
+    def pruning(self) -> str | None:
+        """'layer' or 'sparse' by the drafter's last prune step (its lineage), None when never pruned."""
+        prunes = [step.get("config") or {} for step in self.lineage if step.get("stage") == "prune"]
+        if not prunes:
+            return None
+        return "layer" if prunes[-1].get("method") == "layer" else "sparse"
+
 
 class TargetInfo(_Model):
     name: str = TARGET
@@ -333,9 +341,7 @@ class Report(_Model):
         """report.json from a file, an evaluate stage folder or a run folder. Sd2Error names the file
         and the field when it is not a report."""
         path = Path(path)
-        candidates = ([path] if path.is_file() else
-                      [path / REPORT_FILE] + sorted(path.glob(f"*_evaluate/{REPORT_FILE}")))
-        found = next((p for p in candidates if p.is_file()), None)
+        found = path if path.is_file() else path / REPORT_FILE if (path / REPORT_FILE).is_file() else find_report(path)
         if found is None:
             raise Sd2Error(f"no {REPORT_FILE} at {path}; give a report.json, an evaluate folder or a run folder")
         try:
@@ -354,3 +360,16 @@ class Report(_Model):
             err = e.errors()[0]
             field = ".".join(str(p) for p in err["loc"])
             raise Sd2Error(f"{where}: {field}: {err['msg']}; rerun the evaluate stage to rewrite it") from None
+
+
+def find_report(run_dir: Path) -> Path | None:
+    """The report.json of a run folder's evaluate step: only a finished one (its manifest exists);
+    the last, should renumbered folders leave more than one. None when there is none."""
+    from sd2.core import artifacts as art
+
+    hits = []
+    for p in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []:
+        parsed = art.parse_folder(p.name) if p.is_dir() else None
+        if parsed and parsed[1] == "evaluate" and (p / REPORT_FILE).is_file() and art.read_manifest(p) is not None:
+            hits.append(p / REPORT_FILE)
+    return hits[-1] if hits else None

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from sd2.engine.proposer import ForwardCounter
 from sd2.kvcache import growing_cache
 
 CACHE_RESERVE = 256  # positions preallocated past the prompt; the cache doubles when a request runs longer
@@ -58,15 +59,13 @@ def tree_positions(parents: list[int], past: int) -> list[int]:
     return pos
 
 
-class CachedLM:
+class CachedLM(ForwardCounter):
     """A causal LM, its KV cache, the ids the cache holds (``held``), and counters for every forward."""
 
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
-        self.forwards = 0
-        self.seconds = 0.0
-        self.step_times: list[float] = []                  # single-token forwards (decode steps): what c compares
+        self.start_counting()
         self.verify_times: dict[int, list[float]] = {}     # n-token forwards returning n logits: v(n)
         self.reset()
 
@@ -90,11 +89,8 @@ class CachedLM:
         out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=keep, **kw)
         sync(self.device)
         dt = time.perf_counter() - t0
-        self.forwards += 1
-        self.seconds += dt
-        if len(ids) == 1:
-            self.step_times.append(dt)
-        elif keep == len(ids):   # a verify forward (a prefill keeps only its last position)
+        self.count(len(ids), dt)
+        if len(ids) > 1 and keep == len(ids):   # a verify forward (a prefill keeps only its last position)
             self.verify_times.setdefault(len(ids), []).append(dt)
         self.cache = out.past_key_values
         self.held.extend(ids)

@@ -47,6 +47,23 @@ class Sampling:
         return self.temperature == 0
 
 
+class ForwardCounter:
+    """Counts a drafting model's forwards and their seconds (the proposer's cost); ``step_times`` holds
+    the single-token forwards (decode steps), which the cost ratio c compares. Shared by ``CachedLM``
+    and proposers that run their own model (a head)."""
+
+    def start_counting(self) -> None:
+        self.forwards = 0
+        self.seconds = 0.0
+        self.step_times: list[float] = []
+
+    def count(self, n_ids: int, seconds: float) -> None:
+        self.forwards += 1
+        self.seconds += seconds
+        if n_ids == 1:
+            self.step_times.append(seconds)
+
+
 @dataclass
 class Draft:
     """A chain or a tree of draft tokens (target vocabulary). See the module docstring."""

@@ -19,7 +19,7 @@ import torch
 
 from sd2.engine.sampling import DraftVocab
 from sd2.heads.model import Head, cache_len
-from sd2.mal import Round, draft_length
+from sd2.mal import Round, greedy_rounds
 
 
 @torch.no_grad()
@@ -75,32 +75,25 @@ def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tu
     pos = torch.arange(n_pos, device=device)[None]
     hl, hf = head(x[None, 1:], feats[None, :-1], pos, cache=cache)
     greedy1 = vocab.greedy_ids(head.logits(hl[0]))        # [L-1]: head position t predicts x_{t+2}
-    out = []
-    for a, b in spans:
-        rounds = []
-        n = a                             # tokens committed: x_0..x_{n-1}; next to predict is x_n
-        while n < b:
-            drafted = draft_length(gamma, n - a, b - n, budget)
-            acc = 0
-            t = n - 2                     # head position of the first draft
-            if t >= 0 and drafted > 0 and int(greedy1[t]) == ids[n]:
-                acc = 1
-                feat = hf[0, t]
-                local = [[kv[0][:, :, : t + 1], kv[1][:, :, : t + 1]] for kv in cache]
-                while acc < min(drafted, b - n):
-                    p = t + acc
-                    l2, f2 = head(x[None, n + acc - 1: n + acc], feat[None, None], torch.tensor([[p]], device=device),
-                                  cache=local)
-                    if vocab.greedy(head.logits(l2[0, 0])) != ids[n + acc]:
-                        break
-                    acc += 1
-                    feat = f2[0, 0]
-            if acc == b - n:
-                drafted = acc             # matched to the answer's last token (its EOS): drafting stopped there
-            committed = min(acc + 1, b - n)
-            rounds.append(Round(drafted, acc, committed))
-            n += committed
-        out.append(rounds)
+
+    def accepted(a: int, j: int, k: int) -> int:
+        """Drafts accepted, of ``k``, in the round after the span's first ``j`` tokens (x_0..x_{n-1} committed)."""
+        n = a + j
+        t = n - 2                         # head position of the first draft
+        if k == 0 or t < 0 or int(greedy1[t]) != ids[n]:
+            return 0
+        acc, feat = 1, hf[0, t]
+        local = [[kv[0][:, :, : t + 1], kv[1][:, :, : t + 1]] for kv in cache]
+        while acc < k:
+            l2, f2 = head(x[None, n + acc - 1: n + acc], feat[None, None], torch.tensor([[t + acc]], device=device),
+                          cache=local)
+            if vocab.greedy(head.logits(l2[0, 0])) != ids[n + acc]:
+                break
+            acc += 1
+            feat = f2[0, 0]
+        return acc
+
+    out = [greedy_rounds(b - a, gamma, lambda j, k, a=a: accepted(a, j, k), budget) for a, b in spans]
     assert cache_len(cache) == n_pos
     return out
 

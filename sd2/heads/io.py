@@ -59,17 +59,12 @@ def build(head_type: str, target_model, num_layers: int = 1, seed: int = 0, targ
     return head
 
 
-def state_dict(head: Head) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-    return sd
-
-
 def save(head: Head, out_dir, tokenizer=None, extra_files: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict(head), str(out / WEIGHTS), metadata={"format": "pt", "sd2": "head"})
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(out / WEIGHTS), metadata={"format": "pt", "sd2": "head"})
     (out / "config.json").write_text(json.dumps({CONFIG_KEY: head.head_config.to_dict()}, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -95,29 +90,21 @@ def check(folder) -> Path:
     return ref
 
 
-def load(folder, target_model=None, device: str = "cpu", dtype=None) -> Head:
-    """The head of ``folder`` bound to ``target_model`` (loaded from the config's ``target`` when None).
-
-    Raises Sd2Error when the target is missing or its sizes do not match the head's."""
+def load(folder, target_model, device: str = "cpu", dtype=None) -> Head:
+    """The head of ``folder`` bound to ``target_model`` (a loaded causal LM; sd2.heads.drafter.load
+    also finds the target the config names). Raises Sd2Error when its sizes do not match the head's."""
     from safetensors.torch import load_file
 
-    from sd2.core.errors import Sd2Error
-    from sd2.core.models import load_model
+    from sd2.core.errors import Sd2Error, reading
 
-    ref = check(folder)                    # before the target loads
+    ref = check(folder)
     cfg = read_config(ref)
-    if target_model is None:
-        if not cfg.target:
-            raise Sd2Error(f"{ref}/config.json names no target; pass the target model explicitly")
-        target_model = load_model(cfg.target, device=device, dtype=dtype)
     emb = target_model.get_input_embeddings()
     if emb.weight.shape != (cfg.vocab_size, cfg.hidden_size):
         raise Sd2Error(f"head {ref} reads a target with embeddings [{cfg.vocab_size}, {cfg.hidden_size}], but the "
                        f"given target has {list(emb.weight.shape)}: pair the head with the target it was built for "
                        f"({cfg.target or 'see config.json'})")
     head = Head(cfg, emb, target_model.get_output_embeddings())
-    from sd2.core.errors import reading
-
     with reading(f"the head weights {ref / WEIGHTS}", "a safetensors file", "rerun the stage that wrote it"):
         sd = load_file(str(ref / WEIGHTS))
     missing, unexpected = head.load_state_dict(sd, strict=False)

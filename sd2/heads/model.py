@@ -210,8 +210,6 @@ class Head(nn.Module):
         if c.draft_vocab_size is not None:
             self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
             self.d2t = torch.zeros(c.draft_vocab_size, dtype=torch.long)
-        # what sd2.macs and sd2.modeling read
-        self.config = _MacConfig(c)
 
     # -- the pieces sd2's generic tools use ---------------------------------------------------
     def get_output_embeddings(self) -> nn.Linear:
@@ -283,13 +281,3 @@ def crop_cache(cache: list, length: int) -> None:
 
 def cache_len(cache: list) -> int:
     return 0 if not cache or cache[0][0] is None else cache[0][0].shape[2]
-
-
-class _MacConfig:
-    """The few config attributes sd2.macs reads (attention heads, hidden size)."""
-
-    def __init__(self, c: HeadConfig):
-        self.num_attention_heads = c.num_attention_heads
-        self.hidden_size = c.hidden_size
-        self.head_dim = c.head_dim
-        self.num_hidden_layers = c.num_layers

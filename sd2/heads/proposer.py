@@ -25,12 +25,12 @@ import time
 import torch
 
 from sd2.engine.drafter import chain_with_siblings
-from sd2.engine.proposer import Context, Draft, Sampling
+from sd2.engine.proposer import Context, Draft, ForwardCounter, Sampling
 from sd2.engine.sampling import DraftVocab
 from sd2.heads.model import Head, cache_len, crop_cache
 
 
-class HeadProposer:
+class HeadProposer(ForwardCounter):
     """Proposer protocol over a ``Head``; counts its forwards and their seconds (for c).
 
     ``width``: nodes per depth (1 = a chain), as for ``DrafterProposer``; evaluate sets it per run."""
@@ -46,9 +46,7 @@ class HeadProposer:
         self.width = int(width)
         self.device = next(head.parameters()).device
         self.vocab = DraftVocab(head.target_lm_head.weight.shape[0], head.d2t).to(self.device)
-        self.forwards = 0
-        self.seconds = 0.0
-        self.step_times: list[float] = []
+        self.start_counting()
         self.reset()
 
     def reset(self) -> None:
@@ -61,11 +59,7 @@ class HeadProposer:
         pos = torch.arange(start, start + len(ids), device=self.device)[None]
         hl, hf = self.head(x, feats[None].to(self.device, self.head.model.fc.weight.dtype), pos, cache=cache)
         logits = self.head.logits(hl[0, -1])
-        dt = time.perf_counter() - t0
-        self.forwards += 1
-        self.seconds += dt
-        if len(ids) == 1:
-            self.step_times.append(dt)
+        self.count(len(ids), time.perf_counter() - t0)
         return logits, hf[0, -1]
 
     @torch.inference_mode()

@@ -1,9 +1,8 @@
 """Training a head on the distilled data, on the target's features (on the fly, or from a cache).
 
-Invoked by the finetune stage when its input model is a head folder (so a branch reads
-``- finetune: {...}`` for heads and causal LMs alike). It reuses finetune's machinery: the rows,
-split and batch order (batches.py), AdamW and the schedule (train.py), the mask held exactly
-(mask.py), checkpoint/resume (checkpoint.py) and accelerate (distributed.py). Each row's features
+What is a head's own: its loss (``HeadLoss``), where its inputs come from (``FeatureSource``) and
+its validation (``validate_head``), plugged into the one training loop (sd2/train/loop.py: batches,
+schedule, AdamW, the mask, checkpoints and resume, accelerate) as ``HeadTask``. Each row's features
 come from its own unpadded target forward (features.py says why), computed per step, or once into
 a cache in the run folder with ``feature_cache_mb`` (feature_cache.py); both train bit-identically.
 
@@ -19,8 +18,6 @@ HASS and EAGLE-3), weighted 0.8^i.
 from __future__ import annotations
 
 import contextlib
-import random
-import time
 from pathlib import Path
 
 import torch
@@ -29,18 +26,10 @@ import torch.nn.functional as F
 from sd2.heads.features import chain_rounds, head_inputs, pad_features, row_features
 from sd2.heads.model import Head
 from sd2.mal import MalStats
-from sd2.stages.finetune import checkpoint
-from sd2.stages.finetune.batches import Rows, collate, epoch_batches, micro_rows
-from sd2.stages.finetune.distributed import global_sum, make_accelerator
-from sd2.stages.finetune.losses import IGNORE, cross_entropy, divergence, map_labels, teacher_from_logits
-from sd2.stages.finetune.mask import SparsityMask
-from sd2.stages.finetune.train import lr_factor, make_adamw
-
-
-def head_mask(head: Head) -> SparsityMask:
-    """The zeros of every head Linear layer (fc, feature sampling, decoder layers) to hold."""
-    return SparsityMask({name: mod.weight for name, mod in head.linears()
-                         if mod.weight.requires_grad and bool((mod.weight.detach() == 0).any())})
+from sd2.train import loop
+from sd2.train.batches import Rows
+from sd2.train.losses import IGNORE, cross_entropy, divergence, map_labels, teacher_from_logits
+from sd2.train.mask import SparsityMask
 
 
 class FeatureSource:
@@ -95,23 +84,6 @@ class HeadLoss(torch.nn.Module):
         return f_sum, l_sum, int(where.sum())
 
 
-@torch.no_grad()
-def validate_head(head: Head, rows: Rows, features: FeatureSource, gamma: int, device) -> dict:
-    """The exact teacher-forced chain MAL (``features.chain_rounds``) and acceptance on held-out rows."""
-    stats = MalStats()
-    for i in range(len(rows)):
-        spans = _spans(rows.loss_mask[i])
-        if not spans:
-            continue
-        feats = features([i])[0].to(device)
-        for rounds in chain_rounds(head, rows.input_ids[i], feats, spans, gamma):
-            stats.add_request(rounds, rows.category[i])
-    summary = stats.summary(gamma)
-    return {"val_mal": summary["mal"], "val_acceptance_rate": summary["acceptance_rate"],
-            "val_acceptance_1": summary["acceptance_per_position"][0] if summary["acceptance_per_position"] else None,
-            "val_tokens": summary["tokens"]}
-
-
 def _spans(loss_mask: list[int]) -> list[tuple[int, int]]:
     """Contiguous runs of response tokens (a, b), a >= 1."""
     out, a = [], None
@@ -125,118 +97,64 @@ def _spans(loss_mask: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+class HeadTask:
+    """The loop's Task (sd2.train.loop) for a head: ``module`` is the HeadLoss (it holds the head);
+    the terms are the feature regression and the logit loss, both over the head's loss positions;
+    the inputs are the target's features of each row (``FeatureSource``, on the fly or cached)."""
+
+    name = "finetune head"
+    terms = ("feature_loss", "logit_loss")
+
+    def __init__(self, cfg, head: Head, target, rows_train: Rows, rows_val: Rows, t2d=None):
+        self.cfg, self.head, self.target, self.rows_train, self.rows_val = cfg, head, target, rows_train, rows_val
+        self.module = HeadLoss(head, target, cfg, t2d)
+        self.mask = SparsityMask.of(head.linears() if cfg.hold_mask else [])
+        self.weights = (cfg.feature_weight, cfg.logit_weight)
+        self.feats_train = self.feats_val = self.device = None
+
+    def prepare(self, accelerator, out_dir: Path, ctx) -> None:
+        self.device = accelerator.device
+        self.target.to(accelerator.device).eval()
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.feats_train, self.feats_val = _feature_sources(self.cfg, self.target, self.rows_train, self.rows_val,
+                                                            accelerator, out_dir, ctx)
+
+    def counts(self, rows, batch: dict) -> tuple[int, int]:
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        return n, n
+
+    def sums(self, module, rows, batch: dict):
+        feats = pad_features([f.to(self.device) for f in self.feats_train(rows)], batch["input_ids"].shape[1])
+        f_sum, l_sum, _ = module(batch["input_ids"], feats, batch["labels"])
+        return f_sum, l_sum
+
+    @torch.no_grad()
+    def validate(self, module, step: int) -> dict:
+        """The exact teacher-forced chain MAL (``features.chain_rounds``) and acceptance on the held-out rows."""
+        rows, gamma, stats = self.rows_val, self.cfg.mal_gamma, MalStats()
+        if not len(rows):
+            return {}
+        for i in range(len(rows)):
+            spans = _spans(rows.loss_mask[i])
+            if spans:
+                feats = self.feats_val([i])[0].to(self.device)
+                for rounds in chain_rounds(self.head, rows.input_ids[i], feats, spans, gamma):
+                    stats.add_request(rounds, rows.category[i])
+        s = stats.summary(gamma)
+        return {"val_mal": s["mal"], "val_acceptance_rate": s["acceptance_rate"],
+                "val_acceptance_1": s["acceptance_per_position"][0] if s["acceptance_per_position"] else None,
+                "val_tokens": s["tokens"]}
+
+
 def train_head(cfg, head: Head, target, rows_train: Rows, rows_val: Rows, pad_id: int, out_dir: Path, ctx,
                config_json: dict, t2d=None) -> dict:
-    """Train ``head`` in place against the frozen ``target``; returns the final metrics."""
-    import numpy as np
-
-    accelerator, precision = make_accelerator(cfg.precision, ctx.device)
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    torch.manual_seed(ctx.seed)
-    random.seed(ctx.seed)
-    np.random.seed(ctx.seed)
-    target.to(accelerator.device).eval()
-    for p in target.parameters():
-        p.requires_grad_(False)
-
-    mask = head_mask(head) if cfg.hold_mask else SparsityMask({})
-    feats_train, feats_val = _feature_sources(cfg, target, rows_train, rows_val, accelerator, precision, out_dir, ctx)
-    loss_mod = HeadLoss(head, target, cfg, t2d)
-    wrapped = accelerator.prepare(loss_mod)
-    params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, cfg.lr, cfg.weight_decay)
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    per_epoch = len(rows_train) // global_batch
-    total = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * per_epoch)))
-    warmup = int(round(cfg.warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, cfg.min_lr_ratio))
-
-    def run_validation(step: int) -> dict:
-        out = {}
-        if main and len(rows_val):
-            head.eval()
-            out = validate_head(head, rows_val, feats_val, cfg.mal_gamma, accelerator.device)
-            head.train()
-            ctx.log_metrics(step=step, **out)
-            ctx.log.info("step %d: val_mal %.4f (gamma %d), acceptance at position 1 %.4f", step, out["val_mal"],
-                         cfg.mal_gamma, out["val_acceptance_1"] or 0.0)
-        accelerator.wait_for_everyone()
-        return out
-
-    step = 0
-    found = checkpoint.find(out_dir)
-    if found is not None:
-        step = checkpoint.load(found, accelerator, wrapped, optimizer, scheduler, config_json)["step"]
-        ctx.log.info("resumed from %s at step %d of %d", found, step, total)
-    last_val = run_validation(0) if step == 0 else {}
-    head.train()
-    bar = ctx.progress(total=total, initial=step, desc="finetune head", unit="step", disable=not main)
-    train_seconds, train_cpu, tokens_seen, order, order_epoch = 0.0, 0.0, 0, None, -1
-    while step < total:
-        started, started_cpu = time.perf_counter(), time.process_time()
-        epoch, index = divmod(step, per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_batches([len(r) for r in rows_train.input_ids], global_batch, ctx.seed, epoch,
-                                               cfg.bucket), epoch
-        micro_idx = [micro_rows(order[index], m, rank, world, cfg.batch_size) for m in range(cfg.grad_accum)]
-        micro = [collate(rows_train, idx, pad_id) for idx in micro_idx]
-        local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        (n_pos,) = global_sum(accelerator, local)
-        sums = torch.zeros(3, dtype=torch.float64)
-        for m, batch in enumerate(micro):
-            sync = accelerator.no_sync(wrapped) if m < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                b = {k: v.to(accelerator.device) for k, v in batch.items()}
-                feats = pad_features([f.to(accelerator.device) for f in feats_train(micro_idx[m])],
-                                     b["input_ids"].shape[1])
-                f_sum, l_sum, _ = wrapped(b["input_ids"], feats, b["labels"])
-                loss = (cfg.feature_weight * f_sum + cfg.logit_weight * l_sum) / max(n_pos, 1) * world
-                accelerator.backward(loss)
-            sums += torch.tensor([f_sum.item(), l_sum.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
-        mask.mask_grads()
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        f_tot, l_tot, toks = global_sum(accelerator, *sums.tolist())
-        train_seconds += time.perf_counter() - started
-        train_cpu += time.process_time() - started_cpu
-        tokens_seen += int(toks)
-        f_mean, l_mean = f_tot / max(n_pos, 1), l_tot / max(n_pos, 1)
-        bar.update(1)
-        bar.set_postfix(feat=f"{f_mean:.4f}", logit=f"{l_mean:.3f}")
-        if main and (step % cfg.log_every == 0 or step == total):
-            ctx.log_metrics(step=step, epoch=epoch, feature_loss=f_mean, logit_loss=l_mean,
-                            loss=cfg.feature_weight * f_mean + cfg.logit_weight * l_mean,
-                            lr=scheduler.get_last_lr()[0], tokens_per_s=tokens_seen / train_seconds)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            last_val = run_validation(step)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            held = mask.verify(optimizer)
-            if not held["mask_exact"]:
-                from sd2.core.errors import Sd2Error
-                raise Sd2Error(f"finetune broke the head's sparsity mask at step {step}: "
-                               f"{held['mask_violations']} pruned entries are nonzero")
-            checkpoint.save(out_dir, accelerator, wrapped, optimizer, scheduler, step,
-                            {"epoch": epoch, "batch": index + 1}, config_json)
-    bar.close()
-    if total:
-        last_val = run_validation(step) or last_val
-    head.eval()
-    metrics = {"steps": step, "total_steps": total, "epochs": round(step / per_epoch, 3) if per_epoch else 0.0,
-               "global_batch": global_batch, "world_size": world, "precision": precision,
-               "tokens_per_s": round(tokens_seen / train_seconds, 2) if train_seconds else None,
-               "train_seconds": round(train_seconds, 3),
-               # process CPU time of the steps: on a shared machine, tokens / CPU-second is the steadier measure
-               "train_cpu_seconds": round(train_cpu, 3), "masked_weights": mask.pruned, "mask_held": bool(mask),
-               **mask.verify(optimizer), **last_val}
-    accelerator.wait_for_everyone()
-    return metrics
+    """Train ``head`` in place against the frozen ``target`` with the one loop; returns the final metrics."""
+    return loop.train(cfg, HeadTask(cfg, head, target, rows_train, rows_val, t2d), rows_train, pad_id, Path(out_dir),
+                      ctx, config_json)
 
 
-def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator, precision: str, out_dir: Path,
+def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator, out_dir: Path,
                      ctx) -> tuple[FeatureSource, FeatureSource]:
     """(train, validation) feature sources: on the fly, or, with ``cfg.feature_cache_mb``, from the
     cache in the run folder (built by the main process; the others wait, then read it)."""
@@ -247,54 +165,9 @@ def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator,
 
     root = Path(ctx.run_dir if ctx.run_dir is not None else out_dir) / "feature_cache"
     every = rows_train.input_ids + rows_val.input_ids
+    precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     cached = load_or_build(root, target, weights_digest(target), every, precision, str(accelerator.device),
                            cfg.feature_cache_mb, accelerator.autocast, ctx, build=accelerator.is_main_process,
                            barrier=accelerator.wait_for_everyone)
     n = len(rows_train)
     return (FeatureSource(rows_train, target, cached=cached[:n]), FeatureSource(rows_val, target, cached=cached[n:]))
-
-
-def run_finetune(config, inputs, out_dir: Path, ctx) -> dict:
-    """The finetune stage for a head folder: load head and target, train, save the head folder."""
-    import json
-
-    from sd2.heads import io
-    from sd2.core.errors import Sd2Error
-    from sd2.core.models import load_model, load_tokenizer
-
-    from sd2.stages.finetune.batches import load_rows, split_rows
-    from sd2.stages.finetune.losses import target_to_draft_map
-
-    out_dir = Path(out_dir)
-    hc = io.read_config(inputs.model)
-    target = load_model(inputs.target if inputs.target is not None else hc.target, device="cpu")
-    head = io.load(inputs.model, target)
-    tok = load_tokenizer(inputs.model)
-    rows, meta = load_rows(Path(inputs.dataset), tok, hc.vocab_size, config.max_length, need_topk=False)
-    train_idx, val_idx = split_rows(len(rows), config.val_fraction, config.val_rows, ctx.seed)
-    rows_train, rows_val = rows.subset(train_idx), rows.subset(val_idx)
-    from sd2.core.context import rank_world
-
-    rank, world = rank_world()
-    if len(rows_train) < config.batch_size * config.grad_accum * world:
-        raise Sd2Error(f"the training split has {len(rows_train)} conversations, fewer than one global batch "
-                       f"({config.batch_size} x {config.grad_accum} x {world} processes); lower finetune.batch_size "
-                       "or distill more prompts")
-    t2d = target_to_draft_map(head.d2t, hc.vocab_size)
-    ctx.log.info("finetune %s head on %d conversations (%d held out): %s x SmoothL1 + %s x %s, target features %s",
-                 hc.type, len(rows_train), len(rows_val), config.feature_weight, config.logit_weight, config.loss,
-                 f"cached (up to {config.feature_cache_mb:g} MB)" if config.feature_cache_mb else "on the fly")
-    config_json = config.model_dump(mode="json") | {"seed": ctx.seed, "world_size": world}
-    metrics = train_head(config, head, target, rows_train, rows_val, tok.pad_token_id or 0, out_dir, ctx,
-                         config_json, t2d)
-    if not metrics.get("mask_exact", True):
-        raise Sd2Error(f"finetune broke the head's sparsity mask: {metrics['mask_violations']} pruned entries are nonzero")
-    if rank == 0:
-        record = {"config": config.model_dump(mode="json"), "dataset": str(inputs.dataset), "distill": meta,
-                  "train_rows": len(rows_train), "val_rows": len(rows_val), "metrics": metrics}
-        io.save(head, out_dir, tok, {"finetune.json": json.dumps(record, indent=2, default=float)})
-        src = Path(inputs.model.ref) / "sparsity.json"
-        if src.is_file():
-            (out_dir / "sparsity.json").write_text(src.read_text())
-        checkpoint.remove(out_dir)
-    return {k: v for k, v in metrics.items() if v is None or isinstance(v, (bool, int, float, str))}

@@ -168,27 +168,29 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
           prompts: str = typer.Option("mtbench", "--prompts", help="prompt source (sd2.data.prompts)"),
           limit: Optional[int] = typer.Option(20, "--limit", help="number of prompts"),
           skip: int = typer.Option(0, "--skip", help="skip the first N prompts"),
-          gamma: List[str] = typer.Option(["4"], "--gamma", help="draft length (repeatable: a sweep), or 'auto'"),
-          width: List[int] = typer.Option([1], "--width", help="tree width (nodes per depth) for proposers that branch; 1 = chain (repeatable)"),
-          temperature: List[float] = typer.Option([0.0], "--temperature", help="repeatable: a sweep"),
-          top_k: int = typer.Option(0, "--top-k", help="sampling filter, target and drafters alike (0 = off)"),
-          top_p: float = typer.Option(1.0, "--top-p", help="sampling filter (1 = off)"),
-          min_p: float = typer.Option(0.0, "--min-p", help="sampling filter (0 = off)"),
-          max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-          repeats: int = typer.Option(1, "--repeats", help="timed passes; wall-clock is the median"),
+          gamma: List[str] = typer.Option(None, "--gamma", help="draft length (repeatable: a sweep), or 'auto'"),
+          width: List[int] = typer.Option(None, "--width", help="tree width (nodes per depth) for proposers that branch; 1 = chain (repeatable)"),
+          temperature: List[float] = typer.Option(None, "--temperature", help="repeatable: a sweep"),
+          top_k: Optional[int] = typer.Option(None, "--top-k", help="sampling filter, target and drafters alike (0 = off)"),
+          top_p: Optional[float] = typer.Option(None, "--top-p", help="sampling filter (1 = off)"),
+          min_p: Optional[float] = typer.Option(None, "--min-p", help="sampling filter (0 = off)"),
+          max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="new tokens per request"),
+          repeats: Optional[int] = typer.Option(None, "--repeats", help="timed passes; wall-clock is the median"),
           device: str = typer.Option("auto", "--device", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
-          dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 where the CPU or GPU computes it natively, else float32), float32, bfloat16 or float16, for both models"),
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (bfloat16 where the CPU or GPU computes it natively, else float32), float32, bfloat16 or float16, for both models"),
           out: Path = typer.Option(Path("artifacts/eval"), "--out", help="where report.json/.md go"),
           mal_only: bool = typer.Option(False, "--mal-only", help="MAL only: greedy chain rounds simulated exactly by "
                                         "teacher forcing, no speculative decoding and no wall-clock (evaluate.decode: false)"),
-          engine: str = typer.Option("sd2", "--engine", help="sd2 (sd2's engine) or vllm (vLLM serves the target and "
-                                     "each drafter; docs/vllm.md)")):
-    """Evaluate any drafter against a target, without a recipe."""
+          engine: Optional[str] = typer.Option(None, "--engine", help="sd2 (sd2's engine; the default) or vllm (vLLM "
+                                               "serves the target and each drafter; docs/vllm.md)")):
+    """Evaluate any drafter against a target, without a recipe. Unset options take the evaluate stage's
+    defaults (docs/evaluate.md), the same as a recipe's."""
     from sd2.pipeline.commands import eval_command
 
-    metrics = eval_command(target, drafter, prompts, limit, skip, gamma, temperature, max_new_tokens, repeats, out,
-                           device=device, dtype=dtype, width=width, top_k=top_k, top_p=top_p, min_p=min_p,
-                           decode=not mal_only, engine=engine)
+    metrics = eval_command(target, drafter, prompts, limit, skip, out, device=device, gamma=gamma, width=width,
+                           temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype, decode=not mal_only,
+                           engine=engine)
     report = out / "report.md"
     typer.echo(report.read_text() if report.is_file() else json.dumps(metrics))
 

@@ -55,12 +55,17 @@ def _int_option(flag: str, text: str) -> int:
         raise Sd2Error(f"{flag} must be an integer or 'auto', got {text!r}") from None
 
 
-def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, gamma: list,
-                 temperature: list[float], max_new_tokens: int, repeats: int, out: Path, seed: int = 0,
-                 device: str = "auto", dtype: str = "auto", width: list[int] | None = None, top_k: int = 0,
-                 top_p: float = 1.0, min_p: float = 0.0, decode: bool = True, engine: str = "sd2") -> dict:
+def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, out: Path,
+                 seed: int = 0, device: str = "auto", **options) -> dict:
+    """``sd2 eval``: the evaluate stage on models named on the command line. ``options`` are evaluate
+    Config fields as the command line gives them (None or an empty list: not given, the stage's default;
+    a repeatable option with one value: that value), parsed once, by the stage's own Config."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
     from pydantic import ValidationError
 
+    from sd2 import drafters as kinds
     from sd2.data.prompts import PromptsConfig, check_file
     from sd2.core import artifacts as art
     from sd2.core.context import StageInputs, pick_device, standalone_context
@@ -71,29 +76,24 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
     lookup = [n for n, ref in names.items() if ref == PROMPT_LOOKUP and not Path(ref).exists()]
     if len(lookup) > 1:
         raise Sd2Error(f"--drafter: prompt lookup is given twice ({', '.join(lookup)}); give it once")
-    width = width or [1]
-    gamma = [g if g == "auto" else _int_option("--gamma", g) for g in map(str, gamma)]
-    if "auto" in gamma and len(gamma) > 1:
-        raise Sd2Error("--gamma auto picks the depth itself; give it alone, not with other --gamma values")
-    if not decode:
-        bad = mal_only_conflicts(list(temperature), gamma, width, lookup, flag="--")
-        if bad:
-            raise Sd2Error("--mal-only simulates greedy chain rounds by teacher forcing, so it needs "
-                           + ", ".join(bad) + "; drop --mal-only to run speculative decoding")
-    if engine == "vllm":
-        from types import SimpleNamespace
-
+    given = {k: (v[0] if len(v) == 1 else list(v)) if isinstance(v, (list, tuple)) else v
+             for k, v in options.items() if v is not None and v != [] and v != ()}
+    if "gamma" in given:   # the command line's strings as numbers; Config checks the rest ('auto' alone)
+        gamma = [g if g == "auto" else _int_option("--gamma", g) for g in map(str, options["gamma"])]
+        given["gamma"] = gamma[0] if len(gamma) == 1 else gamma
+    # the settings as the stage will see them, for the command line's own words about what conflicts
+    eff = SimpleNamespace(**{k: f.default for k, f in Config.model_fields.items() if not f.is_required()} | given)
+    if not eff.decode and (bad := mal_only_conflicts(eff.temperature, eff.gamma, eff.width, lookup, flag="--")):
+        raise Sd2Error("--mal-only simulates greedy chain rounds by teacher forcing, so it needs "
+                       + ", ".join(bad) + "; drop --mal-only to run speculative decoding")
+    if eff.engine == "vllm":
         from sd2.serve.evaluate import conflicts
 
-        if bad := conflicts(SimpleNamespace(decode=decode, gamma="auto" if "auto" in gamma else gamma, width=width)):
+        if bad := conflicts(eff):
             raise Sd2Error("--engine vllm needs " + "; ".join(bad))
     try:
         cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1),
-                     gamma=gamma if len(gamma) > 1 else gamma[0], width=width if len(width) > 1 else width[0],
-                     temperature=temperature if len(temperature) > 1 else temperature[0],
-                     top_k=top_k, top_p=top_p, min_p=min_p,
-                     prompt_lookup={"name": lookup[0]} if lookup else None,
-                     max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype, decode=decode, engine=engine)
+                     prompt_lookup={"name": lookup[0]} if lookup else None, **given)
     except ValidationError as e:
         raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-') or 'prompts'}: "
                                  f"{err['msg'].removeprefix('Value error, ')}"  # an empty loc: PromptsConfig's own check
@@ -121,6 +121,7 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
 
     tgt = source("--target", target)
     srcs = {name: source("--drafter", ref) for name, ref in names.items() if name not in lookup}
+    srcs = {name: src and replace(src, kind=kinds.kind_of(src)) for name, src in srcs.items()}
     if problems:
         raise Sd2Error("; ".join(problems))
     inputs = StageInputs(target=tgt, drafters=srcs)

@@ -33,6 +33,8 @@ class StageSpec:
     # Runs in every process of a multi-process launch (torchrun / accelerate launch); other stages
     # run on rank 0 alone while the other ranks wait for their manifests.
     distributed: bool = False
+    # The drafter kind (sd2.drafters.KINDS) of the model it produces; None: the kind it was given.
+    kind: str | None = None
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -46,9 +48,9 @@ STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
         StageSpec("derive", "sd2.stages.derive", "derive a drafter from the target by keeping a subset of its layers",
-                  consumes=("target",), produces="model", in_branch=False),
+                  consumes=("target",), produces="model", in_branch=False, kind="lm"),
         StageSpec("head", "sd2.stages.head", "build a feature-level head (EAGLE / FSPAD) over the target",
-                  consumes=("target",), produces="model"),
+                  consumes=("target",), produces="model", kind="head"),
         StageSpec("distill", "sd2.stages.distill", "self-data distillation: the target (or drafter, on-policy) answers the prompts",
                   consumes=("target", "model"), produces="dataset"),
         StageSpec("prune", "sd2.stages.prune", "unstructured (SparseGPT, Wanda, magnitude, N:M) or layer pruning",

@@ -13,7 +13,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -40,6 +40,7 @@ class Step:
     branch: str | None = None
     # where each consumed input comes from: "target", "drafter" or the id of an earlier step
     sources: dict[str, object] = field(default_factory=dict)
+    kind: str | None = None     # the drafter kind of the model it produces (sd2.drafters.KINDS)
 
     @property
     def folder(self) -> str:
@@ -49,24 +50,14 @@ class Step:
 def plan(recipe: ValidatedRecipe) -> list[Step]:
     steps: list[Step] = []
 
-    def add(sid, stage, config, branch=None, **sources):
-        steps.append(Step(len(steps), sid, stage, config, branch, sources))
+    def add(sid, stage, config, branch=None, kind=None, **sources):
+        steps.append(Step(len(steps), sid, stage, config, branch, sources, get_stage(stage).kind or kind))
 
-    r = recipe.recipe
     drafter_src = "drafter"
-    if r.drafter.derive is not None:
-        calibration = r.drafter.calibration
-        if r.drafter.select == "angular" and calibration is None and recipe.distill is not None:
-            calibration = recipe.distill.prompts   # the schema checks one of the two is there
-        derive_cfg = get_stage("derive").config_cls(keep_layers=r.drafter.keep_layers, layers=r.drafter.layers,
-                                                    select=r.drafter.select or "first_last", calibration=calibration)
-        add("drafter.derive", "derive", derive_cfg, target="target")
-        drafter_src = "drafter.derive"
-    elif r.drafter.head is not None:
-        from sd2.stages.head import Config as HeadConfig
-
-        add("drafter.head", "head", HeadConfig(type=r.drafter.head, layers=r.drafter.head_layers or 1), target="target")
-        drafter_src = "drafter.head"
+    if recipe.drafter_build is not None:     # derive or head: its stage's config, checked by the schema
+        stage, cfg = recipe.drafter_build
+        add(f"drafter.{stage}", stage, cfg, target="target")
+        drafter_src = f"drafter.{stage}"
     dataset_src = None
     if recipe.distill is not None:
         add("distill", "distill", recipe.distill, target="target", model=drafter_src)
@@ -78,10 +69,10 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
         if bname in recipe.branch_from:   # {from: earlier}: continue from that branch's model and dataset
             model_src, data_src = finals[recipe.branch_from[bname]], data_finals[recipe.branch_from[bname]]
         seen: dict[str, int] = {}
-        for sname, cfg in bsteps:
+        for i, (sname, cfg) in enumerate(bsteps):
             seen[sname] = seen.get(sname, 0) + 1
             sid = f"{bname}.{sname}" + (f"-{seen[sname]}" if seen[sname] > 1 else "")
-            add(sid, sname, cfg, bname, target="target", model=model_src, dataset=data_src)
+            add(sid, sname, cfg, bname, recipe.kinds[bname][i], target="target", model=model_src, dataset=data_src)
             produces = get_stage(sname).produces
             if produces == "model":
                 model_src = sid
@@ -131,6 +122,7 @@ class Runner:
         self._external: dict[str, ModelSource] = {}
         self._converted: set[str] = set()
         self._cross_tokenizer: bool | None = None
+        self.kinds = {"drafter": recipe.drafter_kind} | {s.id: s.kind for s in self.steps if s.kind}
 
     # -- external models ------------------------------------------------------------------
     def _source(self, role: str, load: bool) -> ModelSource:
@@ -149,9 +141,9 @@ class Runner:
         if name == "drafters":
             return {k: self._input("model", v, load) for k, v in src.items()}
         if src in ("target", "drafter"):
-            return self._source(src, load)
+            return replace(self._source(src, load), kind=self.kinds.get(src, "lm"))
         p = self.produced[src]
-        return p.path if name == "dataset" else ModelSource(str(p.path), p.output_id)
+        return p.path if name == "dataset" else ModelSource(str(p.path), p.output_id, kind=self.kinds[src])
 
     def _identity(self, src):
         """What identifies an input in a fingerprint: an external model's content fingerprint, or the
@@ -320,8 +312,7 @@ class Runner:
     def _check_tokenizers(self) -> bool:
         """Compare the target's and the drafter's tokenizers once; a mismatch means cross-tokenizer mode."""
         if self._cross_tokenizer is None:
-            r = self.recipe.recipe
-            if r.drafter.derive is not None or r.drafter.head is not None:
+            if self.recipe.drafter_build is not None:
                 self._cross_tokenizer = False
             else:
                 same = same_tokenizer(load_tokenizer(self._source("target", True)), load_tokenizer(self._source("drafter", True)))

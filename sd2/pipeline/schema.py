@@ -22,6 +22,7 @@ from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locate_gguf
 from sd2.core.precision import check_env
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
+from sd2.pipeline.drafter import BUILDS, build_ref, check_kinds, drafter_kind, parse_build, step_kinds
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 from sd2.core.paths import expand
 
@@ -40,7 +41,8 @@ class Recipe(Strict):
     seed: int = Field(0, description="seeds every stage")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     target: ModelRef
-    drafter: ModelRef
+    drafter: ModelRef | None = Field(description="where the drafter's weights come from; a drafter a stage builds "
+                                                 "(derive: target, head: ...) is that stage's config (BUILDS)")
     distill: dict[str, Any] | None = Field(None, description="config of the distill stage (shared by all branches)")
     branches: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description="named drafter branches: lists of {stage: config}")
     evaluate: dict[str, Any] | None = Field(None, description="config of the evaluate stage")
@@ -52,12 +54,13 @@ class Recipe(Strict):
             raise ValueError(f"must match {RUN_NAME_RE.pattern} (letters, digits, '_', '.' and '-'), got {v!r}")
         return v
 
-    @model_validator(mode="after")
-    def _target_is_not_derived(self) -> "Recipe":
-        if self.target.derive is not None or self.target.head is not None:
+    @model_validator(mode="before")
+    @classmethod
+    def _target_is_not_derived(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("target"), dict) and {"derive", "head"} & data["target"].keys():
             raise ValueError("target cannot be derived or a head; only the drafter can (drafter: {derive: target, ...} "
                              "or {head: fspad})")
-        return self
+        return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,13 +166,16 @@ class ValidatedRecipe:
     """A recipe whose every section has been validated; stage configs are their typed models."""
 
     def __init__(self, recipe: Recipe, distill, branches: dict[str, list[tuple[str, BaseModel]]], evaluate, raw: dict,
-                 branch_from: dict[str, str] | None = None):
+                 branch_from: dict[str, str] | None = None, drafter_build: tuple[str, BaseModel] | None = None):
         self.recipe = recipe
+        self.drafter_build = drafter_build     # (stage, config) of the stage that builds the drafter, or None
         self.distill = distill
         self.branches = branches
         self.evaluate = evaluate
         self.raw = raw
         self.branch_from = branch_from or {}   # branch -> the earlier branch whose model and dataset it starts from
+        self.drafter_kind = drafter_kind(recipe, drafter_build)
+        self.kinds = step_kinds(self.drafter_kind, branches, self.branch_from)
 
     @property
     def name(self) -> str:
@@ -179,7 +185,11 @@ class ValidatedRecipe:
         """The recipe as it will run, with every default filled in (written to the run folder)."""
         out = self.recipe.model_dump(mode="json", exclude_none=True)
         out["target"] = self.recipe.target.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-        out["drafter"] = self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        if self.drafter_build is not None:
+            stage, cfg = self.drafter_build
+            out["drafter"] = build_ref(stage, cfg)
+        else:
+            out["drafter"] = self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
         if self.distill is not None:
             out["distill"] = self.distill.model_dump(mode="json")
         out["branches"] = {b: ([{"from": self.branch_from[b]}] if b in self.branch_from else [])
@@ -194,8 +204,10 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
     issues: list[Issue] = []
     if not isinstance(data, dict):
         raise RecipeError([Issue("", f"a recipe must be a YAML mapping, got {type(data).__name__}")], source)
+    build_raw = data.get("drafter")
+    build_raw = build_raw if isinstance(build_raw, dict) and BUILDS.keys() & build_raw.keys() else None
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate({**data, "drafter": None} if build_raw is not None else data)
     except ValidationError as err:
         issues.extend(pydantic_issues(err, Recipe))
         recipe = None
@@ -206,6 +218,10 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         distill = _validate_stage("distill", data["distill"], "distill", issues)
     if isinstance(data.get("evaluate"), dict):
         evaluate = _validate_stage("evaluate", data["evaluate"], "evaluate", issues)
+    drafter_build = parse_build(build_raw, distill, issues, _validate_stage) if build_raw is not None else None
+    if recipe is not None and recipe.drafter is None and build_raw is None:
+        issues.append(Issue("drafter", "give the drafter's weights (hub, path or gguf) or how to build it "
+                                       "(derive: target, or head: eagle | fspad)"))
 
     branches: dict[str, list[tuple[str, BaseModel]]] = {}
     branch_from: dict[str, str] = {}
@@ -251,14 +267,16 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
             branches[str(bname)] = parsed
 
     if recipe is not None:
-        issues.extend(_check_prompt_files([("drafter", recipe.drafter), ("distill", distill), ("evaluate", evaluate)]
+        build_cfg = drafter_build[1] if drafter_build is not None else None
+        issues.extend(_check_prompt_files([("drafter", build_cfg), ("distill", distill), ("evaluate", evaluate)]
                                           + step_sections))
         issues.extend(_check_paths(recipe))
         issues.extend(_check_cross(recipe, data, branches, branch_from))
-        issues.extend(_check_layers(recipe, branches, branch_from))
+        issues.extend(_check_layers(recipe, drafter_build, branches, branch_from))
+        issues.extend(check_kinds(drafter_kind(recipe, drafter_build), branches, branch_from))
     if issues:
         raise RecipeError(issues, source)
-    return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from)
+    return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from, drafter_build)
 
 
 def _check_prompt_files(sections: list[tuple[str, Any]]) -> list[Issue]:
@@ -289,7 +307,9 @@ def _check_prompt_files(sections: list[tuple[str, Any]]) -> list[Issue]:
 def _check_paths(recipe: Recipe) -> list[Issue]:
     issues = []
     for role in ("target", "drafter"):
-        ref: ModelRef = getattr(recipe, role)
+        ref: ModelRef | None = getattr(recipe, role)
+        if ref is None:
+            continue
         if ref.path is not None:
             p = expand(ref.path)
             if not p.is_dir():
@@ -306,23 +326,23 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
     return issues
 
 
-def _check_layers(recipe: Recipe, branches: dict, branch_from: dict | None = None) -> list[Issue]:
+def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict | None = None) -> list[Issue]:
     """Layer counts, where they are known before any model loads (a local folder's config.json, a
-    GGUF header, a derived drafter's keep_layers): derive within the target's layers, and each
-    branch's layer-pruning steps within the layers the drafter has at that step."""
-    issues = []
+    GGUF header, a derived drafter's layers): derive within the target's layers (the derive stage's
+    own check, ``layer_problems``), and each branch's layer-pruning steps within the layers the
+    drafter has at that step."""
     target_layers = known_layer_count(recipe.target)
-    d = recipe.drafter
-    if d.derive is not None and target_layers is not None:
-        if d.keep_layers is not None and d.keep_layers > target_layers:
-            issues.append(Issue("drafter.keep_layers", f"must be in [1, {target_layers}]: the target has "
-                                                       f"{target_layers} decoder layers (got {d.keep_layers})"))
-        if d.layers is not None and any(not 0 <= i < target_layers for i in d.layers):
-            issues.append(Issue("drafter.layers", f"layer indices must be in [0, {target_layers - 1}]: the target "
-                                                  f"has {target_layers} decoder layers (got {short(d.layers)})"))
-        if issues:
-            return issues
-    start = known_layer_count(d, recipe.target)
+    start = None
+    if build is not None and build[0] == "derive":
+        derive, cfg = STAGES["derive"].load(), build[1]
+        if target_layers is not None:
+            issues = [Issue(f"drafter.{f}", msg) for f, msg in derive.layer_problems(cfg, target_layers)]
+            if issues:
+                return issues
+        start = cfg.keep_layers if cfg.keep_layers is not None else len(cfg.layers)
+    elif recipe.drafter is not None:
+        start = known_layer_count(recipe.drafter)
+    issues = []
     prune = STAGES["prune"].load()
     ends: dict[str, int | None] = {}   # each branch's layer count after its last step (a `from:` branch starts there)
     for bname, steps in branches.items():
@@ -345,16 +365,11 @@ def _check_layers(recipe: Recipe, branches: dict, branch_from: dict | None = Non
 
 def _check_cross(recipe: Recipe, data: dict, branches: dict, branch_from: dict | None = None) -> list[Issue]:
     issues = []
-    d = recipe.drafter
-    if d.select == "angular" and d.calibration is None and recipe.distill is None:
-        issues.append(Issue("drafter.calibration", "select: angular measures layer distances on prompts: give "
-                            "drafter.calibration (e.g. {source: mtbench, limit: 32}) or a top-level distill section "
-                            "(its prompts are the default)"))
     for bname, steps in branches.items():
         for i, (sname, cfg) in enumerate(steps):
             k = getattr(cfg, "k", None) if sname == "trim_vocab" else None
             if k is not None:
-                vocab = known_vocab_size(recipe.drafter, recipe.target)
+                vocab = known_vocab_size(recipe.drafter or recipe.target)   # a built drafter reads the target's
                 if vocab is not None and k > vocab:
                     issues.append(Issue(f"branches.{bname}[{i}].trim_vocab.k",
                                         f"must be at most the drafter's vocabulary size {vocab} (got {k})"))

@@ -151,20 +151,22 @@ def _public(value):
 def _usage(repo_id: str, target_hub: str | None, target: str, sel: Selection, exp: Exported) -> str:
     gamma = sel.main_gamma or 4
     target_id = target_hub or f"<the target: {target}>"
-    head = json.loads((exp.folder / "config.json").read_text()).get("sd2_head") if (exp.folder / "config.json").is_file() else None
-    if head is not None and "architectures" not in json.loads((exp.folder / "config.json").read_text()):
-        from sd2.heads.export import VLLM_CHECKED, vllm_unsupported
-        from sd2.heads.model import HeadConfig
+    from sd2.heads import io
 
-        kind = head["type"]
+    head = io.is_head(exp.folder)     # an sd2 head folder, or one in vLLM's EAGLE layout (a Llama config too)
+    if head and "architectures" not in json.loads((exp.folder / "config.json").read_text()):
+        from sd2.heads.export import VLLM_CHECKED, vllm_unsupported
+
+        head = io.read_config(exp.folder)
+        kind = head.type
         return (f"## Usage\n\nAn sd2 {kind.upper()} head: it reads the target's last hidden state, so it runs only "
                 f"beside its target. vLLM cannot run it (checked against {VLLM_CHECKED}): it has "
-                f"{vllm_unsupported(HeadConfig.from_dict(head))}. transformers' assisted generation cannot run a "
+                f"{vllm_unsupported(head)}. transformers' assisted generation cannot run a "
                 f"feature-level head either. sd2's engine runs it (greedy is lossless):\n\n"
                 f"```bash\n# in a clone of sd2, after `bash scripts/setup.sh`\n"
                 f"huggingface-cli download {repo_id} --local-dir {repo_id.split('/')[-1]}\n"
                 f"sd2 eval --target {target_hub or 'TARGET'} --drafter {kind}={repo_id.split('/')[-1]} --gamma {gamma}\n```\n")
-    if head is not None:
+    if head:
         from sd2.heads.export import VLLM_CHECKED, vllm_snippet
 
         return (f"## Usage\n\nAn EAGLE head: it reads the target's last hidden state, so it runs only beside its "

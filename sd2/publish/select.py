@@ -16,7 +16,7 @@ from sd2.core import artifacts as art
 from sd2.core.errors import Sd2Error, did_you_mean
 from sd2.core.paths import expand
 from sd2.core.report import REPORT_FILE as REPORT
-from sd2.core.report import DrafterInfo, Report, Result
+from sd2.core.report import DrafterInfo, Report, Result, find_report
 
 
 @dataclass
@@ -107,16 +107,6 @@ def best_of(report: Report, where: str = REPORT) -> tuple[str, str]:
     what = "measured speedup" if b.by == "speedup" else "MAC-based speedup (the report has no timings)"
     return b.drafter, (f"'{b.drafter}', the report's best: the highest {what} at temperature {b.temperature:g}, "
                        f"{b.value:.4g}x at gamma {b.gamma}")
-
-
-def find_report(run_dir: Path) -> Path | None:
-    """The report of the run's evaluate stage; only a finished one (its manifest exists)."""
-    hits = []
-    for p in sorted(Path(run_dir).iterdir()):
-        parsed = art.parse_folder(p.name) if p.is_dir() else None
-        if parsed and parsed[1] == "evaluate" and (p / REPORT).is_file() and art.read_manifest(p) is not None:
-            hits.append(p / REPORT)
-    return hits[-1] if hits else None
 
 
 def _attach(sel: Selection, report: Report, name: str) -> None:

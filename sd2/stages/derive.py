@@ -38,9 +38,25 @@ class Config(BaseModel):
     def _one(self) -> "Config":
         if (self.keep_layers is None) == (self.layers is None):
             raise ValueError("give exactly one of keep_layers or layers")
-        if self.select == "angular" and (self.keep_layers is None or self.calibration is None):
-            raise ValueError("select angular needs keep_layers and calibration prompts")
+        if self.select == "angular" and self.keep_layers is None:
+            raise ValueError("select: angular chooses which keep_layers layers to keep; it does not go with layers")
+        if self.select == "angular" and self.calibration is None:
+            raise ValueError("select: angular needs calibration prompts")
+        if self.calibration is not None and self.select != "angular":
+            raise ValueError("calibration prompts are for select: angular")
         return self
+
+
+def layer_problems(config: Config, n: int) -> list[tuple[str, str]]:
+    """(field, message) when the layers asked for do not fit a target of ``n`` decoder layers; checked
+    by ``sd2 validate`` where the target's layer count is known, and at run time."""
+    if config.keep_layers is not None and config.keep_layers > n:
+        return [("keep_layers", f"must be in [1, {n}]: the target has {n} decoder layers (got {config.keep_layers})")]
+    keep = config.layers
+    if keep is not None and (list(keep) != sorted(set(keep)) or not all(0 <= i < n for i in keep)):
+        return [("layers", f"layer indices must be distinct, increasing and in [0, {n - 1}]: the target has {n} "
+                           f"decoder layers (got {keep})")]
+    return []
 
 
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
@@ -55,13 +71,10 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     tok = load_tokenizer(inputs.target)
     n = len(decoder_layers(model)[2])
     info: dict = {"source_layers": n, "select": config.select if config.layers is None else "layers"}
+    for field, problem in layer_problems(config, n):
+        raise Sd2Error(f"drafter.{field}: {problem}")
     if config.layers is not None:
         keep = config.layers
-        if list(keep) != sorted(set(keep)) or not all(0 <= i < n for i in keep):
-            raise Sd2Error(f"drafter.layers = {keep}: layer indices must be distinct, increasing and in "
-                           f"[0, {n - 1}] (the target has {n} decoder layers)")
-    elif config.keep_layers > n:
-        raise Sd2Error(f"drafter.keep_layers = {config.keep_layers}, but the target has only {n} decoder layers")
     elif config.select == "angular" and config.keep_layers < n:
         from sd2.stages.prune.layers import prune_layers
 

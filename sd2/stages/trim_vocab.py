@@ -68,23 +68,15 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
     import torch
 
-    from sd2 import vocab
-    from sd2.data.dataset import load_distilled
-    from sd2.macs import count_macs
+    from sd2 import drafters, vocab
     from sd2.core.errors import Sd2Error
-    from sd2.core.models import load_model, load_tokenizer, save_model
+    from sd2.data.dataset import load_distilled
 
-    from sd2.heads.io import is_head
-
-    if is_head(inputs.model):
-        from sd2.heads.stages import trim_stage
-
-        return trim_stage(config, inputs, Path(out_dir), ctx)
-    model = load_model(inputs.model, device="cpu")
-    tok = load_tokenizer(inputs.model)
-    before = count_macs(model)
-    current = vocab.draft_to_target(model)
-    full_v = model.get_input_embeddings().weight.shape[0]
+    drafter = drafters.load(inputs.model)
+    tok = drafter.tokenizer
+    before = drafter.macs()
+    current = drafter.d2t()
+    full_v = drafter.vocab_size
     if config.k is not None and config.k > full_v:
         raise Sd2Error(f"trim_vocab.k = {config.k} exceeds the drafter's vocabulary of {full_v} tokens; use k <= {full_v}")
     data = load_distilled(inputs.dataset)
@@ -98,9 +90,9 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
         counts = counts * allowed
         always = [t for t in always if allowed[t]]
     keep = choose_tokens(counts, config.k, config.coverage, always)
-    vocab.trim_lm_head(model, keep)
-    save_model(model, tok, out_dir)
-    after = count_macs(model)
+    drafter.trim_vocab(keep)
+    drafter.save(out_dir)
+    after = drafter.macs()
     keep_t = torch.tensor(keep)
     stats = {
         "draft_vocab_size": len(keep), "full_vocab_size": full_v, "special_tokens_kept": len(always),
@@ -117,7 +109,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     src_sparsity = Path(inputs.model.ref) / "sparsity.json"
     if src_sparsity.is_file():  # the decoder is unchanged, so its sparsity record still holds
         (out_dir / "sparsity.json").write_text(src_sparsity.read_text())
-    ctx.log.info("trimmed lm_head %d -> %d tokens; coverage %.3f (fit) / %s (held apart); MACs -%.1f%%",
-                 before.lm_head // model.config.hidden_size if hasattr(model.config, "hidden_size") else 0, len(keep),
-                 stats["coverage_fit"], stats["coverage_heldout"], 100 * stats["mac_saving"])
+    ctx.log.info("trimmed the output layer %d -> %d tokens; coverage %.3f (fit) / %s (held apart); MACs -%.1f%%",
+                 len(current) if current is not None else full_v, len(keep), stats["coverage_fit"],
+                 stats["coverage_heldout"], 100 * stats["mac_saving"])
     return {k: stats[k] for k in ("draft_vocab_size", "coverage_fit", "coverage_heldout", "mac_saving")}

@@ -180,7 +180,7 @@ def _backend(config: Config, inputs, ctx):
             gcfg = GenerationConfig.from_pretrained(inputs.target.ref)
         except OSError:
             gcfg = None
-        generator = _Recorded(Sampling(config.max_new_tokens, 0.0, 1.0, eos_ids(tok, cfg, gcfg)))
+        generator = _Recorded(Sampling(max_new_tokens=config.max_new_tokens, stop_ids=eos_ids(tok, cfg, gcfg)))
         teacher = None
         if config.topk_logits is not None:
             teacher = load_model(inputs.target, device=ctx.device, dtype=resolve(config.dtype, ctx.device).torch_dtype)
@@ -195,8 +195,8 @@ def _backend(config: Config, inputs, ctx):
     teacher = None
     if config.backend == "hf":
         writer = load_model(writer_src, device=ctx.device, dtype=dtype)
-        sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p,
-                            model_eos_ids(writer, tok))
+        sampling = Sampling(config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                            stop_ids=model_eos_ids(writer, tok))
         generator = HFGenerator(writer, tok.pad_token_id, sampling, config.batch_size)
         if config.topk_logits is not None:
             teacher = writer if config.policy == "target" else load_model(inputs.target, device=ctx.device, dtype=dtype)
@@ -210,7 +210,8 @@ def _backend(config: Config, inputs, ctx):
         with reading(f"the config of '{writer_src.ref}'", "a model folder or Hub id with config.json",
                      "check the model reference"):
             cfg = AutoConfig.from_pretrained(writer_src.ref, trust_remote_code=writer_src.trust_remote_code)
-        sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, eos_ids(tok, cfg))
+        sampling = Sampling(config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                            stop_ids=eos_ids(tok, cfg))
         generator = VllmGenerator(writer_src.ref, sampling, config.tensor_parallel_size, chosen.dtype, ctx.seed,
                                   writer_src.trust_remote_code)
         if config.topk_logits is not None:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sd2.engine.proposer import Sampling as Distribution
+
 
 @dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int
-    temperature: float = 0.0       # 0 = greedy
-    top_p: float = 1.0
+class Sampling(Distribution):
+    """What distill decodes under: the engine's next-token distribution (temperature 0 = greedy,
+    top_p, ...), plus the answer's length limit and its stop ids."""
+    max_new_tokens: int = 0
     stop_ids: tuple[int, ...] = ()
 
 
@@ -203,16 +205,11 @@ class HFGenerator:
     def _pick(self, logits, gen):
         import torch
 
-        s = self.sampling
-        if s.temperature == 0:
+        from sd2.engine.sampling import filtered_probs
+
+        if self.sampling.greedy:
             return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            drop = (sorted_p.cumsum(-1) - sorted_p) >= s.top_p   # keep the smallest prefix reaching top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return torch.multinomial(filtered_probs(logits, self.sampling), 1, generator=gen).squeeze(-1)
 
 
 def topk_on_responses(model, rows: list[tuple[list[int], list[int]]], k: int, batch_size: int):

@@ -65,71 +65,52 @@ def load_target(config, inputs, ctx) -> Setup:
 
 def load_drafters(config, inputs, setup: Setup, ctx):
     """(drafters under evaluation, {name: DrafterInfo}, {name: draft-to-target map or None}). Each model
-    becomes a proposer (sd2.engine): a drafter, or a cross-tokenizer drafter when the tokenizers
-    differ; ``evaluate.prompt_lookup`` adds prompt lookup decoding (no model)."""
-    import torch
-
+    becomes a proposer (sd2.engine): a causal LM a drafter, or a cross-tokenizer drafter when the
+    tokenizers differ; a kind that reads the target (a head) the proposer its kind builds, bound to
+    the evaluated target (sd2.drafters); ``evaluate.prompt_lookup`` adds prompt lookup decoding."""
+    from sd2 import drafters as kinds
     from sd2.core.models import load_model, load_tokenizer, model_eos_ids, same_tokenizer
     from sd2.core.report import DrafterInfo
-    from sd2.macs import count_macs
     from sd2.engine.cached import CachedLM
     from sd2.engine.crosstok import CrossTokenizerProposer
     from sd2.engine.drafter import DrafterProposer
     from sd2.engine.lookup import PromptLookupProposer
     from sd2.engine.sampling import DraftVocab
+    from sd2.macs import count_macs
     from sd2.stages.evaluate import measure as M
-    from sd2.heads.io import is_head
     from sd2.vocab import draft_to_target
 
+    dtype = resolve(config.dtype, ctx.device, exact=True).torch_dtype
     drafters, infos, maps = [], {}, {}
     for name, src in (inputs.drafters or {}).items():
-        if is_head(src):
-            drafters.append(_head_drafter(name, src, setup, config, infos, maps, ctx))
-            continue
-        model = load_model(src, device=ctx.device, dtype=resolve(config.dtype, ctx.device, exact=True).torch_dtype)
-        tok = load_tokenizer(src)
-        cross = bool(inputs.cross_tokenizer) or not same_tokenizer(setup.tokenizer, tok)
-        maps[name] = draft_to_target(model)
-        lm, vocab = CachedLM(model), DraftVocab(setup.vocab_size, maps[name]).to(setup.target.device)
-        if cross:
-            prompts = {tuple(r.ids): M.chat_ids(tok, r.messages) for r in setup.requests}
-            proposer = CrossTokenizerProposer(name, lm, setup.tokenizer, tok, set(model_eos_ids(model, tok)),
-                                              setup.eos, prompts)
-            ctx.log.info("drafter %s: different tokenizer, drafts are translated through text", name)
-        else:
-            proposer = DrafterProposer(name, lm, vocab, setup.eos)
-        drafters.append(M.Drafter(name, proposer, lm, vocab, cross))
-        macs = count_macs(model)
-        infos[name] = DrafterInfo(path=src.ref, kind="cross_tokenizer" if cross else "drafter",
-                                  fingerprint=src.fingerprint, macs=macs.to_dict(),
+        kind, settings, cross = src.kind, {}, False
+        if kinds.KINDS[src.kind].causal_lm:
+            model = load_model(src, device=ctx.device, dtype=dtype)
+            tok = load_tokenizer(src)
+            cross = bool(inputs.cross_tokenizer) or not same_tokenizer(setup.tokenizer, tok)
+            maps[name], macs, kind = draft_to_target(model), count_macs(model), "cross_tokenizer" if cross else "drafter"
+            lm, vocab = CachedLM(model), DraftVocab(setup.vocab_size, maps[name]).to(setup.target.device)
+            if cross:
+                prompts = {tuple(r.ids): M.chat_ids(tok, r.messages) for r in setup.requests}
+                proposer = CrossTokenizerProposer(name, lm, setup.tokenizer, tok, set(model_eos_ids(model, tok)),
+                                                  setup.eos, prompts)
+                ctx.log.info("drafter %s: different tokenizer, drafts are translated through text", name)
+            else:
+                proposer = DrafterProposer(name, lm, vocab, setup.eos)
+            drafters.append(M.Drafter(name, proposer, lm, vocab, cross))
+        else:   # it reads the target's features and shares its embeddings and lm_head
+            drafter = kinds.load(src, setup.target.model, device=ctx.device, dtype=dtype)
+            maps[name], macs, settings = drafter.d2t(), drafter.macs(), drafter.settings()
+            drafters.append(M.Drafter(name, drafter.proposer(setup.eos, name), drafter=drafter))
+        infos[name] = DrafterInfo(path=src.ref, kind=kind, fingerprint=src.fingerprint, macs=macs.to_dict(),
                                   mac_ratio=_r(macs.ratio_to(setup.macs)), sparsity=_r(macs.decoder_sparsity),
-                                  cross_tokenizer=cross, lineage=_lineage(src.ref))
+                                  cross_tokenizer=cross, lineage=_lineage(src.ref), settings=settings)
     if config.prompt_lookup:
         pl = config.prompt_lookup
         drafters.append(M.Drafter(pl.name, PromptLookupProposer(pl.name, setup.eos, pl.max_ngram, pl.min_ngram)))
         infos[pl.name] = DrafterInfo(kind="prompt_lookup", mac_ratio=0.0, settings=pl.model_dump())
         maps[pl.name] = None
     return drafters, infos, maps
-
-
-def _head_drafter(name, src, setup: Setup, config, infos, maps, ctx):
-    """A feature-level head (sd2.heads) as a proposer that reads the target's features; it shares
-    the evaluated target's embeddings and lm_head. MACs: fc + layer(s) + its output layer."""
-    import torch
-
-    from sd2.core.report import DrafterInfo
-    from sd2.heads import io
-    from sd2.heads.proposer import HeadProposer
-    from sd2.heads.stages import head_macs
-    from sd2.stages.evaluate import measure as M
-
-    head = io.load(src, setup.target.model, device=ctx.device, dtype=resolve(config.dtype, ctx.device, exact=True).torch_dtype)
-    maps[name] = head.d2t
-    macs = head_macs(head)
-    infos[name] = DrafterInfo(path=src.ref, kind="head", fingerprint=src.fingerprint, macs=macs.to_dict(),
-                              mac_ratio=_r(macs.ratio_to(setup.macs)), sparsity=_r(macs.decoder_sparsity),
-                              lineage=_lineage(src.ref), settings={"head": head.head_config.type})
-    return M.Drafter(name, HeadProposer(head, setup.eos, name))
 
 
 def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
@@ -160,8 +141,9 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gamma
         info.vocab = vocab_info(info.path, maps[d.name], greedy_tokens)
         if wanted and d.lm is not None and not d.cross:
             tf[d.name] = M.teacher_forced_mal(d, setup.requests, greedy_ref, gammas, config.max_new_tokens)
-        elif wanted and info.kind == "head":
-            tf[d.name] = head_teacher_forced_mal(d.proposer.head, setup, greedy_ref, gammas, config.max_new_tokens)
+        elif wanted and d.drafter is not None:
+            tf[d.name] = d.drafter.teacher_forced_mal(setup.target.model, setup.requests, greedy_ref, gammas,
+                                                      config.max_new_tokens)
     return tf
 
 
@@ -174,28 +156,6 @@ def teacher_forced_cells(drafters, tf: dict, gammas: list[int]) -> dict:
     if missing:
         raise Sd2Error(f"evaluate.decode: false has no teacher-forced rounds for {', '.join(missing)}; set decode: true")
     return {(d.name, g, 1, 0.0): M.Cell(stats=tf[d.name][g], lossless=None) for d in drafters for g in gammas}
-
-
-def head_teacher_forced_mal(head, setup: Setup, greedy_ref, gammas: list[int], max_new_tokens: int | None = None) -> dict:
-    """The head's exact greedy chain MAL on the target's greedy answers (sd2.heads.features.chain_rounds):
-    one target forward for the features, then the head's rounds simulated with its own predicted features."""
-    import torch
-
-    from sd2.heads.features import chain_rounds, target_features
-    from sd2.mal import MalStats
-
-    stats = {g: MalStats() for g in gammas}
-    with torch.inference_mode():
-        for req in setup.requests:
-            resp = greedy_ref[req.id]
-            if not resp:
-                continue
-            ids = list(req.ids) + list(resp)
-            feats = target_features(setup.target.model, torch.tensor([ids], device=setup.target.device))[0]
-            for g in gammas:
-                stats[g].add_request(chain_rounds(head, ids, feats, [(len(req.ids), len(ids))], g, max_new_tokens)[0],
-                                     req.category)
-    return stats
 
 
 def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:

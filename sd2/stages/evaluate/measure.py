@@ -18,7 +18,7 @@ from sd2.engine.cached import CachedLM
 from sd2.engine.loop import Generation, generate, target_generate
 from sd2.engine.proposer import Proposer, Sampling
 from sd2.engine.sampling import DraftVocab
-from sd2.mal import MalStats, teacher_forced_rounds
+from sd2.mal import MalStats, teacher_forced_rounds, teacher_forced_stats
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Drafter:
     lm: CachedLM | None = None
     vocab: DraftVocab | None = None
     cross: bool = False              # a different tokenizer: drafts travel through text
+    drafter: object = None           # a drafter bound to the target (sd2.drafters; a head): its teacher-forced MAL
 
     @property
     def widths(self) -> bool:
@@ -223,17 +224,14 @@ def teacher_forced_mal(d: Drafter, requests: list[Request], greedy_ref: dict[str
     the target's greedy response gives the drafter's argmax at every response position; the rounds at
     each gamma follow from where it matches (sd2.mal.teacher_forced_rounds, with the engine's draft
     lengths under ``max_new_tokens``). Returns MalStats per gamma, the statistics the engine's rounds give."""
-    stats = {g: MalStats() for g in gammas}
     model = d.lm.model
-    for req in requests:
-        resp = greedy_ref[req.id]
-        if not resp:
-            continue
+
+    def rounds_for(req, resp):
         ids = torch.tensor([req.ids + resp[:-1]], device=d.lm.device)
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(resp)).logits[0]
         idx = torch.argmax(d.vocab.cut(logits), dim=-1)
         pred = (d.vocab.map[idx] if d.vocab.map is not None else idx).tolist()
         match = [p == t for p, t in zip(pred, resp)]
-        for g in gammas:
-            stats[g].add_request(teacher_forced_rounds(match, g, max_new_tokens), req.category)
-    return stats
+        return lambda g: teacher_forced_rounds(match, g, max_new_tokens)
+
+    return teacher_forced_stats(requests, greedy_ref, gammas, rounds_for)

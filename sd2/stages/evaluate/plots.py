@@ -12,12 +12,10 @@ def write_plots(report, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sd2.stages.evaluate.report import pruning_kind
-
     results = report.results
     if not results:
         return []
-    kinds = {name: pruning_kind(d) for name, d in report.drafters.items()}
+    kinds = {name: d.pruning for name, d in report.drafters.items()}
     names = []
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for (gamma, temp) in sorted({(r.gamma, r.temperature) for r in results}):

@@ -28,32 +28,15 @@ def best_snippets(report: Report) -> dict[str, str]:
     return snippets(t.shown, report.drafters[b.drafter], b.gamma, t.loadable) if b else {}
 
 
-def head_snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None) -> dict[str, str]:
-    """A feature-level head reads the target's hidden states: it is no transformers ``assistant_model``.
-    sd2's engine runs both kinds; vLLM runs an untrimmed EAGLE head after ``sd2 publish`` exports it to
-    vLLM's EAGLE layout (sd2.heads.export); nothing in vLLM runs an FSPAD head."""
-    from sd2.heads.export import VLLM_CHECKED, vllm_snippet
-
-    kind = d.settings.get("head", "head")
-    sd2_cmd = f"sd2 eval --target {target} --drafter {kind}={d.path} --gamma {gamma}"
-    out = {"sd2": f"# A {kind.upper()} head runs beside its target in sd2's engine (greedy is lossless):\n{sd2_cmd}\n"}
-    if kind == "eagle" and not d.vocab:
-        export = f"{d.path.rstrip('/')}-vllm"
-        out["vllm"] = (f"# Export to vLLM's EAGLE layout (checked against {VLLM_CHECKED}) first:\n"
-                       f"#   sd2 publish {d.path} --repo-id you/head --dry-run --out {export}\n"
-                       + vllm_snippet(hub_id or target, export, gamma))
-    else:
-        out["vllm"] = (f"# Nothing in vLLM ({VLLM_CHECKED}) runs this head: vLLM's EAGLE-1 loader takes untrimmed "
-                       f"EAGLE heads only. Use sd2:\n# {sd2_cmd}\n")
-    return out
-
-
 def snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None) -> dict[str, str]:
-    """How to use a drafter outside sd2: transformers and vLLM (a head: ``head_snippets``).
+    """How to use a drafter outside sd2: transformers and vLLM (a drafter kind that reads the target's
+    features is no transformers ``assistant_model``: its kind writes its own, ``usage_snippets``).
     ``target`` is the target as sd2's command line names it; transformers and vLLM load ``hub_id``
     (a Hub id or a local folder they can read) when given, else ``target``."""
-    if d.kind == "head":
-        return head_snippets(target, d, gamma, hub_id)
+    from sd2 import drafters
+
+    if d.kind in drafters.KINDS and drafters.KINDS[d.kind].feature_level:
+        return drafters.kind_module(d.kind).usage_snippets(target, d, gamma, hub_id)
     target = hub_id or target
     path, note = d.path, ""
     if d.vocab:   # a K-row lm_head: transformers' assistant_model and vLLM need full-vocabulary logits
@@ -80,18 +63,10 @@ def snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None)
     return {"transformers": hf, "vllm": vllm}
 
 
-def pruning_kind(d: DrafterInfo) -> str | None:
-    """'layer' or 'sparse' by the drafter's last prune step (its lineage), None when never pruned."""
-    prunes = [step.get("config") or {} for step in d.lineage if step.get("stage") == "prune"]
-    if not prunes:
-        return None
-    return "layer" if prunes[-1].get("method") == "layer" else "sparse"
-
-
 def sparse_vs_layer(report: Report) -> list[tuple]:
     """SD²'s comparison at equal MACs: every sparse drafter's result beside the layer-pruned drafter's
     of nearest effective MACs, at the same γ and T. Rows: (sparse Result, layer Result, MAL ratio)."""
-    kinds = {name: pruning_kind(d) for name, d in report.drafters.items()}
+    kinds = {name: d.pruning for name, d in report.drafters.items()}
     rows = []
     for r in report.results:
         if kinds.get(r.drafter) != "sparse" or r.macs_per_token is None:

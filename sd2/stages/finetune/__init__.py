@@ -5,9 +5,7 @@ pruning. The loss is CE on the target's tokens, or a DistillSpec divergence (fkl
 against the target's distribution, from the cached top-k logits or an online target forward, or a
 weighted mix of CE and one divergence. User documentation: docs/finetune.md.
 
-Modules: ``batches`` (data, checks, order), ``losses``, ``mask``, ``train`` (the loop),
-``evaluation`` (validation loss, top-1, exact greedy MAL), ``checkpoint`` (resume),
-``distributed`` (accelerate).
+The training loop is sd2/train/ (shared by every drafter kind); the drafter kind brings its loss.
 """
 
 from __future__ import annotations
@@ -20,16 +18,22 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from sd2.core.fields import Autocast, precision_field
 
 
+HEADS = {"requires": "feature_level"}   # options only a feature-level head has (sd2.drafters.requires)
+LMS = {"requires": "causal_lm"}        # options only a standalone causal LM has
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     loss: Literal["ce", "fkl", "rkl", "jsd", "tvd"] = Field(
         "ce", description="ce: cross-entropy on the target's tokens; fkl/rkl/jsd/tvd: a divergence from the target's distribution")
     ce_weight: float = Field(0.0, ge=0.0, le=1.0, description="with a divergence: the share of CE mixed in "
-                             "(loss = ce_weight * CE + (1 - ce_weight) * divergence); leave unset with loss: ce")
+                             "(loss = ce_weight * CE + (1 - ce_weight) * divergence); leave unset with loss: ce",
+                             json_schema_extra=LMS)
     teacher: Literal["topk", "online"] = Field(
         "topk", description="the target's distribution: the distilled data's cached top-k logits (renormalised) "
-                            "or an online target forward on every batch")
+                            "or an online target forward on every batch (a head always reads the target online)",
+        json_schema_extra=LMS)
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="divides teacher and student logits in the divergence")
     jsd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="JSD(beta) mixture weight of the target's distribution")
     lr: float = Field(2e-4, gt=0.0, le=1.0, description="peak AdamW learning rate")
@@ -53,21 +57,28 @@ class Config(BaseModel):
     hold_mask: StrictBool = Field(True, description="keep every zero weight of the decoder's Linear layers at exactly zero "
                                               "(only acts when the model has zeros)")
     freeze_embeddings: StrictBool = Field(False, description="do not train the input embeddings (with tied embeddings "
-                                                       "this also freezes lm_head, unless untie_embeddings)")
+                                                             "this also freezes lm_head, unless untie_embeddings)",
+                                          json_schema_extra=LMS)
     untie_embeddings: StrictBool = Field(False, description="give lm_head its own trainable copy of tied embeddings "
-                                                      "(the saved model is then untied: one more V x d matrix)")
+                                                            "(the saved model is then untied: one more V x d matrix)",
+                                         json_schema_extra=LMS)
     precision: Autocast = precision_field("training precision")
-    # Feature-level heads only (the input model is a head folder; docs/heads.md). The logit part is
-    # `loss` (ce, or a divergence from the target's distribution: fkl is EAGLE/FSPAD's soft CE).
-    feature_weight: float = Field(1.0, ge=0.0, description="heads: weight of the SmoothL1 regression onto the target's next feature")
-    logit_weight: float = Field(0.1, ge=0.0, description="heads: weight of the logit loss (`loss`) on the head's output")
-    feature_noise: float = Field(0.0, ge=0.0, description="heads: uniform noise U(-a, a) added to the input features (EAGLE: 0.1-0.2)")
+    # Feature-level heads only (docs/heads.md; sd2 validate refuses them on a causal LM). The logit part
+    # is `loss` (ce, or a divergence from the target's distribution: fkl is EAGLE/FSPAD's soft CE).
+    feature_weight: float = Field(1.0, ge=0.0, json_schema_extra=HEADS,
+                                  description="heads: weight of the SmoothL1 regression onto the target's next feature")
+    logit_weight: float = Field(0.1, ge=0.0, json_schema_extra=HEADS,
+                                description="heads: weight of the logit loss (`loss`) on the head's output")
+    feature_noise: float = Field(0.0, ge=0.0, json_schema_extra=HEADS,
+                                 description="heads: uniform noise U(-a, a) added to the input features (EAGLE: 0.1-0.2)")
     unroll: int = Field(0, ge=0, le=8, description="heads: extra passes on the head's own predicted features "
-                                                  "(training-time test, as in HASS / EAGLE-3), weighted 0.8^i")
+                                                  "(training-time test, as in HASS / EAGLE-3), weighted 0.8^i",
+                       json_schema_extra=HEADS)
     feature_cache_mb: float | None = Field(
         None, gt=0, description="heads: compute the target's features of every conversation once, store them in the "
                                 "run folder (feature_cache/) and train from them, refusing if they need more than this "
-                                "many MB (disk, and memory while training); unset: computed on the fly every step")
+                                "many MB (disk, and memory while training); unset: computed on the fly every step",
+        json_schema_extra=HEADS)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -91,99 +102,42 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
     import torch
 
-    from sd2 import vocab
-    from sd2.core.errors import Sd2Error
+    from sd2 import drafters
     from sd2.core.context import rank_world
-    from sd2.core.models import load_model, load_tokenizer, save_model
-    from sd2.modeling import untie_lm_head
-
-    from . import checkpoint, train as training
-    from .batches import load_rows, split_rows
-    from .losses import target_to_draft_map
-    from .train import Objective
+    from sd2.core.errors import Sd2Error
+    from sd2.train import checkpoint, loop
+    from sd2.train.batches import load_rows, split_rows
 
     out_dir = Path(out_dir)
     if inputs.model is None or inputs.dataset is None:
         raise Sd2Error("finetune needs a model and a distilled dataset (a distill stage before it)")
-    from sd2.heads.io import is_head
-
-    if is_head(inputs.model):
-        from sd2.heads.train import run_finetune
-
-        return run_finetune(config, inputs, out_dir, ctx)
-    _no_head_options(config)
-    model = load_model(inputs.model, device="cpu")
-    tok = load_tokenizer(inputs.model)
-    d2t = vocab.draft_to_target(model)
-    full_vocab = model.get_input_embeddings().weight.shape[0]
-    kd = config.loss if config.loss != "ce" else None
-    rows, meta = load_rows(Path(inputs.dataset), tok, full_vocab, config.max_length, need_topk=bool(kd) and config.teacher == "topk")
+    drafters.check("finetune", config, inputs.model.kind)
+    drafter = drafters.load(inputs.model, inputs.target)
+    tok = drafter.tokenizer
+    rows, meta = load_rows(Path(inputs.dataset), tok, drafter.vocab_size, config.max_length,
+                           need_topk=drafter.wants_topk(config))
     train_idx, val_idx = split_rows(len(rows), config.val_fraction, config.val_rows, ctx.seed)
     rows_train, rows_val = rows.subset(train_idx), rows.subset(val_idx)
-
-    teacher_model = None
-    if kd and config.teacher == "online":
-        if inputs.target is None:
-            raise Sd2Error("finetune.teacher = 'online' needs the target model, but none was given")
-        teacher_model = load_model(inputs.target, device="cpu")
-        t_vocab = teacher_model.get_output_embeddings().weight.shape[0]
-        if t_vocab != full_vocab:
-            raise Sd2Error(f"the target '{inputs.target.ref}' has {t_vocab} output tokens but the drafter "
-                           f"'{inputs.model.ref}' reads {full_vocab}: an online teacher needs one vocabulary")
-
-    tied = _tied(model)
-    if config.untie_embeddings and tied:
-        untie_lm_head(model)
-        ctx.log.info("untied lm_head from the input embeddings (the saved model is untied)")
-    if config.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
-        if tied and not config.untie_embeddings:
-            ctx.log.info("freeze_embeddings with tied embeddings: lm_head is the same matrix and is frozen too "
-                         "(set untie_embeddings: true to train lm_head alone)")
-
-    objective = Objective(kd=kd, ce_weight=1.0 if not kd else config.ce_weight,
-                          kd_weight=(1.0 - config.ce_weight) if kd else 0.0, temperature=config.temperature,
-                          beta=config.jsd_beta, teacher=config.teacher, draft_to_target=d2t,
-                          target_to_draft=target_to_draft_map(d2t, full_vocab))
     rank, world = rank_world()
     if len(rows_train) < config.batch_size * config.grad_accum * world:
         raise Sd2Error(f"the training split has {len(rows_train)} conversations, fewer than one global batch "
                        f"({config.batch_size} x {config.grad_accum} x {world} processes); lower finetune.batch_size "
                        "or distill more prompts")
-    ctx.log.info("finetune on %d conversations (%d held out), loss %s%s, %s", len(rows_train), len(rows_val),
-                 config.loss, f" (teacher {config.teacher})" if kd else "", "mask held" if config.hold_mask else "mask off")
+    pad_id = tok.pad_token_id or 0
+    task = drafter.training_task(config, rows_train, rows_val, pad_id, inputs.target, ctx)
     config_json = config.model_dump(mode="json") | {"seed": ctx.seed, "world_size": world}
-    metrics = training.train(config, model, rows_train, rows_val, tok.pad_token_id or 0, out_dir, ctx, objective,
-                             config_json, teacher_model=teacher_model)
+    metrics = loop.train(config, task, rows_train, pad_id, out_dir, ctx, config_json)
     if not metrics.get("mask_exact", True):
         raise Sd2Error(f"finetune broke the sparsity mask: {metrics['mask_violations']} pruned entries are nonzero")
 
     if rank == 0:
-        model.eval()
-        save_model(model, tok, out_dir)
+        record = {"config": config.model_dump(mode="json"), "dataset": str(inputs.dataset),
+                  "distill": meta, "train_rows": len(rows_train), "val_rows": len(rows_val), "metrics": metrics}
+        drafter.save(out_dir, {"finetune.json": json.dumps(record, indent=2, default=float)})
         src = Path(inputs.model.ref) / "sparsity.json"
         if src.is_file():  # the mask is unchanged, so the input's sparsity report still describes the weights
             shutil.copy(src, out_dir / "sparsity.json")
-        record = {"config": config.model_dump(mode="json"), "dataset": str(inputs.dataset),
-                  "distill": meta, "train_rows": len(rows_train), "val_rows": len(rows_val), "metrics": metrics}
-        (out_dir / "finetune.json").write_text(json.dumps(record, indent=2, default=float))
         checkpoint.remove(out_dir)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other processes return once the model is on disk
     return {k: v for k, v in metrics.items() if v is None or isinstance(v, (bool, int, float, str))}
-
-
-def _no_head_options(config: Config) -> None:
-    from sd2.core.errors import Sd2Error
-
-    default = Config()
-    set_ = [k for k in ("feature_weight", "logit_weight", "feature_noise", "unroll", "feature_cache_mb")
-            if getattr(config, k) != getattr(default, k)]
-    if set_:
-        raise Sd2Error(f"finetune.{set_[0]} applies to feature-level heads only, but this branch's model is a causal "
-                       "LM; remove it, or start the branch from a head (drafter: {head: fspad})")
-
-
-def _tied(model) -> bool:
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and head.weight is emb.weight

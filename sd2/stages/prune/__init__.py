@@ -1,11 +1,12 @@
 """Stage prune: unstructured sparsity (SparseGPT, Wanda, magnitude; N:M) or layer pruning.
 
-- ``sparsegpt`` and ``wanda`` run through llm-compressor's ``oneshot`` with the sequential
-  pipeline (one decoder layer at a time), calibrated on the distilled data (oneshot.py).
+- ``sparsegpt`` and ``wanda``: llm-compressor's, calibrated on the distilled data, through the
+  drafter kind (``prune_calibrated``): ``oneshot`` with the sequential pipeline for a causal LM
+  (sd2/drafters/oneshot.py), its per-layer code on the target's features for a head.
 - ``magnitude`` is plain torch, data-free (magnitude.py says why not llm-compressor).
-- ``layer`` removes the contiguous block of decoder layers whose input and output hidden states
+- ``layer`` (a causal LM only) removes the contiguous block of decoder layers whose input and output hidden states
   are closest in angular distance (Gromov et al. 2024; layers.py).
-- ``recipe`` passes a raw llm-compressor recipe through, for experts.
+- ``recipe`` (a causal LM only) passes a raw llm-compressor recipe through, for experts.
 
 The output is a save_pretrained folder stored dense with zeros, ``sparsity.json`` (sparsity.py) and,
 when llm-compressor ran, the ``recipe.yaml`` it applied (appended to the input model's own).
@@ -130,6 +131,13 @@ class Config(BaseModel):
                                  f"{self.mask_structure!r}, which means {implied:g}; omit sparsity or set it to {implied:g}")
         return self
 
+    def requires(self) -> dict[str, str]:
+        """Options that need a drafter capability (sd2.drafters.requires): removing decoder layers and
+        llm-compressor's oneshot both need a whole causal LM."""
+        if self.recipe is not None:
+            return {"recipe": "causal_lm"}
+        return {"method": "causal_lm"} if self.method == "layer" else {}
+
     @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) for an N:M structure, None when unstructured."""
@@ -162,74 +170,48 @@ def consumes(config: Config) -> tuple[str, ...]:
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     import shutil
 
-    from sd2.macs import count_macs
-    from sd2.modeling import decoder_layers
+    from sd2 import drafters
     from sd2.core.context import PeakRSS
     from sd2.core.errors import Sd2Error
-    from sd2.core.models import load_model, load_tokenizer, save_model
-    from sd2.sparsity import measure as measure_sparsity
     from sd2.stages.prune import sparsity as sp
 
     if inputs.model is None:
         raise Sd2Error("prune needs a model: the branch has no drafter")
     if config.method != "magnitude" and inputs.dataset is None:
         raise Sd2Error("prune needs the distilled dataset for calibration: add a `distill:` section to the recipe")
+    drafters.check("prune", config, inputs.model.kind)
     out_dir = Path(out_dir)
-    from sd2.heads.io import is_head
-
-    if is_head(inputs.model):
-        from sd2.heads.stages import prune_stage
-
-        return prune_stage(config, inputs, out_dir, ctx)
     seed = config.calibration.seed if config.calibration.seed is not None else ctx.seed
-    model = load_model(inputs.model, device="cpu")
-    tok = load_tokenizer(inputs.model)
-    n_before = len(decoder_layers(model)[2])
-    guard = sp.DenseGuard(model)
+    drafter = drafters.load(inputs.model)
+    if config.nm is not None:
+        _check_nm(drafter.linears(), config)
+    guard = sp.DenseGuard(drafter.module)
+    n_before = drafter.macs().n_layers
     report: dict = {"removed_layers": [], "recipe": None}
     with PeakRSS() as rss:
         if config.method == "magnitude":
             from sd2.stages.prune.magnitude import magnitude_prune
 
-            magnitude_prune(model, config.sparsity, config.nm)
-        elif config.method == "layer":
-            from sd2.stages.prune.calibration import calibration_samples
-            from sd2.stages.prune.layers import prune_layers
-
-            samples = calibration_samples(inputs.dataset, config.calibration.samples, config.calibration.seq_len, seed, ctx)
-            if config.match_sparsity is not None:
-                from sd2.macs import layers_for_sparsity
-
-                if n_before < 2:
-                    raise Sd2Error(f"prune (method layer): {layer_request(n_before, config)[1]}")
-                keep, budget = layers_for_sparsity(model, config.match_sparsity)
-                if keep == n_before:
-                    raise Sd2Error(f"prune.match_sparsity = {config.match_sparsity}: the nearest decoder-MAC budget on "
-                                   f"{n_before} layers keeps them all; raise match_sparsity or use a deeper model")
-                report["mac_budget"] = budget
-                n_remove = n_before - keep
-            else:
-                n_remove, problem = layer_request(n_before, config)
-                if problem:
-                    raise Sd2Error(f"prune (method layer): {problem}")
-            report.update(prune_layers(model, samples, n_remove, ctx))
+            magnitude_prune(drafter.linears(), config.sparsity, config.nm)
         else:
             from sd2.stages.prune.calibration import calibration_samples
-            from sd2.stages.prune.oneshot import run_oneshot
 
             samples = calibration_samples(inputs.dataset, config.calibration.samples, config.calibration.seq_len, seed, ctx)
-            model = run_oneshot(model, tok, samples, config, out_dir, existing_recipe=_recipe_of(inputs.model.ref))
-            report["recipe"] = "recipe.yaml"
-    guard.check(model)
-    measured = measure_sparsity(model)
+            if config.method == "layer":   # a causal LM (drafters.check above)
+                report.update(_prune_layers(drafter.module, samples, n_before, config, ctx))
+            else:
+                report.update(drafter.prune_calibrated(config, samples, ctx, out_dir))
+    guard.check(drafter.module)
+    measured = drafter.sparsity()
     if config.method in ("sparsegpt", "wanda") and config.sparsity and measured["decoder_sparsity"] < config.sparsity / 2:
         raise Sd2Error(f"llm-compressor pruned only {measured['decoder_sparsity']:.1%} of the decoder weights "
                        f"(asked {config.sparsity:.0%}); its SparseGPT/Wanda handle nn.Linear only, so for models "
                        "with other linear layers (GPT-2's Conv1D) use method: magnitude")
-    save_model(model, tok, out_dir)
-    if report["recipe"] is None and _recipe_of(inputs.model.ref):
-        shutil.copy(_recipe_of(inputs.model.ref), out_dir / "recipe.yaml")  # keep the chain of recipes
-    macs = count_macs(model)
+    drafter.save(out_dir)
+    earlier = Path(inputs.model.ref) / "recipe.yaml"
+    if report["recipe"] is None and earlier.is_file():
+        shutil.copy(earlier, out_dir / "recipe.yaml")  # keep the chain of llm-compressor recipes
+    macs = drafter.macs()
     structure = {"layer": "layer", None: "recipe"}.get(config.method, config.mask_structure)
     sp.write(out_dir, method=config.method or "recipe", structure=structure,
              target_sparsity=config.sparsity, measured=measured, removed_layers=report["removed_layers"],
@@ -243,7 +225,38 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     return metrics
 
 
-def _recipe_of(ref: str) -> Path | None:
-    """The recipe.yaml an earlier llm-compressor run left in the input model's folder, if any."""
-    p = Path(ref) / "recipe.yaml"
-    return p if p.is_file() else None
+def _check_nm(linears: list, config: Config) -> None:
+    """Every pruned layer's input dimension must be a multiple of M for an N:M structure."""
+    from sd2.core.errors import Sd2Error
+
+    m = config.nm[1]
+    for name, mod in linears:
+        cols = mod.weight.shape[0] if type(mod).__name__ == "Conv1D" else mod.weight.shape[1]
+        if cols % m:
+            raise Sd2Error(f"cannot apply mask_structure {config.mask_structure} to {name}: its input dimension "
+                           f"{cols} is not a multiple of {m}")
+
+
+def _prune_layers(model, samples, n_before: int, config: Config, ctx) -> dict:
+    """method layer: remove the block of decoder layers of least angular distance (layers.py)."""
+    from sd2.core.errors import Sd2Error
+    from sd2.stages.prune.layers import prune_layers
+
+    report = {}
+    if config.match_sparsity is not None:
+        from sd2.macs import layers_for_sparsity
+
+        if n_before < 2:
+            raise Sd2Error(f"prune (method layer): {layer_request(n_before, config)[1]}")
+        keep, budget = layers_for_sparsity(model, config.match_sparsity)
+        if keep == n_before:
+            raise Sd2Error(f"prune.match_sparsity = {config.match_sparsity}: the nearest decoder-MAC budget on "
+                           f"{n_before} layers keeps them all; raise match_sparsity or use a deeper model")
+        report["mac_budget"] = budget
+        n_remove = n_before - keep
+    else:
+        n_remove, problem = layer_request(n_before, config)
+        if problem:
+            raise Sd2Error(f"prune (method layer): {problem}")
+    report.update(prune_layers(model, samples, n_remove, ctx))
+    return report

@@ -35,15 +35,15 @@ def magnitude_mask(weight, sparsity: float, nm: tuple[int, int] | None = None):
     return keep.reshape(w.shape)
 
 
-def magnitude_prune(model, sparsity: float, nm: tuple[int, int] | None = None) -> None:
-    """Prune every decoder linear layer in place. GPT-2's Conv1D stores (in, out): it is transposed."""
+def magnitude_prune(linears: list, sparsity: float, nm: tuple[int, int] | None = None) -> None:
+    """Prune each (name, linear module) in place: a drafter's ``linears()`` (a causal LM's decoder
+    linears, every Linear of a head). GPT-2's Conv1D stores (in, out): it is transposed."""
     import torch
 
     from sd2.core.errors import Sd2Error
-    from sd2.sparsity import decoder_linears
 
     with torch.no_grad():
-        for name, mod in decoder_linears(model):
+        for name, mod in linears:
             conv1d = type(mod).__name__ == "Conv1D"
             w = mod.weight.t() if conv1d else mod.weight
             try:

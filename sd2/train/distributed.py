@@ -1,5 +1,4 @@
-"""Running under accelerate (one process, DDP over gloo on CPU or NCCL on GPUs, FSDP), and the
-forward pass that computes logits only where there is a loss.
+"""Running under accelerate (one process, DDP over gloo on CPU or NCCL on GPUs, FSDP).
 
 ``Accelerator()`` reads its world from the launcher: plain ``python`` gives one process,
 ``torchrun --nproc_per_node N`` or ``accelerate launch`` gives N (on CPU, torchrun gives a 2-process
@@ -9,34 +8,8 @@ gloo world; ``accelerate launch --cpu --num_processes 2`` gave a world of 1 on o
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from sd2.core.precision import autocast_token
-
-
-class LogitsAtPositions(nn.Module):
-    """Wraps a causal LM: forward(input_ids, attention_mask, positions) -> logits at the flattened
-    ``positions`` ([N, V']). The lm_head runs only on loss positions (prompt tokens skip it: for a
-    small drafter lm_head is about half the MACs). DDP wraps this module, so its hooks see the
-    whole forward.
-
-    Models whose logits are post-processed (Gemma's soft-capping, Cohere's logit scale) take the
-    plain full forward instead."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        cfg = model.config
-        self.fast = (getattr(model, "base_model", None) is not None and model.base_model is not model
-                     and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.fast:
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                           use_cache=False).last_hidden_state
-            return self.model.get_output_embeddings()(hidden[positions])
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits[positions]
 
 
 def make_accelerator(precision: str, device: str):

@@ -24,7 +24,7 @@ import torch
 
 from sd2.core.errors import Sd2Error
 
-from .losses import IGNORE
+from sd2.train.losses import IGNORE
 
 BUCKET_WINDOW = 16
 

@@ -33,11 +33,10 @@ class SparsityMask:
         self.pruned_at = {name: p.detach() == 0 for name, p in params.items()}
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "SparsityMask":
-        """Masks for the trainable decoder linear weights (sd2.sparsity) that hold at least one zero."""
-        from sd2.sparsity import decoder_linears
-
-        return cls({name: mod.weight for name, mod in decoder_linears(model)
+    def of(cls, linears) -> "SparsityMask":
+        """Masks for the trainable weights of ``linears`` (a drafter's ``linears()``: a causal LM's
+        decoder linears, every Linear of a head) that hold at least one zero."""
+        return cls({name: mod.weight for name, mod in linears
                     if mod.weight.requires_grad and bool((mod.weight.detach() == 0).any())})
 
     def __bool__(self) -> bool:

@@ -53,14 +53,6 @@ def run_oneshot(model, tokenizer, samples: list[list[int]], config, out_dir: Pat
     from sd2.core.errors import Sd2Error
 
     recipe = config.recipe if config.recipe is not None else modifiers(config)
-    if config.nm is not None and config.recipe is None:
-        from sd2.sparsity import decoder_linears
-
-        m = config.nm[1]
-        bad = [n for n, mod in decoder_linears(model) if mod.weight.shape[-1] % m]
-        if bad:
-            raise Sd2Error(f"mask_structure {config.mask_structure}: the input dimension of {bad[0]} "
-                           f"({model.get_parameter(bad[0]).shape[-1]}) is not a multiple of {m}")
     sink = _quiet_logs(Path(out_dir))
     try:
         model = oneshot(model=model, tokenizer=tokenizer, recipe=recipe, dataset=_calibration_dataset(samples),
