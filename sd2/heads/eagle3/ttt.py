@@ -14,7 +14,7 @@ anchor is t:
   t+2+i: ids, teacher and mask shift together (SpecForge #885 shifted the ids but not the mask, which
   silently dropped the positions next to a prompt/answer boundary).
 Loss: sum_i decay^i * sum_t loss_i(t) over valid positions, token-level only (no feature
-regression): CE on the data's tokens, or a divergence (fkl, rkl, jsd, tvd; sd2.stages.finetune.losses)
+regression): CE on the data's tokens, or a divergence (fkl, rkl, jsd, tvd; sd2.train.losses)
 from the target's distribution restricted to the draft vocabulary. EAGLE-3: D = 7, decay 0.8.
 
 Validation figures per step: accuracy (argmax, mapped to a target id, equals the label) and
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sd2.stages.finetune.losses import IGNORE, KD_LOSSES, cross_entropy, divergence, teacher_from_logits
+from sd2.train.losses import IGNORE, KD_LOSSES, cross_entropy, divergence, teacher_from_logits
 
 
 def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
