@@ -206,12 +206,12 @@ def chi2_pvalue(counts, dist: dict, n: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def learnable_target(folder):
-    """A tiny Llama target (2 layers, hidden 64) that a small feature-level head can learn within a test."""
+def learnable_target(folder, n_layers: int = 2):
+    """A tiny Llama target (2 layers unless told, hidden 64) that a small feature-level head can learn within a test."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    folder = make_model(folder, n_layers=2, hidden=64)
+    folder = make_model(folder, n_layers=n_layers, hidden=64)
     model = AutoModelForCausalLM.from_pretrained(folder)
     # A tiny target a small head can learn within a test: embeddings on the scale of the normed
     # features and damped attention/MLP writes (its next token still depends on the context).

@@ -101,13 +101,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, c: HeadConfig):
+    def __init__(self, c: HeadConfig, in_features: int | None = None):
+        """``in_features``: the width q/k/v read (default d; EAGLE-3's first layer reads 2d)."""
         super().__init__()
         self.c = c
         d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(d, h * hd, bias=False)
-        self.k_proj = nn.Linear(d, kv * hd, bias=False)
-        self.v_proj = nn.Linear(d, kv * hd, bias=False)
+        d_in = in_features or d
+        self.q_proj = nn.Linear(d_in, h * hd, bias=False)
+        self.k_proj = nn.Linear(d_in, kv * hd, bias=False)
+        self.v_proj = nn.Linear(d_in, kv * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: list | None):

@@ -56,10 +56,19 @@ def cpu_environment() -> dict[str, str]:
 
 def check_head_dim(model_ref: str, trust_remote_code: bool = False) -> None:
     """Refuse, before vLLM starts, a model whose attention head size vLLM's CPU kernels lack."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
-    cfg = getattr(cfg, "text_config", None) or cfg
+    local = Path(str(model_ref)) / "config.json"
+    raw = json.loads(local.read_text()) if local.is_file() else {}
+    if "speculators_model_type" in raw:    # a speculators folder (EAGLE-3): no model_type; its layer's config
+        cfg = SimpleNamespace(**raw.get("transformer_layer_config", {}))
+    else:
+        cfg = AutoConfig.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
+        cfg = getattr(cfg, "text_config", None) or cfg
     heads = getattr(cfg, "num_attention_heads", None)
     hd = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
     if hd is not None and int(hd) not in HEAD_DIMS:
