@@ -79,7 +79,7 @@ def main() -> None:
     dtypes = sorted({VARIANTS[v][1] for v in wanted}, key=lambda d: d != "float32")
     naive_models = {d: load_model(src, dtype=getattr(torch, d)) for d in dtypes}   # stay on transformers' sdpa
     stops = model_eos_ids(naive_models[dtypes[0]], tok)
-    sampling = Sampling(args.new_tokens, 0.0, 1.0, stops)
+    sampling = Sampling(0.0, top_p=1.0, max_new_tokens=args.new_tokens, stop_ids=stops)
     generators = {}
     for v in wanted:
         batch, dtype, attn, share = VARIANTS[v]
