@@ -160,6 +160,6 @@ def autocast_token(requested: str, device: str | object = "cpu", *, quiet: bool 
 
 
 def legacy_autocast(device: str | object) -> str:
-    """What finetune's ``precision: auto`` meant before sd2 0.2: bf16 autocast on a CUDA device with
+    """What finetune's ``precision: auto`` meant before 2026-12-02: bf16 autocast on a CUDA device with
     bf16, fp32 on every CPU."""
     return "bf16" if str(device).startswith("cuda") and native_bf16(device)[0] else "fp32"
