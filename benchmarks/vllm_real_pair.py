@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 from pathlib import Path
 
 
@@ -30,13 +29,14 @@ def main() -> None:
     ap.add_argument("--prompts", default="mtbench")
     ap.add_argument("--skip", type=int, default=64, help="held apart from the prompts the drafters trained on")
     ap.add_argument("--limit", type=int, default=10)
-    ap.add_argument("--gamma", default="2")
+    ap.add_argument("--gamma", default="2", help="γ, or several comma-separated (e.g. 1,2,3)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="artifacts/vllm_real_pair")
     args = ap.parse_args()
 
+    from sd2.core.precision import cpu_info
     from sd2.core.report import Report
     from sd2.pipeline.commands import eval_command
 
@@ -44,27 +44,30 @@ def main() -> None:
     drafters = args.drafter + ["prompt_lookup=prompt_lookup"]
     reports = {}
     for engine in ("vllm", "sd2"):
-        eval_command(args.target, drafters, args.prompts, args.limit, args.skip, [args.gamma], [0.0],
-                     args.max_new_tokens, args.repeats, out / engine, dtype=args.dtype, engine=engine)
+        eval_command(args.target, drafters, args.prompts, args.limit, args.skip, out / engine,
+                     gamma=args.gamma.split(","), temperature=[0.0], max_new_tokens=args.max_new_tokens,
+                     repeats=args.repeats, dtype=args.dtype, engine=engine)
         reports[engine] = Report.read(out / engine)
     vl, sd = reports["vllm"], reports["sd2"]
+    cpu = cpu_info()
     lines = [f"# {args.target} in vLLM and in sd2's engine", "",
              f"{vl.settings.n_prompts} {args.prompts} prompts (skip {args.skip}), {args.max_new_tokens} new tokens, "
              f"greedy, γ={args.gamma}, batch size 1, {args.dtype}, {args.repeats} timed pass(es). Machine: "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; OMP_NUM_THREADS="
+             f"{cpu['cpu']} (torch kernels {cpu['capability']}, AMX-BF16 {cpu['amx_bf16']}, AVX512-BF16 "
+             f"{cpu['avx512_bf16']}), {os.cpu_count()} cores; OMP_NUM_THREADS="
              f"{os.environ.get('OMP_NUM_THREADS')}, VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}; "
              f"vLLM {vl.settings.machine.get('vllm')} (eager on CPU).", "",
              f"- target alone: vLLM {vl.baseline['0.0'].tokens_per_s:.1f} tok/s, sd2's engine "
              f"{sd.baseline['0.0'].tokens_per_s:.1f} tok/s", "",
-             "| drafter | vLLM method | MAL (vLLM) | MAL (sd2 engine, vLLM's rounds) | MAL (sd2 engine) | speedup (vLLM) "
-             "| speedup (sd2 engine) | lossless (vLLM / sd2) |", "|---|---|---|---|---|---|---|---|"]
+             "| drafter | γ | vLLM method | MAL (vLLM) | MAL (sd2 engine, vLLM's rounds) | MAL (sd2 engine) | speedup (vLLM) "
+             "| speedup (sd2 engine) | lossless (vLLM / sd2) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in vl.results:
         s = next(iter(sd.rows(r.drafter, r.gamma, 0.0)), None)
         method = vl.drafters[r.drafter].settings.get("vllm", {}).get("method", "?")
         sd2_mal = f"{r.sd2_mal:.3f}" if r.sd2_mal is not None else "–"
-        lines.append(f"| {r.drafter} | {method} | {r.mal:.3f} | {sd2_mal} | "
+        lines.append(f"| {r.drafter} | {r.gamma} | {method} | {r.mal:.3f} | {sd2_mal} | "
                      f"{s.mal:.3f} | {r.speedup:.2f}× | {s.speedup:.2f}× | {r.lossless} / {s.lossless} |"
-                     if s else f"| {r.drafter} | {method} | {r.mal:.3f} | – | – | {r.speedup:.2f}× | – | {r.lossless} / – |")
+                     if s else f"| {r.drafter} | {r.gamma} | {method} | {r.mal:.3f} | – | – | {r.speedup:.2f}× | – | {r.lossless} / – |")
     lines += ["", "prompt_lookup is vLLM's ngram in the vLLM column and sd2's own prompt lookup in the sd2 column "
               "(different matchers)."]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
