@@ -173,7 +173,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.stages.evaluate.collect import evaluate_and_report
 
     if config.engine == "vllm":
-        from sd2.serve.evaluate import evaluate_in_vllm
+        from sd2.stages.evaluate.vllm import evaluate_in_vllm
 
         return evaluate_in_vllm(config, inputs, Path(out_dir), ctx)
 

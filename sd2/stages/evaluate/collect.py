@@ -9,22 +9,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from sd2.core.artifacts import read_manifest
 from sd2.core.errors import Sd2Error
 from sd2.core.precision import resolve
-
-
-def _lineage(ref: str) -> list:
-    manifest = Path(ref) / "manifest.json"
-    if manifest.is_file():
-        try:
-            return json.loads(manifest.read_text()).get("lineage", [])
-        except (OSError, json.JSONDecodeError):
-            return []
-    return []
-
-
-def _r(x, nd=6):
-    return None if x is None else round(float(x), nd)
+from sd2.core.report import _r
 
 
 @dataclass
@@ -102,7 +90,8 @@ def load_drafters(config, inputs, setup: Setup, ctx):
             drafters.append(M.Drafter(name, drafter.proposer(setup.eos, name), drafter=drafter))
         infos[name] = DrafterInfo(path=src.ref, kind=kind, fingerprint=src.fingerprint, macs=macs.to_dict(),
                                   mac_ratio=_r(macs.ratio_to(setup.macs)), sparsity=_r(macs.decoder_sparsity),
-                                  cross_tokenizer=cross, lineage=_lineage(src.ref), settings=settings)
+                                  cross_tokenizer=cross, settings=settings,
+                                  lineage=(read_manifest(Path(src.ref)) or {}).get("lineage", []))
     if config.prompt_lookup:
         pl = config.prompt_lookup
         drafters.append(M.Drafter(pl.name, PromptLookupProposer(pl.name, setup.eos, pl.max_ngram, pl.min_ngram)))
@@ -221,7 +210,7 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
         progress=lambda it, **kw: ctx.progress(it, total=len(setup.requests), **kw))
     gammas = sorted({g for s in shapes.values() for g, _ in s})
     tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref, gammas)
-    return _write(config, inputs, setup, infos, baseline, cells, tf, gammas, out_dir, ctx)
+    return _write_cells(config, inputs, setup, infos, baseline, cells, tf, gammas, out_dir, ctx)
 
 
 def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path, ctx) -> dict:
@@ -242,34 +231,45 @@ def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path
         ctx.seed, setup.eos, progress=lambda it, **kw: ctx.progress(it, total=len(setup.requests), **kw))
     tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref, config.gammas)
     cells = teacher_forced_cells(drafters, tf, config.gammas)
-    return _write(config, inputs, setup, infos, baseline, cells, tf, config.gammas, out_dir, ctx)
+    return _write_cells(config, inputs, setup, infos, baseline, cells, tf, config.gammas, out_dir, ctx)
 
 
-def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out_dir: Path, ctx) -> dict:
+def write(config, inputs, setup: Setup, infos, baseline: dict, results: list, out_dir: Path, ctx, **settings) -> dict:
+    """Assemble report.json from ``results`` and ``baseline`` ({str(temperature): Baseline}), write it
+    with report.md and the plots (report.write_report); return the stage's metrics. ``settings``:
+    the report's Settings that differ from the config's (the γ measured, what decoded, the machine)."""
     from sd2 import __version__
     from sd2.core.artifacts import machine
-    from sd2.core.report import Baseline, Report, Settings
+    from sd2.core.report import Report, Settings
     from sd2.stages.evaluate.report import write_report
-
-    results = result_rows(config, setup, infos, baseline, cells, tf)
-    for row in results:
-        ctx.log_metrics(**{k: v for k, v in row.model_dump().items() if not isinstance(v, (list, dict))})
 
     report = Report(
         sd2_version=__version__,
         target=target_info(inputs, setup),
-        settings=Settings(gammas=gammas, widths=config.widths, gamma_auto=config.auto,
-                          max_gamma=config.max_gamma if config.auto else None, temperatures=config.temperatures,
-                          top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
-                          max_new_tokens=config.max_new_tokens, n_prompts=len(setup.requests), turns=config.turns,
-                          prompts=config.model_dump(mode="json")["prompts"], repeats=config.repeats,
-                          warmup=config.warmup, seed=ctx.seed, device=str(ctx.device), dtype=resolve(config.dtype, ctx.device, exact=True).dtype,
-                          decode=config.decode, machine=machine()),
-        baseline={str(t): Baseline(**{k: (_r(v) if isinstance(v, float) else v) for k, v in b.items()})
-                  for t, b in baseline.items()},
-        drafters=infos, results=results)
+        settings=Settings(**{
+            "gammas": config.gammas, "widths": config.widths, "gamma_auto": config.auto,
+            "max_gamma": config.max_gamma if config.auto else None, "temperatures": config.temperatures,
+            "top_k": config.top_k, "top_p": config.top_p, "min_p": config.min_p,
+            "max_new_tokens": config.max_new_tokens, "n_prompts": len(setup.requests), "turns": config.turns,
+            "prompts": config.model_dump(mode="json")["prompts"], "repeats": config.repeats,
+            "warmup": config.warmup, "seed": ctx.seed, "device": str(ctx.device),
+            "dtype": resolve(config.dtype, ctx.device, exact=True).dtype, "decode": config.decode,
+            "machine": machine(), **settings}),
+        baseline=baseline, drafters=infos, results=results)
     write_report(report, out_dir)
     return summary(report, ctx)
+
+
+def _write_cells(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out_dir: Path, ctx) -> dict:
+    """sd2's engine: the result rows of the measured (or teacher-forced) cells, logged, then written."""
+    from sd2.core.report import Baseline
+
+    results = result_rows(config, setup, infos, baseline, cells, tf)
+    for row in results:
+        ctx.log_metrics(**{k: v for k, v in row.model_dump().items() if not isinstance(v, (list, dict))})
+    baseline = {str(t): Baseline(**{k: (_r(v) if isinstance(v, float) else v) for k, v in b.items()})
+                for t, b in baseline.items()}
+    return write(config, inputs, setup, infos, baseline, results, out_dir, ctx, gammas=gammas)
 
 
 def target_info(inputs, setup: Setup):
