@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from sd2.core.paths import expand
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sd2.core.paths import expand
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "layer")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -243,20 +244,16 @@ def _prune_layers(model, samples, n_before: int, config: Config, ctx) -> dict:
     from sd2.stages.prune.layers import prune_layers
 
     report = {}
-    if config.match_sparsity is not None:
+    n_remove, problem = layer_request(n_before, config)
+    if problem:
+        raise Sd2Error(f"prune (method layer): {problem}")
+    if n_remove is None:    # match_sparsity: the count follows from the model's MACs
         from sd2.macs import layers_for_sparsity
 
-        if n_before < 2:
-            raise Sd2Error(f"prune (method layer): {layer_request(n_before, config)[1]}")
-        keep, budget = layers_for_sparsity(model, config.match_sparsity)
+        keep, report["mac_budget"] = layers_for_sparsity(model, config.match_sparsity)
         if keep == n_before:
             raise Sd2Error(f"prune.match_sparsity = {config.match_sparsity}: the nearest decoder-MAC budget on "
                            f"{n_before} layers keeps them all; raise match_sparsity or use a deeper model")
-        report["mac_budget"] = budget
         n_remove = n_before - keep
-    else:
-        n_remove, problem = layer_request(n_before, config)
-        if problem:
-            raise Sd2Error(f"prune (method layer): {problem}")
     report.update(prune_layers(model, samples, n_remove, ctx))
     return report
