@@ -95,18 +95,22 @@ def locate_gguf(ref: ModelRef) -> Path:
     return path
 
 
+def _config_json(folder: Path) -> dict:
+    """A model folder's config.json, or {} when there is none or it does not parse."""
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def known_layer_count(ref: ModelRef) -> int | None:
     """The number of decoder layers when it is cheap to know: a local folder's config.json, or a
     GGUF header. None otherwise (a Hub id)."""
     if ref.path is not None:
-        cfg = expand(ref.path) / "config.json"
-        try:
-            data = json.loads(cfg.read_text())
-        except (OSError, ValueError):
-            return None
-        data = data.get("text_config") or data if isinstance(data, dict) else {}
-        n = next((data.get(k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(data.get(k), int)), None)
-        return n
+        data = _config_json(expand(ref.path))
+        data = data.get("text_config") or data
+        return next((data.get(k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(data.get(k), int)), None)
     if ref.gguf is not None:
         try:
             return gguf_info(locate_gguf(ref)).layers
@@ -118,7 +122,6 @@ def known_layer_count(ref: ModelRef) -> int | None:
 def known_vocab_size(ref: ModelRef) -> int | None:
     """The model's vocabulary size when it is cheap to know (a local config.json, or a GGUF already
     converted in the cache); None otherwise, and the stage checks at run time."""
-    folder = None
     if ref.path is not None:
         folder = expand(ref.path)
     elif ref.gguf is not None:
@@ -126,12 +129,11 @@ def known_vocab_size(ref: ModelRef) -> int | None:
             folder = Path(resolve(ref, convert=False).ref)
         except (OSError, ValueError):
             return None
-    cfg = folder / "config.json" if folder is not None else None
-    if cfg is None or not cfg.is_file():
+    else:
         return None
     try:
-        return int(json.loads(cfg.read_text()).get("vocab_size"))
-    except (ValueError, TypeError, OSError):
+        return int(_config_json(folder).get("vocab_size"))
+    except (ValueError, TypeError):
         return None
 
 
@@ -271,20 +273,15 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     leftover) so that plain ``AutoModelForCausalLM.from_pretrained`` loads the folder dense."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model.config, "quantization_config"):
-        try:
-            delattr(model.config, "quantization_config")
-        except AttributeError:
-            pass
+    with contextlib.suppress(AttributeError):
+        delattr(model.config, "quantization_config")
     # transformers 5.x marks a GGUF-loaded model as quantized (QuantizationMethod.GGUF) and then
     # refuses save_pretrained, although its weights are already dequantised fp32 tensors.
     if getattr(model, "hf_quantizer", None) is not None and "gguf" in str(getattr(model.hf_quantizer, "quantization_config", "")).lower():
         model.hf_quantizer = None
         if hasattr(model, "is_quantized"):
-            try:
+            with contextlib.suppress(AttributeError):   # a read-only property in some versions
                 model.is_quantized = False
-            except AttributeError:
-                pass
     model.save_pretrained(out, safe_serialization=True)
     from sd2 import vocab
 
