@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sd2.core.errors import reading
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")   # a Hub repo id, org/name
 _HF_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([A-Za-z0-9][\w.\-]*/[\w.\-]+?)/?$")
 
 
@@ -40,7 +40,7 @@ def gguf_info(path: Path) -> GgufInfo:
     for key in ("general.source.huggingface.repository", "general.source.url", "general.base_model.0.repo_url"):
         value = str(fields.get(key) or "")
         m = _HF_URL.match(value)
-        hub = m.group(1) if m else (value if _HUB_ID.match(value) else None)
+        hub = m.group(1) if m else (value if HUB_ID.match(value) else None)
         if hub:
             break
     if hub and fields.get("general.base_model.count") not in (None, 1) and key.startswith("general.base_model"):
