@@ -9,10 +9,23 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd2.core.artifacts import read_manifest
+from sd2 import __version__
+from sd2 import drafters as kinds
+from sd2.core.artifacts import machine, read_manifest
 from sd2.core.errors import Sd2Error
 from sd2.core.precision import resolve
-from sd2.core.report import _r
+from sd2.core.report import Baseline, DrafterInfo, Report, Result, Settings, ShapeChoice, TargetInfo, VocabInfo, _r
+from sd2.data.prompts import load_prompts, with_user_turn
+from sd2.engine.cached import CachedLM
+from sd2.engine.crosstok import CrossTokenizerProposer
+from sd2.engine.drafter import DrafterProposer
+from sd2.engine.lookup import PromptLookupProposer
+from sd2.engine.proposer import Sampling
+from sd2.engine.sampling import DraftVocab
+from sd2.macs import count_macs
+from sd2.stages.evaluate import measure as M
+from sd2.stages.evaluate.report import write_report
+from sd2.vocab import draft_to_target
 
 
 @dataclass
@@ -28,11 +41,7 @@ class Setup:
 
 
 def load_target(config, inputs, ctx) -> Setup:
-    from sd2.core.models import load_model, load_tokenizer, model_eos_ids
-    from sd2.data.prompts import load_prompts, with_user_turn
-    from sd2.macs import count_macs
-    from sd2.engine.cached import CachedLM
-    from sd2.stages.evaluate import measure as M
+    from sd2.core.models import load_model, load_tokenizer, model_eos_ids   # at call time: tests replace them
 
     if inputs.target is None or not (inputs.drafters or config.prompt_lookup):
         raise Sd2Error("evaluate needs a target and at least one drafter (inputs.target, inputs.drafters, "
@@ -54,17 +63,7 @@ def load_drafters(config, inputs, setup: Setup, ctx):
     becomes a proposer (sd2.engine): a causal LM a drafter, or a cross-tokenizer drafter when the
     tokenizers differ; a kind that reads the target (a head) the proposer its kind builds, bound to
     the evaluated target (sd2.drafters); ``evaluate.prompt_lookup`` adds prompt lookup decoding."""
-    from sd2 import drafters as kinds
     from sd2.core.models import load_model, load_tokenizer, model_eos_ids, same_tokenizer
-    from sd2.core.report import DrafterInfo
-    from sd2.engine.cached import CachedLM
-    from sd2.engine.crosstok import CrossTokenizerProposer
-    from sd2.engine.drafter import DrafterProposer
-    from sd2.engine.lookup import PromptLookupProposer
-    from sd2.engine.sampling import DraftVocab
-    from sd2.macs import count_macs
-    from sd2.stages.evaluate import measure as M
-    from sd2.vocab import draft_to_target
 
     dtype = resolve(config.dtype, ctx.device, exact=True).torch_dtype
     drafters, infos, maps = [], {}, {}
@@ -102,8 +101,6 @@ def load_drafters(config, inputs, setup: Setup, ctx):
 
 def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
     """Coverage of a trimmed-vocabulary drafter; None for a full-vocabulary one."""
-    from sd2.core.report import VocabInfo
-
     if map_ids is None:
         return None
     kept = set(map_ids.tolist())
@@ -117,8 +114,6 @@ def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
 def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gammas: list[int]) -> dict:
     """Fill c and the vocabulary of each DrafterInfo; return teacher-forced greedy chain statistics
     (MalStats) per drafter and γ, for the drafters that have them (a model on the target's tokenizer)."""
-    from sd2.stages.evaluate import measure as M
-
     greedy_tokens = [t for toks in greedy_ref.values() for t in toks]
     wanted = (config.teacher_forced or not config.decode) and greedy_ref
     tf = {}
@@ -137,8 +132,6 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gamma
 def teacher_forced_cells(drafters, tf: dict, gammas: list[int]) -> dict:
     """``evaluate.decode: false``: one cell per (drafter, γ) holding the teacher-forced rounds, untimed
     and with losslessness not checked (None), in place of the engine's measured cells."""
-    from sd2.stages.evaluate import measure as M
-
     missing = [d.name for d in drafters if d.name not in tf]
     if missing:
         raise Sd2Error(f"evaluate.decode: false has no teacher-forced rounds for {', '.join(missing)}; set decode: true")
@@ -148,9 +141,6 @@ def teacher_forced_cells(drafters, tf: dict, gammas: list[int]) -> dict:
 def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
     """One Result per (drafter, γ, width, temperature): stored measurements only; derived figures are
     computed by the Result class."""
-    from sd2.core.report import Result
-    from sd2.stages.evaluate import measure as M
-
     target = setup.target
     step = statistics.median(target.step_times) if target.step_times else None
     rows = []
@@ -183,9 +173,6 @@ def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
 
 
 def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
-    from sd2.core.report import ShapeChoice
-    from sd2.stages.evaluate import measure as M
-
     setup = load_target(config, inputs, ctx)
     drafters, infos, maps = load_drafters(config, inputs, setup, ctx)
     if not config.decode:
@@ -216,9 +203,6 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
 def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path, ctx) -> dict:
     """``decode: false``: the target's greedy answers (timed, the baseline), then each drafter's exact
     greedy chain rounds at every γ by teacher forcing; no speculative decoding runs."""
-    from sd2.engine.proposer import Sampling
-    from sd2.stages.evaluate import measure as M
-
     cross = [d.name for d in drafters if d.cross]
     if cross:   # before the target generates anything
         raise Sd2Error(f"evaluate.decode: false cannot simulate {', '.join(cross)}: a drafter with another tokenizer "
@@ -238,11 +222,6 @@ def write(config, inputs, setup: Setup, infos, baseline: dict, results: list, ou
     """Assemble report.json from ``results`` and ``baseline`` ({str(temperature): Baseline}), write it
     with report.md and the plots (report.write_report); return the stage's metrics. ``settings``:
     the report's Settings that differ from the config's (the γ measured, what decoded, the machine)."""
-    from sd2 import __version__
-    from sd2.core.artifacts import machine
-    from sd2.core.report import Report, Settings
-    from sd2.stages.evaluate.report import write_report
-
     report = Report(
         sd2_version=__version__,
         target=target_info(inputs, setup),
@@ -262,8 +241,6 @@ def write(config, inputs, setup: Setup, infos, baseline: dict, results: list, ou
 
 def _write_cells(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out_dir: Path, ctx) -> dict:
     """sd2's engine: the result rows of the measured (or teacher-forced) cells, logged, then written."""
-    from sd2.core.report import Baseline
-
     results = result_rows(config, setup, infos, baseline, cells, tf)
     for row in results:
         ctx.log_metrics(**{k: v for k, v in row.model_dump().items() if not isinstance(v, (list, dict))})
@@ -274,8 +251,6 @@ def _write_cells(config, inputs, setup: Setup, infos, baseline, cells, tf, gamma
 
 def target_info(inputs, setup: Setup):
     """report.json's target: as the user named it, and the folder it loaded from when that differs."""
-    from sd2.core.report import TargetInfo
-
     return TargetInfo(ref=inputs.target.label or inputs.target.ref,
                       loaded_from=inputs.target.ref if inputs.target.label not in ("", inputs.target.ref) else None,
                       hub_id=inputs.target.hub_id, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict())
