@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sd2.core.errors import Sd2Error
 from sd2.core.paths import expand
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "layer")
@@ -173,7 +174,6 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
     from sd2 import drafters
     from sd2.core.context import PeakRSS
-    from sd2.core.errors import Sd2Error
     from sd2.stages.prune import sparsity as sp
 
     if inputs.model is None:
@@ -228,8 +228,6 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
 def _check_nm(linears: list, config: Config) -> None:
     """Every pruned layer's input dimension must be a multiple of M for an N:M structure."""
-    from sd2.core.errors import Sd2Error
-
     m = config.nm[1]
     for name, mod in linears:
         cols = mod.weight.shape[0] if type(mod).__name__ == "Conv1D" else mod.weight.shape[1]
@@ -240,7 +238,6 @@ def _check_nm(linears: list, config: Config) -> None:
 
 def _prune_layers(model, samples, n_before: int, config: Config, ctx) -> dict:
     """method layer: remove the block of decoder layers of least angular distance (layers.py)."""
-    from sd2.core.errors import Sd2Error
     from sd2.stages.prune.layers import prune_layers
 
     report = {}
