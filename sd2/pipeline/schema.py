@@ -16,8 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sd2.core.errors import Issue, RecipeError, did_you_mean, short
-from sd2.core.errors import Sd2Error
+from sd2.core.errors import Issue, RecipeError, Sd2Error, did_you_mean, short
 from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locate_gguf
 from sd2.core.precision import check_env

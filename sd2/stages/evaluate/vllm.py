@@ -15,15 +15,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd2.core.report import _r
+from sd2.core.artifacts import machine
+from sd2.core.precision import resolve
+from sd2.core.report import Baseline, Result, _r
+from sd2.serve.evaluate import speculative_configs
+from sd2.serve.metrics import counts_of_rounds, engine_rounds_on_vllm_schedule
+from sd2.serve.worker import serve_apart
 from sd2.stages.evaluate import collect
 
 
 def evaluate_in_vllm(config, inputs, out_dir: Path, ctx) -> dict:
-    from sd2.core.precision import resolve
-    from sd2.serve.evaluate import speculative_configs
-    from sd2.serve.worker import serve_apart
-
     out_dir = Path(out_dir)
     specs = speculative_configs(config, inputs, out_dir)
     setup = collect.load_target(config, inputs, ctx)          # the requests, as sd2's engine builds them
@@ -49,8 +50,6 @@ def evaluate_in_vllm(config, inputs, out_dir: Path, ctx) -> dict:
 
 def _sd2_mals(config, setup, drafters) -> dict[tuple[str, int], float]:
     """sd2's engine MAL for each drafter and γ on vLLM's rounds (greedy), for the report's sd2_mal."""
-    from sd2.serve.metrics import counts_of_rounds, engine_rounds_on_vllm_schedule
-
     if 0.0 not in config.temperatures:
         return {}
     out = {}
@@ -65,9 +64,6 @@ def _sd2_mals(config, setup, drafters) -> dict[tuple[str, int], float]:
 
 
 def _write(config, inputs, setup, infos, served, specs, sd2_mal, vllm_version: str, out_dir: Path, ctx) -> dict:
-    from sd2.core.artifacts import machine
-    from sd2.core.report import Baseline, Result
-
     ids = [r.id for r in setup.requests]
     baseline, results = {}, []
     for t in config.temperatures:
