@@ -57,11 +57,11 @@ class Config(BaseModel):
                                                  "applied with oneshot; excludes method, sparsity, mask_structure, "
                                                  "n_remove and keep_layers")
 
-    @field_validator("sparsity")
+    @field_validator("sparsity", "match_sparsity")
     @classmethod
-    def _sparsity_range(cls, v: float | None) -> float | None:
+    def _sparsity_range(cls, v: float | None, info) -> float | None:
         if v is not None and not 0.0 < v < 1.0:
-            raise ValueError(f"sparsity must be in (0, 1), e.g. 0.5; got {v}")
+            raise ValueError(f"{info.field_name} must be in (0, 1), e.g. 0.5; got {v}")
         return v
 
     @field_validator("mask_structure")
@@ -109,8 +109,6 @@ class Config(BaseModel):
             return self
         if self.method is None:
             raise ValueError(f"give a method ({' | '.join(METHODS)}) or a raw llm-compressor recipe")
-        if self.match_sparsity is not None and not 0.0 < self.match_sparsity < 1.0:
-            raise ValueError(f"match_sparsity must be in (0, 1), e.g. 0.5; got {self.match_sparsity}")
         if self.method == "layer":
             given = [k for k in ("n_remove", "keep_layers", "match_sparsity") if getattr(self, k) is not None]
             if len(given) != 1:
