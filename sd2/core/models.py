@@ -162,14 +162,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("SD2_CACHE", Path.home() / ".cache" / "sd2")).expanduser()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cached_sha256(path: Path) -> str:
     """sha256 of a large file, memoised on (path, size, mtime) so reruns do not rehash 100 MB."""
     st = path.stat()
@@ -177,7 +169,11 @@ def cached_sha256(path: Path) -> str:
     memo = cache_root() / "sha256" / key
     if memo.is_file():
         return memo.read_text().strip()
-    digest = sha256_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    digest = h.hexdigest()
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(digest)
     return digest
@@ -378,7 +374,5 @@ def model_eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 def same_tokenizer(a, b) -> bool:
     """True when two tokenizers map every string to the same ids (same vocabulary and specials)."""
-    if a.get_vocab() != b.get_vocab():
-        return False
-    return a.eos_token_id == b.eos_token_id
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 

@@ -129,15 +129,6 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gamma
     return tf
 
 
-def teacher_forced_cells(drafters, tf: dict, gammas: list[int]) -> dict:
-    """``evaluate.decode: false``: one cell per (drafter, γ) holding the teacher-forced rounds, untimed
-    and with losslessness not checked (None), in place of the engine's measured cells."""
-    missing = [d.name for d in drafters if d.name not in tf]
-    if missing:
-        raise Sd2Error(f"evaluate.decode: false has no teacher-forced rounds for {', '.join(missing)}; set decode: true")
-    return {(d.name, g, 1, 0.0): M.Cell(stats=tf[d.name][g], lossless=None) for d in drafters for g in gammas}
-
-
 def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
     """One Result per (drafter, γ, width, temperature): stored measurements only; derived figures are
     computed by the Result class."""
@@ -214,7 +205,10 @@ def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path
         setup.target, [], setup.requests, {}, [Sampling()], config.max_new_tokens, config.repeats, config.warmup,
         ctx.seed, setup.eos, progress=lambda it, **kw: ctx.progress(it, total=len(setup.requests), **kw))
     tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref, config.gammas)
-    cells = teacher_forced_cells(drafters, tf, config.gammas)
+    if missing := [d.name for d in drafters if d.name not in tf]:
+        raise Sd2Error(f"evaluate.decode: false has no teacher-forced rounds for {', '.join(missing)}; set decode: true")
+    # one cell per (drafter, γ), holding the teacher-forced rounds, untimed, losslessness not checked (None)
+    cells = {(d.name, g, 1, 0.0): M.Cell(stats=tf[d.name][g], lossless=None) for d in drafters for g in config.gammas}
     return _write_cells(config, inputs, setup, infos, baseline, cells, tf, config.gammas, out_dir, ctx)
 
 
