@@ -7,7 +7,7 @@ report.md and plots. Metric definitions: docs/evaluate.md and sd2/mal.py.
 
 The decoding itself is sd2.engine (one round loop over proposers: drafters, cross-tokenizer
 drafters, prompt lookup). Modules here: measure (timing protocol, c, v(n), teacher-forced MAL),
-collect (load, measure, assemble), report (report.json/.md, snippets), plots.
+collect (load, measure, assemble), report (report.json/.md, snippets), plots, vllm (engine: vllm).
 The commands `sd2 eval` and `sd2 compare` (the CI gate) live in sd2.pipeline.commands/compare.
 """
 
