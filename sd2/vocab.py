@@ -87,9 +87,9 @@ def attach_trimmed_head(model, folder: str | Path) -> nn.Module:
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=head.weight.dtype, device=head.weight.device)
     with torch.no_grad():
         new.weight.copy_(weight.to(head.weight.dtype))
-    model.set_output_embeddings(new)
-    if getattr(model, "_tied_weights_keys", None):
-        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+    from sd2.modeling import untie_lm_head
+
+    untie_lm_head(model, new)   # as trim_lm_head left it: never re-tied to the full embeddings
     setattr(model, _ATTR, ids)
     return model
 

@@ -3,7 +3,8 @@
   (sd2.pipeline); sd2.core imports neither sd2.data nor anything above it;
 - the training loop (sd2.train) knows no drafter kind, no stage and no head;
 - heads never import the stages, and the stages never import the heads: they reach every drafter
-  kind through sd2.drafters (the Drafter protocol), whose registry names each kind's module."""
+  kind through sd2.drafters (the Drafter protocol), whose registry names each kind's module;
+- sd2.serve (vLLM) never imports a stage: evaluate's vLLM run (stages/evaluate/vllm.py) calls into it."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ FORBIDDEN = {
     "sd2.engine": ("sd2.pipeline", "sd2.publish"),
     "sd2.heads": ("sd2.pipeline", "sd2.publish", "sd2.stages"),
     "sd2.publish": ("sd2.pipeline",),
-    "sd2.serve": ("sd2.pipeline", "sd2.publish"),
+    "sd2.serve": ("sd2.pipeline", "sd2.publish", "sd2.stages"),
     "sd2.data": ("sd2.pipeline", "sd2.stages", "sd2.publish"),
 }
 # the top-level modules (sd2/macs.py, sd2/mal.py, ...) are base library too

@@ -102,12 +102,10 @@ def writable_dir(path: Path, what: str) -> Path:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    p = folder / MANIFEST
-    if not p.is_file():
-        return None
+    """The stage folder's manifest, or None: the stage is not done (no manifest, or a torn or foreign one)."""
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
         return None
 
 

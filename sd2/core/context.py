@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sd2.core.errors import Sd2Error
 from sd2.core.models import ModelSource
 
 
@@ -53,11 +56,7 @@ class StageContext:
 def pick_device(want: str = "auto") -> str:
     """``auto``: cuda when available, else cpu. ``cpu``, ``cuda`` or ``cuda:N`` as given; a cuda
     device on a machine without one is an Sd2Error (not a traceback from the first .to())."""
-    import re
-
     import torch
-
-    from sd2.core.errors import Sd2Error
 
     if want == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,8 +70,6 @@ def pick_device(want: str = "auto") -> str:
 def rank_world() -> tuple[int, int]:
     """This process's rank and the world size, as torchrun and accelerate launch set them
     (``RANK``, ``WORLD_SIZE``); (0, 1) for a plain single process."""
-    import os
-
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 

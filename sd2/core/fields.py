@@ -24,8 +24,8 @@ SINCE = "sd2_since"
 PRECISION = "sd2_precision"
 WAS = "sd2_was"
 
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-Autocast = Literal["auto", "fp32", "bf16"]
+DType = Literal[precision.DTYPES]          # a model dtype: auto | float32 | bfloat16 | float16
+Autocast = Literal[precision.PRECISIONS]   # finetune's autocast precision: auto | fp32 | bf16
 
 
 def added(default: Any, *, since: str, **kw) -> Any:

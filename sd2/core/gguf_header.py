@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sd2.core.errors import reading
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")   # a Hub repo id, org/name
 _HF_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([A-Za-z0-9][\w.\-]*/[\w.\-]+?)/?$")
 
 
@@ -40,7 +40,7 @@ def gguf_info(path: Path) -> GgufInfo:
     for key in ("general.source.huggingface.repository", "general.source.url", "general.base_model.0.repo_url"):
         value = str(fields.get(key) or "")
         m = _HF_URL.match(value)
-        hub = m.group(1) if m else (value if _HUB_ID.match(value) else None)
+        hub = m.group(1) if m else (value if HUB_ID.match(value) else None)
         if hub:
             break
     if hub and fields.get("general.base_model.count") not in (None, 1) and key.startswith("general.base_model"):
@@ -106,21 +106,16 @@ def read_header(path: Path) -> dict:
         return fields
 
 
-def gguf_architectures() -> set[str]:
-    """The GGUF architectures transformers can load (its GGUF config mapping; importing it does not import torch)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    return set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}
-
-
 def gguf_problem(info: GgufInfo) -> str | None:
     """Why transformers cannot load this GGUF, or None. transformers renames a few llama.cpp
     architectures before its own check (qwen2moe -> qwen2_moe, gpt-oss -> gpt_oss, t5encoder -> t5, ...);
     the same renames are applied here so that nothing it loads is refused."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING   # importing it does not import torch
+
     if info.architecture is None:
         return (f"{info.path} has no general.architecture in its header; expected a GGUF model file written by "
                 f"llama.cpp's converter")
-    supported = gguf_architectures()
+    supported = set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}   # the architectures its GGUF loader reads
     arch = info.architecture
     names = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe"), "t5" if "t5" in arch else arch}
     if names & supported:

@@ -95,18 +95,22 @@ def locate_gguf(ref: ModelRef) -> Path:
     return path
 
 
+def _config_json(folder: Path) -> dict:
+    """A model folder's config.json, or {} when there is none or it does not parse."""
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def known_layer_count(ref: ModelRef) -> int | None:
     """The number of decoder layers when it is cheap to know: a local folder's config.json, or a
     GGUF header. None otherwise (a Hub id)."""
     if ref.path is not None:
-        cfg = expand(ref.path) / "config.json"
-        try:
-            data = json.loads(cfg.read_text())
-        except (OSError, ValueError):
-            return None
-        data = data.get("text_config") or data if isinstance(data, dict) else {}
-        n = next((data.get(k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(data.get(k), int)), None)
-        return n
+        data = _config_json(expand(ref.path))
+        data = data.get("text_config") or data
+        return next((data.get(k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(data.get(k), int)), None)
     if ref.gguf is not None:
         try:
             return gguf_info(locate_gguf(ref)).layers
@@ -118,7 +122,6 @@ def known_layer_count(ref: ModelRef) -> int | None:
 def known_vocab_size(ref: ModelRef) -> int | None:
     """The model's vocabulary size when it is cheap to know (a local config.json, or a GGUF already
     converted in the cache); None otherwise, and the stage checks at run time."""
-    folder = None
     if ref.path is not None:
         folder = expand(ref.path)
     elif ref.gguf is not None:
@@ -126,12 +129,11 @@ def known_vocab_size(ref: ModelRef) -> int | None:
             folder = Path(resolve(ref, convert=False).ref)
         except (OSError, ValueError):
             return None
-    cfg = folder / "config.json" if folder is not None else None
-    if cfg is None or not cfg.is_file():
+    else:
         return None
     try:
-        return int(json.loads(cfg.read_text()).get("vocab_size"))
-    except (ValueError, TypeError, OSError):
+        return int(_config_json(folder).get("vocab_size"))
+    except (ValueError, TypeError):
         return None
 
 
@@ -160,14 +162,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("SD2_CACHE", Path.home() / ".cache" / "sd2")).expanduser()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cached_sha256(path: Path) -> str:
     """sha256 of a large file, memoised on (path, size, mtime) so reruns do not rehash 100 MB."""
     st = path.stat()
@@ -175,7 +169,11 @@ def cached_sha256(path: Path) -> str:
     memo = cache_root() / "sha256" / key
     if memo.is_file():
         return memo.read_text().strip()
-    digest = sha256_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    digest = h.hexdigest()
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(digest)
     return digest
@@ -271,20 +269,15 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     leftover) so that plain ``AutoModelForCausalLM.from_pretrained`` loads the folder dense."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model.config, "quantization_config"):
-        try:
-            delattr(model.config, "quantization_config")
-        except AttributeError:
-            pass
+    with contextlib.suppress(AttributeError):
+        delattr(model.config, "quantization_config")
     # transformers 5.x marks a GGUF-loaded model as quantized (QuantizationMethod.GGUF) and then
     # refuses save_pretrained, although its weights are already dequantised fp32 tensors.
     if getattr(model, "hf_quantizer", None) is not None and "gguf" in str(getattr(model.hf_quantizer, "quantization_config", "")).lower():
         model.hf_quantizer = None
         if hasattr(model, "is_quantized"):
-            try:
+            with contextlib.suppress(AttributeError):   # a read-only property in some versions
                 model.is_quantized = False
-            except AttributeError:
-                pass
     model.save_pretrained(out, safe_serialization=True)
     from sd2 import vocab
 
@@ -381,7 +374,5 @@ def model_eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 def same_tokenizer(a, b) -> bool:
     """True when two tokenizers map every string to the same ids (same vocabulary and specials)."""
-    if a.get_vocab() != b.get_vocab():
-        return False
-    return a.eos_token_id == b.eos_token_id
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 

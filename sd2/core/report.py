@@ -36,7 +36,7 @@ class _Model(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Derived figures: the one place they are computed
+# Derived figures: the one place they are computed (these two, and Result's computed fields)
 
 
 def speedup(target_wall_s: float | None, wall_s: float | None) -> float | None:
@@ -47,22 +47,6 @@ def speedup(target_wall_s: float | None, wall_s: float | None) -> float | None:
 def theoretical_speedup(mal: float, gamma: int, c: float | None) -> float | None:
     """MAL / (γc + 1) (Leviathan et al. 2023, eq. 1 with MAL for the expected tokens per round)."""
     return mal / (gamma * c + 1) if c is not None else None
-
-
-def modeled_speedup(mal: float, gamma: int, c: float | None, verify_cost: float | None) -> float | None:
-    """MAL / (γc + v): the ceiling with this machine's measured cost v of one (γ+1)-token verify."""
-    return mal / (gamma * c + verify_cost) if c is not None and verify_cost is not None else None
-
-
-def lookup_modeled_speedup(mal: float, draft_cost: float | None, verify_cost_mean: float | None) -> float | None:
-    """MAL / (d + v̄) for a proposer without a model (prompt lookup): d = its measured drafting time per
-    round and v̄ = the mean verification cost per round (its draft length varies), in target decode steps."""
-    return mal / (draft_cost + verify_cost_mean) if draft_cost is not None and verify_cost_mean else None
-
-
-def mac_speedup(mal: float, gamma: int, mac_ratio: float | None) -> float | None:
-    """MAL / (γ·MAC ratio + 1): the theoretical speedup with c modelled by drafter ÷ target MACs."""
-    return mal / (gamma * mac_ratio + 1) if mac_ratio is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,14 +116,20 @@ class Result(_Model):
     @computed_field
     @property
     def mac_speedup(self) -> float | None:
-        return _r(mac_speedup(self.mal, self.gamma, self.mac_ratio))
+        """MAL / (γ·MAC ratio + 1): the theoretical speedup with c modelled by drafter ÷ target MACs."""
+        return _r(self.mal / (self.gamma * self.mac_ratio + 1)) if self.mac_ratio is not None else None
 
     @computed_field
     @property
     def modeled_speedup(self) -> float | None:
+        """MAL / (γc + v): the ceiling with this machine's measured cost v of one (γ+1)-token verify. For a
+        proposer without a model (prompt lookup), MAL / (d + v̄): d = its measured drafting time per round
+        and v̄ = the mean verification cost per round (its draft length varies), in target decode steps."""
         if self.kind == "prompt_lookup":
-            return _r(lookup_modeled_speedup(self.mal, self.draft_cost, self.verify_cost_mean))
-        return _r(modeled_speedup(self.mal, self.gamma, self.c_measured, self.verify_cost))
+            d, v = self.draft_cost, self.verify_cost_mean
+            return _r(self.mal / (d + v)) if d is not None and v else None
+        c, v = self.c_measured, self.verify_cost
+        return _r(self.mal / (self.gamma * c + v)) if c is not None and v is not None else None
 
     @computed_field
     @property

@@ -52,7 +52,3 @@ def load_distilled(folder: str | Path):
         other = next(c for c in TOPK_COLUMNS if c not in half)
         raise Sd2Error(f"the distilled dataset {data} has the column {half[0]} without {other}; rerun distill")
     return ds
-
-
-def has_topk(ds) -> bool:
-    return all(c in ds.column_names for c in TOPK_COLUMNS)

@@ -22,8 +22,10 @@ A list of configs is a mix: their conversations concatenated in order.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Union
@@ -121,13 +123,8 @@ def load_prompts(cfg: PromptsConfig | list[PromptsConfig]) -> list[Conversation]
         if cfg.shuffle:
             rows = list(rows)
             random.Random(cfg.seed).shuffle(rows)
-        convs = []
-        for i, conv in enumerate(rows):
-            if i < cfg.skip:
-                continue
-            if cfg.limit is not None and len(convs) >= cfg.limit:
-                break
-            convs.append(conv)
+        # lazily: an unshuffled source is read no further than skip + limit
+        convs = list(itertools.islice(rows, cfg.skip, None if cfg.limit is None else cfg.skip + cfg.limit))
     if cfg.max_turns is not None:
         for c in convs:
             c.turns = c.turns[: cfg.max_turns]
@@ -224,6 +221,9 @@ def _read_text(path: Path) -> str:
         raise Sd2Error(f"cannot read the prompt file {path}: {e}; check the file (a .gz must be gzip)") from None
 
 
+_WS = re.compile(r"[ \t\r\n]*")   # JSON's white space
+
+
 def _json_records(path: Path, truncated_ok: bool = False) -> Iterator[tuple[int, dict]]:
     """(line, record) of a JSONL file, or of a JSON array decoded one record at a time. ``line`` is
     the 1-based line the record starts on, for error messages. ``truncated_ok`` reads a truncated
@@ -231,7 +231,7 @@ def _json_records(path: Path, truncated_ok: bool = False) -> Iterator[tuple[int,
     file that is cut off is an error, since records would be lost without a word."""
     text = _read_text(path)
     dec = json.JSONDecoder()
-    pos = _skip_ws(text, 0)
+    pos = _WS.match(text, 0).end()
     if pos >= len(text):
         return
     is_array = text[pos] == "["
@@ -240,9 +240,9 @@ def _json_records(path: Path, truncated_ok: bool = False) -> Iterator[tuple[int,
     n = 0
     seen, line = 0, 1              # lines counted up to ``seen`` (incrementally: files can be large)
     while True:
-        pos = _skip_ws(text, pos)
+        pos = _WS.match(text, pos).end()
         if pos < len(text) and text[pos] == ",":
-            pos = _skip_ws(text, pos + 1)
+            pos = _WS.match(text, pos + 1).end()
         if pos >= len(text) or text[pos] == "]":
             return
         line += text.count("\n", seen, pos)
@@ -250,7 +250,9 @@ def _json_records(path: Path, truncated_ok: bool = False) -> Iterator[tuple[int,
         try:
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            if is_array and n > 0 and _truncated(text):
+            # an array that does not end with ']' was cut off (a partial download), so the record that fails
+            # to decode is the last one; a complete array with a bad record mid-file is an error
+            if is_array and n > 0 and not text.rstrip().endswith("]"):
                 if truncated_ok:
                     return  # a truncated array: keep the complete records
                 raise Sd2Error(f"prompt file {path}: the JSON array is cut off after record {n - 1} (invalid JSON at "
@@ -262,18 +264,6 @@ def _json_records(path: Path, truncated_ok: bool = False) -> Iterator[tuple[int,
             raise Sd2Error(f"prompt file {path}: record {n} (line {line}) is a {type(obj).__name__}, expected a JSON object")
         n += 1
         yield line, obj
-
-
-def _skip_ws(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _truncated(text: str) -> bool:
-    """A JSON array that does not end with ']' was cut off (a partial download), so the record that
-    fails to decode is the last one; a complete array with a bad record mid-file is an error."""
-    return not text.rstrip().endswith("]")
 
 
 def _text(path: Path, stem: str) -> Iterator[Conversation]:

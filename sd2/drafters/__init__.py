@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from sd2.core.errors import Sd2Error, did_you_mean
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -70,8 +72,6 @@ class Drafter(Protocol):
 
 def kind_module(kind: str):
     if kind not in KINDS:
-        from sd2.core.errors import Sd2Error, did_you_mean
-
         raise Sd2Error(f"unknown drafter kind {kind!r}{did_you_mean(kind, KINDS)}; known: {', '.join(KINDS)}")
     return importlib.import_module(KINDS[kind].module)
 
@@ -121,8 +121,6 @@ def check(stage: str, config, kind: str) -> None:
     """``problems`` as an Sd2Error (a stage run directly, outside a validated recipe)."""
     found = problems(stage, config, kind)
     if found:
-        from sd2.core.errors import Sd2Error
-
         raise Sd2Error("; ".join(msg for _, msg in found))
 
 

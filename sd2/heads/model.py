@@ -32,14 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HEAD_TYPES = ("eagle", "fspad")
-
-
 @dataclass
 class HeadConfig:
     """Everything needed to rebuild a head (stored as ``config.json["sd2_head"]``)."""
 
-    type: str                       # eagle | fspad
+    type: str                       # eagle | fspad: the head stage's Config.type
     hidden_size: int                # d: the target's hidden size
     num_layers: int
     num_attention_heads: int
@@ -66,9 +63,8 @@ class HeadConfig:
     @classmethod
     def for_target(cls, head_type: str, target_config, num_layers: int = 1, fc_bias: bool | None = None,
                    target: str = "", target_fingerprint: str = "") -> "HeadConfig":
-        """A head sized like one of the target's decoder layers (the EAGLE convention)."""
-        if head_type not in HEAD_TYPES:
-            raise ValueError(f"head type must be one of {HEAD_TYPES}, got {head_type!r}")
+        """A head sized like one of the target's decoder layers (the EAGLE convention). ``head_type``:
+        one of the head stage's ``Config.type`` (sd2/stages/head.py), which checks it."""
         c = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         d = c.hidden_size
         n_heads = c.num_attention_heads

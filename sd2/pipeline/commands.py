@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from sd2.core.errors import Sd2Error
+from sd2.core.report import TARGET, Report
 
 
 def model_ref(text: str):
@@ -28,10 +30,6 @@ def drafter_names(specs: list[str]) -> dict[str, str]:
     """``--drafter`` values to {name: reference}. ``NAME=REF`` names a drafter (report.json and
     ``sd2 compare`` match drafters by name, so a CI gate should name them); an unnamed drafter is
     ``drafter`` when alone, else ``drafterN`` by position. A path that exists is never split at '='."""
-    import re
-
-    from sd2.core.report import TARGET
-
     out: dict[str, str] = {}
     for i, spec in enumerate(specs):
         name, sep, ref = spec.partition("=")
@@ -134,7 +132,6 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
 
 def compare_command(new: Path, baseline: Path, max_mal_drop: float) -> tuple[int, str]:
     """(exit code, table). Raises Sd2Error for unusable input (the CLI exits 2 then)."""
-    from sd2.core.report import Report
     from sd2.pipeline.compare import compare, table
 
     if not 0 <= max_mal_drop < 1:

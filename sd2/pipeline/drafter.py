@@ -83,6 +83,11 @@ def step_kinds(start: str, branches: dict, branch_from: dict) -> dict[str, list[
     return out
 
 
+def step_path(bname: str, i: int, branch_from: dict) -> str:
+    """The recipe path of a branch's i-th parsed step, as a user sees it: a ``from:`` line is step 0."""
+    return f"branches.{bname}[{i + (1 if bname in branch_from else 0)}]"
+
+
 def check_kinds(start: str, branches: dict, branch_from: dict) -> list[Issue]:
     """A branch step's options that the drafter kind it receives lacks (sd2.drafters.problems): a
     head-only finetune option on a causal LM, layer pruning or a raw recipe on a head."""
@@ -91,7 +96,6 @@ def check_kinds(start: str, branches: dict, branch_from: dict) -> list[Issue]:
     issues = []
     for bname, kinds in step_kinds(start, branches, branch_from).items():
         for i, ((sname, cfg), kind) in enumerate(zip(branches[bname], kinds)):
-            at = i + (1 if bname in branch_from else 0)   # the raw step index: `from:` is step 0
-            issues += [Issue(f"branches.{bname}[{at}].{sname}.{field}", msg)
+            issues += [Issue(f"{step_path(bname, i, branch_from)}.{sname}.{field}", msg)
                        for field, msg in drafters.problems(sname, cfg, kind)]
     return issues

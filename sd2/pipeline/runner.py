@@ -118,21 +118,16 @@ class Runner:
         self.force = {s.id for key in (force or []) for s in _match(self.steps, key, "--force")}
         self.last = _until(self.steps, until).index if until else len(self.steps) - 1
         self.produced: dict[str, Produced] = {}
-        self._external: dict[str, ModelSource] = {}
-        self._converted: set[str] = set()
+        self._external: dict[tuple[str, bool], ModelSource] = {}
         self._cross_tokenizer: bool | None = None
         self.kinds = {"drafter": recipe.drafter_kind} | {s.id: s.kind for s in self.steps if s.kind}
 
     # -- external models ------------------------------------------------------------------
     def _source(self, role: str, load: bool) -> ModelSource:
-        """The target or given drafter. Fingerprinting needs no conversion; loading does."""
-        ref = getattr(self.recipe.recipe, role)
-        if role not in self._external:
-            self._external[role] = resolve(ref, convert=False)
-        if load and role not in self._converted:
-            self._external[role] = resolve(ref, convert=True)
-            self._converted.add(role)
-        return self._external[role]
+        """The target or given drafter, resolved once. Fingerprinting needs no GGUF conversion; loading does."""
+        if (role, load) not in self._external:
+            self._external[role, load] = resolve(getattr(self.recipe.recipe, role), convert=load)
+        return self._external[role, load]
 
     def _input(self, name: str, src, load: bool):
         if src is None:
@@ -254,10 +249,8 @@ class Runner:
         config_json = step.config.model_dump(mode="json")
         folder = self.run_dir / step.folder
         manifest = art.read_manifest(folder)
-        lineage_in = []
-        model_src = sources.get("model")
-        if isinstance(model_src, str) and model_src in self.produced:
-            lineage_in = self.produced[model_src].lineage
+        upstream = self.produced.get(sources.get("model"))     # the model it reads, if a step of this run made it
+        lineage_in = upstream.lineage if upstream is not None else []
 
         if manifest and manifest.get("fingerprint") == fp and step.id not in self.force:
             log.info("skip  %-28s (fingerprint %s matches)", step.folder, fp)
@@ -293,7 +286,7 @@ class Runner:
         manifest = {
             "id": step.id, "stage": step.stage, "branch": step.branch, "fingerprint": fp, "output_id": output_id,
             "config": config_json,
-            "inputs": {k: {"source": v if isinstance(v, str) else v, "identity": idents[k]} for k, v in sources.items()},
+            "inputs": {k: {"source": v, "identity": idents[k]} for k, v in sources.items()},
             "seed": self.recipe.recipe.seed, "started": started, "finished": finished,
             "seconds": round(finished - started, 3), "peak_rss_mb": rss.peak_mb,
             "versions": art.package_versions(), "git_sha": art.git_sha(), "machine": art.machine(),

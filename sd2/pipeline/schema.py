@@ -16,13 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sd2.core.errors import Issue, RecipeError, did_you_mean, short
-from sd2.core.errors import Sd2Error
+from sd2.core.errors import Issue, RecipeError, Sd2Error, did_you_mean, short
 from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locate_gguf
 from sd2.core.precision import check_env
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
-from sd2.pipeline.drafter import BUILDS, build_ref, check_kinds, drafter_kind, parse_build, step_kinds
+from sd2.pipeline.drafter import BUILDS, build_ref, check_kinds, drafter_kind, parse_build, step_kinds, step_path
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 from sd2.core.paths import expand
 
@@ -30,12 +29,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # branch names: '.' separa
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Recipe(Strict):
+class Recipe(BaseModel):
     """One run. Stage sections (distill, evaluate, branch steps) are validated by the stage's own Config."""
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="run name; the run folder is <out>/<name>")
     seed: int = Field(0, description="seeds every stage")
@@ -261,17 +257,11 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
                                           + step_sections))
         issues.extend(_check_paths(recipe))
         # Checks across steps read each branch as a sequence; a branch with a broken step (or one that starts
-        # from such a branch) is left out, since its sequence is unknown: its own errors come first.
-        for b in list(branches):
-            chain, seen = b, set()
-            while chain is not None and chain not in seen:
-                seen.add(chain)
-                if chain in broken:
-                    break
-                chain = branch_from.get(chain)
-            else:
-                continue
-            broken.add(b)
+        # from such a branch: `from:` names an earlier one) is left out, since its sequence is unknown: its own
+        # errors come first.
+        for b in branches:   # in order, so that a chain of them is followed
+            if branch_from.get(b) in broken:
+                broken.add(b)
         intact = {b: steps for b, steps in branches.items() if b not in broken}
         issues.extend(_check_cross(recipe, intact, branch_from))
         issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
@@ -328,7 +318,7 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
     return issues
 
 
-def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict | None = None) -> list[Issue]:
+def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict) -> list[Issue]:
     """Layer counts, where they are known before any model loads (a local folder's config.json, a
     GGUF header, a derived drafter's layers): derive within the target's layers (the derive stage's
     own check, ``layer_problems``), and each branch's layer-pruning steps within the layers the
@@ -348,7 +338,7 @@ def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict | Non
     prune = STAGES["prune"].load()
     ends: dict[str, int | None] = {}   # each branch's layer count after its last step (a `from:` branch starts there)
     for bname, steps in branches.items():
-        n = ends.get((branch_from or {}).get(bname), start) if bname in (branch_from or {}) else start
+        n = ends.get(branch_from[bname], start) if bname in branch_from else start
         for i, (sname, cfg) in enumerate(steps):
             if n is None or sname == "head":   # a head has no decoder layers to count (check_kinds refuses layer pruning)
                 n = None
@@ -357,7 +347,7 @@ def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict | Non
                 n_remove, problem = prune.layer_request(n, cfg)
                 if problem:
                     field = next(f for f in ("keep_layers", "n_remove", "match_sparsity") if getattr(cfg, f, None) is not None)
-                    issues.append(Issue(f"branches.{bname}[{_raw_index(bname, i, branch_from)}].prune.{field}", problem))
+                    issues.append(Issue(f"{step_path(bname, i, branch_from)}.prune.{field}", problem))
                     n = None
                     break
                 n = None if n_remove is None else n - n_remove
@@ -365,30 +355,22 @@ def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict | Non
     return issues
 
 
-def _raw_index(bname: str, i: int, branch_from: dict | None) -> int:
-    """The index a user sees of a branch's i-th parsed step: a ``from:`` line is step 0."""
-    return i + (1 if bname in (branch_from or {}) else 0)
-
-
-def _check_cross(recipe: Recipe, branches: dict, branch_from: dict | None = None) -> list[Issue]:
+def _check_cross(recipe: Recipe, branches: dict, branch_from: dict) -> list[Issue]:
     issues = []
-    for bname, steps in branches.items():
-        for i, (sname, cfg) in enumerate(steps):
-            k = getattr(cfg, "k", None) if sname == "trim_vocab" else None
-            if k is not None:
-                vocab = known_vocab_size(recipe.drafter or recipe.target)   # a built drafter reads the target's
-                if vocab is not None and k > vocab:
-                    issues.append(Issue(f"branches.{bname}[{_raw_index(bname, i, branch_from)}].trim_vocab.k",
-                                        f"must be at most the drafter's vocabulary size {vocab} (got {k})"))
     data_at_end: dict[str, bool] = {}
     for bname, steps in branches.items():
-        start = (branch_from or {}).get(bname)
+        start = branch_from.get(bname)
         has_data = data_at_end.get(start, False) if start else recipe.distill is not None
         for i, (sname, cfg) in enumerate(steps):
+            k = getattr(cfg, "k", None) if sname == "trim_vocab" else None
+            vocab = known_vocab_size(recipe.drafter or recipe.target) if k is not None else None   # a built drafter reads the target's
+            if vocab is not None and k > vocab:
+                issues.append(Issue(f"{step_path(bname, i, branch_from)}.trim_vocab.k",
+                                    f"must be at most the drafter's vocabulary size {vocab} (got {k})"))
             if sname == "distill":
                 has_data = True
             elif "dataset" in consumed_inputs(STAGES[sname], cfg) and not has_data:
-                issues.append(Issue(f"branches.{bname}[{_raw_index(bname, i, branch_from)}].{sname}", "needs a distilled dataset: add a top-level `distill:` section or a distill step before it"))
+                issues.append(Issue(f"{step_path(bname, i, branch_from)}.{sname}", "needs a distilled dataset: add a top-level `distill:` section or a distill step before it"))
         data_at_end[bname] = has_data
     if not branches and recipe.evaluate is None and recipe.distill is None:
         issues.append(Issue("", "the recipe does nothing: add distill, branches or evaluate"))

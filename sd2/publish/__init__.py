@@ -19,6 +19,9 @@ from pathlib import Path
 
 from sd2.core.errors import Sd2Error
 from sd2.core.paths import expand
+from sd2.publish import card, export, upload
+from sd2.publish.provenance import front_matter, provenance
+from sd2.publish.select import select
 
 log = logging.getLogger("sd2")
 
@@ -36,10 +39,6 @@ class Published:
 def publish(source: Path, repo_id: str, drafter: str | None = None, private: bool = False, dry_run: bool = False,
             out: Path | None = None, exist_ok: bool = False, say=print) -> Published:
     """Build the folder for the chosen drafter; upload it unless ``dry_run``. ``say`` gets progress lines."""
-    from sd2.publish import card, export, upload
-    from sd2.publish.provenance import provenance
-    from sd2.publish.select import select
-
     if dry_run and out is None:
         raise Sd2Error("--dry-run needs --out DIR: the folder that would be uploaded is written there")
     upload.check_repo_id(repo_id)
@@ -94,11 +93,8 @@ def publish(source: Path, repo_id: str, drafter: str | None = None, private: boo
 
 def is_export(folder: Path) -> bool:
     """A folder that sd2 publish built: its README front matter carries the sd2 tag."""
-    from sd2.publish.card import TAGS
-    from sd2.publish.provenance import front_matter
-
     readme = folder / "README.md"
     if not readme.is_file():
         return False
     tags = front_matter(readme.read_text(errors="replace")).get("tags") or []
-    return TAGS[2] in tags and "speculative-decoding" in tags
+    return card.TAGS[2] in tags and "speculative-decoding" in tags

@@ -10,6 +10,7 @@ import json
 
 import yaml
 
+from sd2.core.report import DrafterInfo
 from sd2.publish.export import Exported
 from sd2.publish.provenance import Provenance, public_name
 from sd2.publish.select import Selection
@@ -52,7 +53,7 @@ def render(sel: Selection, prov: Provenance, exp: Exported, repo_id: str) -> str
 
 
 def _metrics(sel: Selection, exp: Exported, prov: Provenance) -> str:
-    rep, entry = sel.report, sel.entry
+    rep, entry = sel.report, sel.entry or DrafterInfo()   # a report without this drafter's entry: every fact "-"
     target, settings = rep.target, rep.settings
     rows = sorted(sel.results, key=lambda r: (r.gamma != sel.main_gamma, r.gamma, r.temperature))
     head = ("| γ | temperature | MAL | MAL per request | acceptance rate | acceptance per position | speedup "
@@ -74,17 +75,16 @@ def _metrics(sel: Selection, exp: Exported, prov: Provenance) -> str:
         for r in rows:
             lines.append(f"| {r.gamma} | {num(r.temperature)} | "
                          + " | ".join(num(r.mal_per_category.get(c)) for c in cats) + " |")
-    macs = entry.macs if entry else {}
+    macs, vocab = entry.macs, entry.vocab
     hw = ", ".join(f"{k} {v}" for k, v in settings.machine.items() if k != "host") or "-"
-    vocab = entry.vocab if entry else None
     setup = [
         ("target", f"`{prov.target}`"), ("target fingerprint", f"`{target.fingerprint or '-'}`"),
-        ("drafter fingerprint", f"`{(entry.fingerprint if entry else '') or '-'}`"),
-        ("sparsity (decoder linear layers)", num(entry.sparsity if entry else None)),
+        ("drafter fingerprint", f"`{entry.fingerprint or '-'}`"),
+        ("sparsity (decoder linear layers)", num(entry.sparsity)),
         ("sparsity measured on the published weights", num(exp.sparsity)),
         ("MACs per token (effective / dense)", f"{num(macs.get('effective'))} / {num(macs.get('dense'))}"),
-        ("MAC ratio drafter / target", num(entry.mac_ratio if entry else None)),
-        ("measured cost ratio c", num(entry.c_measured if entry else None)),
+        ("MAC ratio drafter / target", num(entry.mac_ratio)),
+        ("measured cost ratio c", num(entry.c_measured)),
         ("draft vocabulary", f"{num(vocab.draft_vocab_size)} tokens, coverage {num(vocab.coverage)}"
          if vocab else "full"),
         ("γ (main)", num(sel.main_gamma)), ("temperatures", ", ".join(num(t) for t in settings.temperatures)),

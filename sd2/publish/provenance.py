@@ -10,12 +10,11 @@ offline, from what is on disk: a local folder's README front matter or config.js
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from sd2.core.paths import expand
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+from sd2.core.gguf_header import HUB_ID, gguf_info
+from sd2.core.paths import expand
 
 
 @dataclass
@@ -68,19 +67,22 @@ def provenance(recipe: dict | None, model_dir: Path, target_ref: str | None) -> 
 def hub_id(ref: dict) -> str | None:
     """The Hub id of a model reference: a ``hub:`` id, or the repo a GGUF's header says it was
     converted from (general.source.* / general.base_model.0.*; sd2.core.gguf_header.gguf_info)."""
-    if not ref:
-        return None
     if ref.get("hub"):
-        return ref["hub"] if _HUB_ID.match(ref["hub"]) else None
-    if ref.get("gguf"):
-        try:
-            from sd2.core.gguf_header import gguf_info
-            from sd2.core.models import ModelRef, locate_gguf
+        return ref["hub"] if HUB_ID.match(ref["hub"]) else None
+    return _gguf_fact(ref, "hub_id")
 
-            return gguf_info(locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))).hub_id
-        except Exception:  # gguf missing or unreadable: no Hub id, and the card names the file instead
-            return None
-    return None
+
+def _gguf_fact(ref: dict, name: str):
+    """``name`` (hub_id, license) from the header of a ``gguf:`` reference (sd2.core.gguf_header.gguf_info);
+    None for another reference, or a GGUF file missing or unreadable (the card then names the file)."""
+    if not ref.get("gguf"):
+        return None
+    try:
+        from sd2.core.models import ModelRef, locate_gguf
+
+        return getattr(gguf_info(locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))), name)
+    except Exception:
+        return None
 
 
 def public_name(value: str) -> str:
@@ -109,7 +111,7 @@ def _license_from_ref(ref: dict) -> str | None:
     if ref.get("path"):
         return _license_from_folder(expand(ref["path"]))
     if ref.get("gguf"):
-        return _license_from_gguf(ref)
+        return _gguf_fact(ref, "license")
     if ref.get("hub"):
         try:
             from huggingface_hub import try_to_load_from_cache
@@ -135,16 +137,6 @@ def _license_from_folder(folder: Path) -> str | None:
             lic = None
         return str(lic) if lic else None
     return None
-
-
-def _license_from_gguf(ref: dict) -> str | None:
-    try:
-        from sd2.core.gguf_header import gguf_info
-        from sd2.core.models import ModelRef, locate_gguf
-
-        return gguf_info(locate_gguf(ModelRef(**{k: v for k, v in ref.items() if k in ("gguf", "package")}))).license
-    except Exception:  # gguf missing or unreadable: no license found, said in the card
-        return None
 
 
 def front_matter(text: str) -> dict:

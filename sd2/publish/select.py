@@ -120,12 +120,9 @@ def _attach(sel: Selection, report: Report, name: str) -> None:
 def _read_recipe(run_dir: Path | None) -> dict | None:
     import yaml
 
-    p = run_dir / "recipe.yaml" if run_dir else None
-    if p is None or not p.is_file():
-        return None
     try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
+        return yaml.safe_load((run_dir / "recipe.yaml").read_text()) if run_dir else None
+    except (OSError, yaml.YAMLError):   # none, or unreadable: the card then says less
         return None
 
 

@@ -122,7 +122,6 @@ def describe(e: BaseException, token: str | None, url: str) -> str:
 
     status = _status(e)
     if status is not None:
-        server = ""
         try:
             body = e.response.json()
             server = str(body.get("error") or body.get("message") or "") if isinstance(body, dict) else ""

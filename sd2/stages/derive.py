@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sd2.core.errors import Sd2Error
 from sd2.data.prompts import Prompts
 
 
@@ -62,7 +63,6 @@ def layer_problems(config: Config, n: int) -> list[tuple[str, str]]:
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     import json
 
-    from sd2.core.errors import Sd2Error
     from sd2.core.models import load_model, load_tokenizer, save_model
     from sd2.macs import count_macs
     from sd2.modeling import decoder_layers, first_last_layers, keep_layers
@@ -98,22 +98,13 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 def _calibration(config: Config, tok, seed: int) -> list[list[int]]:
     """Token ids of the calibration prompts: the first user turn with the chat template and the
     generation prompt (as distill starts them), drawn with ``seed`` and cut to ``seq_len``."""
-    import random
-
-    from sd2.core.errors import Sd2Error
     from sd2.data.prompts import load_prompts
     from sd2.stages.distill.chat import ChatFormat
+    from sd2.stages.prune.calibration import draw
 
-    convs = [c for c in load_prompts(config.calibration) if c.turns]
-    random.Random(seed).shuffle(convs)
     fmt = ChatFormat(tok, ())
-    out = []
-    for c in convs:
-        ids = fmt.start(c).ids[: config.seq_len]
-        if len(ids) >= 2:
-            out.append(ids)
-        if len(out) == config.calibration_samples:
-            break
+    convs = [c for c in load_prompts(config.calibration) if c.turns]
+    out = draw(convs, lambda c: fmt.start(c).ids, config.calibration_samples, config.seq_len, seed)
     if not out:
         raise Sd2Error("drafter.calibration selected no prompt of 2 tokens or more to measure layer distances on")
     return out

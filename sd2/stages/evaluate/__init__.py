@@ -7,7 +7,7 @@ report.md and plots. Metric definitions: docs/evaluate.md and sd2/mal.py.
 
 The decoding itself is sd2.engine (one round loop over proposers: drafters, cross-tokenizer
 drafters, prompt lookup). Modules here: measure (timing protocol, c, v(n), teacher-forced MAL),
-collect (load, measure, assemble), report (report.json/.md, snippets), plots.
+collect (load, measure, assemble), report (report.json/.md, snippets), plots, vllm (engine: vllm).
 The commands `sd2 eval` and `sd2 compare` (the CI gate) live in sd2.pipeline.commands/compare.
 """
 
@@ -100,22 +100,16 @@ class Config(BaseModel):
 
     @field_validator("gamma", mode="before")
     @classmethod
-    def _gamma_shape(cls, v):
-        """One sentence for the shapes the union would otherwise answer with three raw lines."""
+    def _gamma(cls, v):
+        """One sentence for the shapes and values the union would otherwise answer with three raw lines."""
         if isinstance(v, list) and "auto" in v:
             raise ValueError(f"gamma: auto picks the depth itself; give it alone (gamma: auto), not in a list "
                              f"with fixed depths, got {v}")
         bad = lambda x: isinstance(x, bool) or not isinstance(x, int)  # noqa: E731
         if v != "auto" and (bad(v) if not isinstance(v, list) else any(map(bad, v))):
             raise ValueError(f"gamma must be an integer in [1, 64], a non-empty list of them, or 'auto', got {v!r}")
-        return v
-
-    @field_validator("gamma")
-    @classmethod
-    def _gamma(cls, v):
-        if v == "auto":
-            return v
-        return _in_range(v, 1, 64, "gamma must be an integer in [1, 64], a non-empty list of them, or 'auto'")
+        return v if v == "auto" else _in_range(v, 1, 64, "gamma must be an integer in [1, 64], a non-empty list of "
+                                                         "them, or 'auto'")
 
     @field_validator("width")
     @classmethod
@@ -173,7 +167,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2.stages.evaluate.collect import evaluate_and_report
 
     if config.engine == "vllm":
-        from sd2.serve.evaluate import evaluate_in_vllm
+        from sd2.stages.evaluate.vllm import evaluate_in_vllm
 
         return evaluate_in_vllm(config, inputs, Path(out_dir), ctx)
 

@@ -9,22 +9,23 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from sd2 import __version__
+from sd2 import drafters as kinds
+from sd2.core.artifacts import machine, read_manifest
 from sd2.core.errors import Sd2Error
 from sd2.core.precision import resolve
-
-
-def _lineage(ref: str) -> list:
-    manifest = Path(ref) / "manifest.json"
-    if manifest.is_file():
-        try:
-            return json.loads(manifest.read_text()).get("lineage", [])
-        except (OSError, json.JSONDecodeError):
-            return []
-    return []
-
-
-def _r(x, nd=6):
-    return None if x is None else round(float(x), nd)
+from sd2.core.report import Baseline, DrafterInfo, Report, Result, Settings, ShapeChoice, TargetInfo, VocabInfo, _r
+from sd2.data.prompts import load_prompts, with_user_turn
+from sd2.engine.cached import CachedLM
+from sd2.engine.crosstok import CrossTokenizerProposer
+from sd2.engine.drafter import DrafterProposer
+from sd2.engine.lookup import PromptLookupProposer
+from sd2.engine.proposer import Sampling
+from sd2.engine.sampling import DraftVocab
+from sd2.macs import count_macs
+from sd2.stages.evaluate import measure as M
+from sd2.stages.evaluate.report import write_report
+from sd2.vocab import draft_to_target
 
 
 @dataclass
@@ -40,11 +41,7 @@ class Setup:
 
 
 def load_target(config, inputs, ctx) -> Setup:
-    from sd2.core.models import load_model, load_tokenizer, model_eos_ids
-    from sd2.data.prompts import load_prompts, with_user_turn
-    from sd2.macs import count_macs
-    from sd2.engine.cached import CachedLM
-    from sd2.stages.evaluate import measure as M
+    from sd2.core.models import load_model, load_tokenizer, model_eos_ids   # at call time: tests replace them
 
     if inputs.target is None or not (inputs.drafters or config.prompt_lookup):
         raise Sd2Error("evaluate needs a target and at least one drafter (inputs.target, inputs.drafters, "
@@ -66,17 +63,7 @@ def load_drafters(config, inputs, setup: Setup, ctx):
     becomes a proposer (sd2.engine): a causal LM a drafter, or a cross-tokenizer drafter when the
     tokenizers differ; a kind that reads the target (a head) the proposer its kind builds, bound to
     the evaluated target (sd2.drafters); ``evaluate.prompt_lookup`` adds prompt lookup decoding."""
-    from sd2 import drafters as kinds
     from sd2.core.models import load_model, load_tokenizer, model_eos_ids, same_tokenizer
-    from sd2.core.report import DrafterInfo
-    from sd2.engine.cached import CachedLM
-    from sd2.engine.crosstok import CrossTokenizerProposer
-    from sd2.engine.drafter import DrafterProposer
-    from sd2.engine.lookup import PromptLookupProposer
-    from sd2.engine.sampling import DraftVocab
-    from sd2.macs import count_macs
-    from sd2.stages.evaluate import measure as M
-    from sd2.vocab import draft_to_target
 
     dtype = resolve(config.dtype, ctx.device, exact=True).torch_dtype
     drafters, infos, maps = [], {}, {}
@@ -102,7 +89,8 @@ def load_drafters(config, inputs, setup: Setup, ctx):
             drafters.append(M.Drafter(name, drafter.proposer(setup.eos, name), drafter=drafter))
         infos[name] = DrafterInfo(path=src.ref, kind=kind, fingerprint=src.fingerprint, macs=macs.to_dict(),
                                   mac_ratio=_r(macs.ratio_to(setup.macs)), sparsity=_r(macs.decoder_sparsity),
-                                  cross_tokenizer=cross, lineage=_lineage(src.ref), settings=settings)
+                                  cross_tokenizer=cross, settings=settings,
+                                  lineage=(read_manifest(Path(src.ref)) or {}).get("lineage", []))
     if config.prompt_lookup:
         pl = config.prompt_lookup
         drafters.append(M.Drafter(pl.name, PromptLookupProposer(pl.name, setup.eos, pl.max_ngram, pl.min_ngram)))
@@ -113,8 +101,6 @@ def load_drafters(config, inputs, setup: Setup, ctx):
 
 def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
     """Coverage of a trimmed-vocabulary drafter; None for a full-vocabulary one."""
-    from sd2.core.report import VocabInfo
-
     if map_ids is None:
         return None
     kept = set(map_ids.tolist())
@@ -128,8 +114,6 @@ def vocab_info(ref: str, map_ids, greedy_tokens: list[int]):
 def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gammas: list[int]) -> dict:
     """Fill c and the vocabulary of each DrafterInfo; return teacher-forced greedy chain statistics
     (MalStats) per drafter and γ, for the drafters that have them (a model on the target's tokenizer)."""
-    from sd2.stages.evaluate import measure as M
-
     greedy_tokens = [t for toks in greedy_ref.values() for t in toks]
     wanted = (config.teacher_forced or not config.decode) and greedy_ref
     tf = {}
@@ -145,23 +129,9 @@ def drafter_facts(config, setup: Setup, drafters, infos, maps, greedy_ref, gamma
     return tf
 
 
-def teacher_forced_cells(drafters, tf: dict, gammas: list[int]) -> dict:
-    """``evaluate.decode: false``: one cell per (drafter, γ) holding the teacher-forced rounds, untimed
-    and with losslessness not checked (None), in place of the engine's measured cells."""
-    from sd2.stages.evaluate import measure as M
-
-    missing = [d.name for d in drafters if d.name not in tf]
-    if missing:
-        raise Sd2Error(f"evaluate.decode: false has no teacher-forced rounds for {', '.join(missing)}; set decode: true")
-    return {(d.name, g, 1, 0.0): M.Cell(stats=tf[d.name][g], lossless=None) for d in drafters for g in gammas}
-
-
 def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
     """One Result per (drafter, γ, width, temperature): stored measurements only; derived figures are
     computed by the Result class."""
-    from sd2.core.report import Result
-    from sd2.stages.evaluate import measure as M
-
     target = setup.target
     step = statistics.median(target.step_times) if target.step_times else None
     rows = []
@@ -194,9 +164,6 @@ def result_rows(config, setup: Setup, infos, baseline, cells, tf) -> list:
 
 
 def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
-    from sd2.core.report import ShapeChoice
-    from sd2.stages.evaluate import measure as M
-
     setup = load_target(config, inputs, ctx)
     drafters, infos, maps = load_drafters(config, inputs, setup, ctx)
     if not config.decode:
@@ -221,15 +188,12 @@ def evaluate_and_report(config, inputs, out_dir: Path, ctx) -> dict:
         progress=lambda it, **kw: ctx.progress(it, total=len(setup.requests), **kw))
     gammas = sorted({g for s in shapes.values() for g, _ in s})
     tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref, gammas)
-    return _write(config, inputs, setup, infos, baseline, cells, tf, gammas, out_dir, ctx)
+    return _write_cells(config, inputs, setup, infos, baseline, cells, tf, gammas, out_dir, ctx)
 
 
 def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path, ctx) -> dict:
     """``decode: false``: the target's greedy answers (timed, the baseline), then each drafter's exact
     greedy chain rounds at every γ by teacher forcing; no speculative decoding runs."""
-    from sd2.engine.proposer import Sampling
-    from sd2.stages.evaluate import measure as M
-
     cross = [d.name for d in drafters if d.cross]
     if cross:   # before the target generates anything
         raise Sd2Error(f"evaluate.decode: false cannot simulate {', '.join(cross)}: a drafter with another tokenizer "
@@ -241,41 +205,46 @@ def _mal_only(config, inputs, setup: Setup, drafters, infos, maps, out_dir: Path
         setup.target, [], setup.requests, {}, [Sampling()], config.max_new_tokens, config.repeats, config.warmup,
         ctx.seed, setup.eos, progress=lambda it, **kw: ctx.progress(it, total=len(setup.requests), **kw))
     tf = drafter_facts(config, setup, drafters, infos, maps, greedy_ref, config.gammas)
-    cells = teacher_forced_cells(drafters, tf, config.gammas)
-    return _write(config, inputs, setup, infos, baseline, cells, tf, config.gammas, out_dir, ctx)
+    if missing := [d.name for d in drafters if d.name not in tf]:
+        raise Sd2Error(f"evaluate.decode: false has no teacher-forced rounds for {', '.join(missing)}; set decode: true")
+    # one cell per (drafter, γ), holding the teacher-forced rounds, untimed, losslessness not checked (None)
+    cells = {(d.name, g, 1, 0.0): M.Cell(stats=tf[d.name][g], lossless=None) for d in drafters for g in config.gammas}
+    return _write_cells(config, inputs, setup, infos, baseline, cells, tf, config.gammas, out_dir, ctx)
 
 
-def _write(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out_dir: Path, ctx) -> dict:
-    from sd2 import __version__
-    from sd2.core.artifacts import machine
-    from sd2.core.report import Baseline, Report, Settings
-    from sd2.stages.evaluate.report import write_report
-
-    results = result_rows(config, setup, infos, baseline, cells, tf)
-    for row in results:
-        ctx.log_metrics(**{k: v for k, v in row.model_dump().items() if not isinstance(v, (list, dict))})
-
+def write(config, inputs, setup: Setup, infos, baseline: dict, results: list, out_dir: Path, ctx, **settings) -> dict:
+    """Assemble report.json from ``results`` and ``baseline`` ({str(temperature): Baseline}), write it
+    with report.md and the plots (report.write_report); return the stage's metrics. ``settings``:
+    the report's Settings that differ from the config's (the γ measured, what decoded, the machine)."""
     report = Report(
         sd2_version=__version__,
         target=target_info(inputs, setup),
-        settings=Settings(gammas=gammas, widths=config.widths, gamma_auto=config.auto,
-                          max_gamma=config.max_gamma if config.auto else None, temperatures=config.temperatures,
-                          top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
-                          max_new_tokens=config.max_new_tokens, n_prompts=len(setup.requests), turns=config.turns,
-                          prompts=config.model_dump(mode="json")["prompts"], repeats=config.repeats,
-                          warmup=config.warmup, seed=ctx.seed, device=str(ctx.device), dtype=resolve(config.dtype, ctx.device, exact=True).dtype,
-                          decode=config.decode, machine=machine()),
-        baseline={str(t): Baseline(**{k: (_r(v) if isinstance(v, float) else v) for k, v in b.items()})
-                  for t, b in baseline.items()},
-        drafters=infos, results=results)
+        settings=Settings(**{
+            "gammas": config.gammas, "widths": config.widths, "gamma_auto": config.auto,
+            "max_gamma": config.max_gamma if config.auto else None, "temperatures": config.temperatures,
+            "top_k": config.top_k, "top_p": config.top_p, "min_p": config.min_p,
+            "max_new_tokens": config.max_new_tokens, "n_prompts": len(setup.requests), "turns": config.turns,
+            "prompts": config.model_dump(mode="json")["prompts"], "repeats": config.repeats,
+            "warmup": config.warmup, "seed": ctx.seed, "device": str(ctx.device),
+            "dtype": resolve(config.dtype, ctx.device, exact=True).dtype, "decode": config.decode,
+            "machine": machine(), **settings}),
+        baseline=baseline, drafters=infos, results=results)
     write_report(report, out_dir)
     return summary(report, ctx)
 
 
+def _write_cells(config, inputs, setup: Setup, infos, baseline, cells, tf, gammas, out_dir: Path, ctx) -> dict:
+    """sd2's engine: the result rows of the measured (or teacher-forced) cells, logged, then written."""
+    results = result_rows(config, setup, infos, baseline, cells, tf)
+    for row in results:
+        ctx.log_metrics(**{k: v for k, v in row.model_dump().items() if not isinstance(v, (list, dict))})
+    baseline = {str(t): Baseline(**{k: (_r(v) if isinstance(v, float) else v) for k, v in b.items()})
+                for t, b in baseline.items()}
+    return write(config, inputs, setup, infos, baseline, results, out_dir, ctx, gammas=gammas)
+
+
 def target_info(inputs, setup: Setup):
     """report.json's target: as the user named it, and the folder it loaded from when that differs."""
-    from sd2.core.report import TargetInfo
-
     return TargetInfo(ref=inputs.target.label or inputs.target.ref,
                       loaded_from=inputs.target.ref if inputs.target.label not in ("", inputs.target.ref) else None,
                       hub_id=inputs.target.hub_id, fingerprint=inputs.target.fingerprint, macs=setup.macs.to_dict())

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd2.core.report import DrafterInfo, Report
+from sd2 import drafters
+from sd2.core.report import REPORT_FILE, DrafterInfo, Report
+from sd2.stages.evaluate.plots import write_plots
 
 
 def _fmt(x, nd=2, suffix=""):
@@ -33,8 +35,6 @@ def snippets(target: str, d: DrafterInfo, gamma: int, hub_id: str | None = None)
     features is no transformers ``assistant_model``: its kind writes its own, ``usage_snippets``).
     ``target`` is the target as sd2's command line names it; transformers and vLLM load ``hub_id``
     (a Hub id or a local folder they can read) when given, else ``target``."""
-    from sd2 import drafters
-
     if d.kind in drafters.KINDS and drafters.KINDS[d.kind].feature_level:
         return drafters.kind_module(d.kind).usage_snippets(target, d, gamma, hub_id)
     target = hub_id or target
@@ -182,9 +182,6 @@ def markdown(report: Report, plots: list[str]) -> str:
 
 
 def write_report(report: Report, out_dir: Path) -> None:
-    from sd2.core.report import REPORT_FILE
-    from sd2.stages.evaluate.plots import write_plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report, out_dir)
     for name, text in best_snippets(report).items():

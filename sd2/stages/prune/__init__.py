@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from sd2.core.paths import expand
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sd2.core.errors import Sd2Error
+from sd2.core.paths import expand
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "layer")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -55,11 +57,11 @@ class Config(BaseModel):
                                                  "applied with oneshot; excludes method, sparsity, mask_structure, "
                                                  "n_remove and keep_layers")
 
-    @field_validator("sparsity")
+    @field_validator("sparsity", "match_sparsity")
     @classmethod
-    def _sparsity_range(cls, v: float | None) -> float | None:
+    def _sparsity_range(cls, v: float | None, info) -> float | None:
         if v is not None and not 0.0 < v < 1.0:
-            raise ValueError(f"sparsity must be in (0, 1), e.g. 0.5; got {v}")
+            raise ValueError(f"{info.field_name} must be in (0, 1), e.g. 0.5; got {v}")
         return v
 
     @field_validator("mask_structure")
@@ -107,8 +109,6 @@ class Config(BaseModel):
             return self
         if self.method is None:
             raise ValueError(f"give a method ({' | '.join(METHODS)}) or a raw llm-compressor recipe")
-        if self.match_sparsity is not None and not 0.0 < self.match_sparsity < 1.0:
-            raise ValueError(f"match_sparsity must be in (0, 1), e.g. 0.5; got {self.match_sparsity}")
         if self.method == "layer":
             given = [k for k in ("n_remove", "keep_layers", "match_sparsity") if getattr(self, k) is not None]
             if len(given) != 1:
@@ -172,7 +172,6 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
     from sd2 import drafters
     from sd2.core.context import PeakRSS
-    from sd2.core.errors import Sd2Error
     from sd2.stages.prune import sparsity as sp
 
     if inputs.model is None:
@@ -227,8 +226,6 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 
 def _check_nm(linears: list, config: Config) -> None:
     """Every pruned layer's input dimension must be a multiple of M for an N:M structure."""
-    from sd2.core.errors import Sd2Error
-
     m = config.nm[1]
     for name, mod in linears:
         cols = mod.weight.shape[0] if type(mod).__name__ == "Conv1D" else mod.weight.shape[1]
@@ -239,24 +236,19 @@ def _check_nm(linears: list, config: Config) -> None:
 
 def _prune_layers(model, samples, n_before: int, config: Config, ctx) -> dict:
     """method layer: remove the block of decoder layers of least angular distance (layers.py)."""
-    from sd2.core.errors import Sd2Error
     from sd2.stages.prune.layers import prune_layers
 
     report = {}
-    if config.match_sparsity is not None:
+    n_remove, problem = layer_request(n_before, config)
+    if problem:
+        raise Sd2Error(f"prune (method layer): {problem}")
+    if n_remove is None:    # match_sparsity: the count follows from the model's MACs
         from sd2.macs import layers_for_sparsity
 
-        if n_before < 2:
-            raise Sd2Error(f"prune (method layer): {layer_request(n_before, config)[1]}")
-        keep, budget = layers_for_sparsity(model, config.match_sparsity)
+        keep, report["mac_budget"] = layers_for_sparsity(model, config.match_sparsity)
         if keep == n_before:
             raise Sd2Error(f"prune.match_sparsity = {config.match_sparsity}: the nearest decoder-MAC budget on "
                            f"{n_before} layers keeps them all; raise match_sparsity or use a deeper model")
-        report["mac_budget"] = budget
         n_remove = n_before - keep
-    else:
-        n_remove, problem = layer_request(n_before, config)
-        if problem:
-            raise Sd2Error(f"prune (method layer): {problem}")
     report.update(prune_layers(model, samples, n_remove, ctx))
     return report

@@ -17,17 +17,24 @@ def calibration_samples(folder: Path, samples: int, seq_len: int, seed: int, ctx
     from sd2.core.errors import Sd2Error
 
     data = load_distilled(folder)
-    idx = list(range(len(data)))
-    random.Random(seed).shuffle(idx)
-    out = []
-    for i in idx:
-        ids = data[i]["input_ids"][:seq_len]
-        if len(ids) >= 2:
-            out.append(list(ids))
-        if len(out) == samples:
-            break
+    out = draw(range(len(data)), lambda i: data[i]["input_ids"], samples, seq_len, seed)
     if not out:
         raise Sd2Error(f"the distilled dataset in {folder} has no conversation of 2 tokens or more to calibrate on")
     if len(out) < samples and ctx is not None:
         ctx.log.warning("calibration: asked for %d samples, the distilled dataset has %d usable", samples, len(out))
+    return out
+
+
+def draw(items, to_ids, samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """Up to ``samples`` of ``items``, in an order shuffled with ``seed``, each as the first ``seq_len``
+    tokens of ``to_ids(item)``; one under 2 tokens is passed over (it has no next token to measure)."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    out = []
+    for item in items:
+        ids = list(to_ids(item))[:seq_len]
+        if len(ids) >= 2:
+            out.append(ids)
+        if len(out) == samples:
+            break
     return out
