@@ -6,7 +6,8 @@ torch 2.13, 2 processes over gloo, tests/test_finetune_fsdp.py):
 
 - torch's FSDP2 ``fully_shard`` runs on CPU over gloo: forward, backward (reduce-scatter),
   ``clip_grad_norm_`` over DTensors, fused AdamW on DTensor shards, and full state dicts of the
-  model and the optimizer gathered to rank 0 and broadcast back from it.
+  model and the optimizer gathered to rank 0 and broadcast back from it. torch's FSDP1 also ran
+  there (a toy model, forward, backward and AdamW, ``device_id=cpu``).
 - accelerate 1.16 does not use it there: with an FSDP config and a CPU ``Accelerator`` it starts
   the gloo world (MULTI_CPU) and then wraps the model in DDP, silently. ``enable_on_cpu`` switches
   that Accelerator to FSDP with the plugin accelerate built from the launch config, so that

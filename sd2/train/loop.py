@@ -146,6 +146,8 @@ def train(cfg, task: Task, rows_train: Rows, pad_id: int, out_dir: Path, ctx, co
     seed_everything(ctx.seed)
     task.prepare(acc, Path(out_dir), ctx)
     sharded = fsdp.active(acc)
+    if sharded:   # the plain module validates on the accelerator's device, as a DDP-prepared one would
+        task.module.to(acc.device)
     trained = fsdp.trained_copy(task.module, task.shared) if sharded else task.module
     wrapped = acc.prepare(trained)   # FSDP2 shards ``trained`` in place
     if sharded:
