@@ -39,6 +39,8 @@ class LogitsAtPositions(nn.Module):
         cfg = model.config
         self.fast = (getattr(model, "base_model", None) is not None and model.base_model is not model
                      and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
+        # FSDP's auto-wrap (TRANSFORMER_BASED_WRAP) reads the decoder layer classes from the module it shards
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.fast:
@@ -72,6 +74,7 @@ class LMTask:
 
     name = "finetune"
     terms = ("ce", "kd")
+    shared = ()   # the online teacher is not part of ``module``
 
     def __init__(self, model, cfg, rows_val: Rows, pad_id: int, d2t=None, t2d=None, teacher_model=None):
         self.cfg, self.rows_val, self.pad_id, self.d2t, self.t2d = cfg, rows_val, pad_id, d2t, t2d
@@ -85,6 +88,10 @@ class LMTask:
         self.accelerator = accelerator
         if self.teacher_model is not None:
             self.teacher_model.to(accelerator.device).eval()
+            from sd2.train import fsdp
+
+            if fsdp.active(accelerator):   # the target sharded too; every process validates, so forwards match
+                self.target_layers_sharded = fsdp.shard_frozen(self.teacher_model, accelerator)
             t_wrap = LogitsAtPositions(self.teacher_model)
 
             def teacher_forward(batch):

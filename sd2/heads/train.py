@@ -55,6 +55,7 @@ class HeadLoss(torch.nn.Module):
         super().__init__()
         self.head, self.cfg, self.t2d = head, cfg, t2d
         object.__setattr__(self, "target", target)   # frozen, not part of the trained module
+        self._no_split_modules = ["DecoderLayer"]     # FSDP auto-wrap: each head layer its own unit
 
     def forward(self, input_ids, feats, labels):
         cfg, head = self.cfg, self.head
@@ -106,6 +107,7 @@ class HeadTask:
     def __init__(self, cfg, head: Head, target, rows_train: Rows, rows_val: Rows, t2d=None):
         self.cfg, self.head, self.target, self.rows_train, self.rows_val = cfg, head, target, rows_train, rows_val
         self.module = HeadLoss(head, target, cfg, t2d)
+        self.shared = (target, head.embed, head.target_lm_head)   # an FSDP copy of ``module`` shares these
         self.mask = SparsityMask.of(head.linears() if cfg.hold_mask else [])
         self.weights = (cfg.feature_weight, cfg.logit_weight)
         self.feats_train = self.feats_val = self.device = None
@@ -115,6 +117,18 @@ class HeadTask:
         self.target.to(accelerator.device).eval()
         for p in self.target.parameters():
             p.requires_grad_(False)
+        from sd2.train import fsdp
+
+        if fsdp.active(accelerator):
+            if self.cfg.feature_cache_mb:
+                from sd2.core.errors import Sd2Error
+
+                raise Sd2Error("finetune.feature_cache_mb is not supported under FSDP: the cache is built by the main "
+                               "process alone, and the sharded target computes only with all processes; unset "
+                               "feature_cache_mb (features are then computed on the fly, by all processes together)")
+            # every process runs the same number of target forwards (batch_size rows per micro-batch,
+            # and validation on every process), so each layer's gather is matched
+            self.target_layers_sharded = fsdp.shard_frozen(self.target, accelerator)
         self.feats_train, self.feats_val = _feature_sources(self.cfg, self.target, self.rows_train, self.rows_val,
                                                             accelerator, out_dir, ctx)
 

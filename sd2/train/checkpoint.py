@@ -12,6 +12,12 @@ whatever code the file names. Every state is split into its tensors, stored as s
 as JSON (``<name>.json``) with a placeholder where each tensor was. Loading reads those two formats
 only; a ``*.pt`` file in a checkpoint (sd2 before this format, or planted) is never opened.
 
+Under FSDP (sd2/train/fsdp.py) the same files hold the same whole states: the model's and the
+optimizer's shards are gathered to the main process, which writes them (the optimizer state keyed
+by parameter name instead of by index), and on resume the main process reads them and broadcasts,
+each process keeping its shards. ``state.json`` records which layout wrote it, and a checkpoint is
+only resumed by the same layout.
+
 The checkpoint records the config it was made with; the runner only keeps a stage folder across
 reruns when the stage's fingerprint is unchanged, so a mismatch means the folder was edited or
 reused by hand, and is refused rather than guessed around.
@@ -124,8 +130,13 @@ def _set_rng_state(state: dict) -> None:
 
 def save(out_dir: Path, accelerator, model, optimizer, scheduler, step: int, extra: dict, config_json: dict) -> Path:
     """Write the checkpoint for ``step`` (all processes call this)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
+    from sd2.train import fsdp
+
+    sharded = fsdp.active(accelerator)
+    if sharded:   # collectives: every process takes part, the main one receives the whole states
+        model_state, optimizer_state = fsdp.full_model_state(model), fsdp.full_optimizer_state(model, optimizer)
     final = Path(out_dir) / NAME
     tmp = Path(out_dir) / f".{NAME}.tmp"
     if accelerator.is_main_process:
@@ -134,10 +145,15 @@ def save(out_dir: Path, accelerator, model, optimizer, scheduler, step: int, ext
     accelerator.wait_for_everyone()
     save_state(_rng_state(), tmp, f"rng-{accelerator.process_index}")
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))  # tied weights stored once
-        save_state(optimizer.state_dict(), tmp, "optimizer")
+        if sharded:   # a gathered state holds tied weights under each name, as separate tensors
+            save_file(_unshared(model_state), str(tmp / "model.safetensors"))
+            save_state(optimizer_state, tmp, "optimizer")
+        else:
+            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))  # tied weights stored once
+            save_state(optimizer.state_dict(), tmp, "optimizer")
         save_state(scheduler.state_dict(), tmp, "scheduler")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "config": config_json, **extra}, indent=2))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": config_json, "fsdp": sharded, **extra},
+                                                   indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for f in tmp.iterdir():
@@ -151,6 +167,16 @@ def save(out_dir: Path, accelerator, model, optimizer, scheduler, step: int, ext
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _unshared(state: dict) -> dict:
+    """``state`` with no two entries sharing memory (safetensors refuses that): a repeat is copied."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        v = v.detach().contiguous()
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return out
 
 
 def find(out_dir: Path) -> Path | None:
@@ -180,6 +206,17 @@ def load(folder: Path, accelerator, model, optimizer, scheduler, config_json: di
     if not (folder / f"{rng}.json").is_file():
         raise Sd2Error(f"{folder} has no {rng}.json: it was written with a different number of processes "
                        f"({accelerator.num_processes} now); resume with the same launch, or delete {folder}")
+    from sd2.train import fsdp
+
+    if bool(state.get("fsdp", False)) != fsdp.active(accelerator):
+        was, now = (("FSDP", "without FSDP") if state.get("fsdp") else ("without FSDP", "FSDP"))
+        raise Sd2Error(f"{folder} was written by a run {was}, and this run uses {now}; resume with the same "
+                       f"accelerate config, or delete {folder}")
+    if fsdp.active(accelerator):
+        _load_sharded(folder, accelerator, model, optimizer)
+        scheduler.load_state_dict(load_state(folder, "scheduler"))
+        _set_rng_state(load_state(folder, rng))
+        return state
     try:
         load_model(accelerator.unwrap_model(model), str(folder / "model.safetensors"))
     except Exception as e:  # a torn or foreign file: safetensors' own error type, or a shape/key mismatch
@@ -189,6 +226,26 @@ def load(folder: Path, accelerator, model, optimizer, scheduler, config_json: di
     scheduler.load_state_dict(load_state(folder, "scheduler"))
     _set_rng_state(load_state(folder, rng))
     return state
+
+
+def _load_sharded(folder: Path, accelerator, model, optimizer) -> None:
+    """FSDP: the main process reads the whole states and broadcasts them; each process keeps its
+    shards. A file the main process cannot read fails every process (none waits for a broadcast)."""
+    from safetensors.torch import load_file
+
+    from sd2.train import fsdp
+    from sd2.train.distributed import global_sum
+
+    model_state, optimizer_state, error = {}, {}, None
+    if accelerator.is_main_process:
+        try:
+            model_state = load_file(str(folder / "model.safetensors"))
+            optimizer_state = load_state(folder, "optimizer")
+        except Exception as e:  # safetensors' own error type, or load_state's Sd2Error
+            error = f"cannot read the checkpoint in {folder} ({str(e)[:300]}); delete {folder} to start this stage over"
+    if global_sum(accelerator, float(error is not None))[0]:
+        raise Sd2Error(error or f"the main process could not read the checkpoint in {folder}; see its error")
+    fsdp.load_full_state(model, optimizer, model_state, optimizer_state)
 
 
 def remove(out_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Running under accelerate (one process, DDP over gloo on CPU or NCCL on GPUs, FSDP).
+"""Running under accelerate (one process, DDP over gloo on CPU or NCCL on GPUs, FSDP2: sd2/train/fsdp.py).
 
 ``Accelerator()`` reads its world from the launcher: plain ``python`` gives one process,
 ``torchrun --nproc_per_node N`` or ``accelerate launch`` gives N (on CPU, torchrun gives a 2-process
@@ -25,7 +25,11 @@ def make_accelerator(precision: str, device: str):
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     precision = autocast_token(precision, device if cuda else "cpu")
     mixed = "bf16" if precision == "bf16" else "no"
-    return Accelerator(mixed_precision=mixed, cpu=not cuda), precision
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
+    from sd2.train.fsdp import enable_on_cpu
+
+    enable_on_cpu(accelerator)   # under an FSDP launch config: FSDP2 on CPU too (accelerate alone falls back to DDP)
+    return accelerator, precision
 
 
 def global_sum(accelerator, *values: float) -> list[float]:

@@ -4,8 +4,9 @@ accumulation, the mask held exactly, validation, checkpoints and resume, under a
 A drafter kind plugs in a ``Task`` (its loss and where its inputs come from): a standalone causal
 LM's is ``sd2.drafters.lm_train.LMTask`` (CE / KD on its logits), a feature-level head's is
 ``sd2.heads.train.HeadTask`` (feature regression + logit loss on the target's features). The loop
-owns everything else, so both kinds resume bit-identically, hold the mask and run under DDP the
-same way.
+owns everything else, so both kinds resume bit-identically, hold the mask and run under DDP or
+FSDP2 the same way (under FSDP the optimizer trains a sharded copy of the task's module and the
+weights are gathered back into it to validate and at the end: sd2/train/fsdp.py).
 
 Loss normalisation: each of the task's loss terms sums its token losses over a micro-batch; every
 sum is divided by that term's token count over the whole global batch (all micro-batches of all
@@ -27,19 +28,22 @@ from typing import Protocol
 
 import torch
 
-from sd2.train import checkpoint
+from sd2.train import checkpoint, fsdp
 from sd2.train.batches import Rows, collate, epoch_batches, micro_rows
 from sd2.train.distributed import global_sum, make_accelerator
 from sd2.train.mask import SparsityMask
 
 
 class Task(Protocol):
-    """What a drafter kind gives the loop. ``module`` is what accelerate wraps (DDP): its trainable
-    parameters are trained and checkpointed. ``terms`` names the loss terms and ``weights`` weighs
-    them (loss = sum_i weights[i] * mean_i)."""
+    """What a drafter kind gives the loop. ``module`` is what accelerate wraps (DDP), or, under FSDP,
+    what a sharded copy of it is made from: its trainable parameters are trained and checkpointed.
+    ``shared``: frozen objects ``module`` refers to that the FSDP copy must share, not copy (a
+    head's target). ``terms`` names the loss terms and ``weights`` weighs them
+    (loss = sum_i weights[i] * mean_i)."""
 
     name: str                       # the progress bar's label, e.g. "finetune"
     module: torch.nn.Module
+    shared: tuple
     mask: SparsityMask
     terms: tuple[str, ...]
     weights: tuple[float, ...]
@@ -55,7 +59,8 @@ class Task(Protocol):
         ``rows`` are its row indices in the training split)."""
 
     def validate(self, module, step: int) -> dict:
-        """Validation metrics (``val_*``) on the main process, ``module`` unwrapped and in eval mode."""
+        """Validation metrics (``val_*``), ``module`` unwrapped and in eval mode: on the main process,
+        or under FSDP on every process alike (a sharded target's forwards are collectives)."""
 
 
 def make_adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -140,8 +145,14 @@ def train(cfg, task: Task, rows_train: Rows, pad_id: int, out_dir: Path, ctx, co
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     seed_everything(ctx.seed)
     task.prepare(acc, Path(out_dir), ctx)
-    wrapped = acc.prepare(task.module)
-    params = [p for p in task.module.parameters() if p.requires_grad]
+    sharded = fsdp.active(acc)
+    if sharded:   # the plain module validates on the accelerator's device, as a DDP-prepared one would
+        task.module.to(acc.device)
+    trained = fsdp.trained_copy(task.module, task.shared) if sharded else task.module
+    wrapped = acc.prepare(trained)   # FSDP2 shards ``trained`` in place
+    if sharded:
+        task.mask.rebind(task.module, trained)
+    params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = make_adamw(params, cfg.lr, cfg.weight_decay)
     sched = Schedule.of(cfg, len(rows_train), world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -157,16 +168,25 @@ def train(cfg, task: Task, rows_train: Rows, pad_id: int, out_dir: Path, ctx, co
         idx = [micro_rows(orders[epoch][index], m, rank, world, cfg.batch_size) for m in range(cfg.grad_accum)]
         return epoch, index, [(i, collate(rows_train, i, pad_id)) for i in idx]
 
+    def mask_held() -> dict:
+        held = task.mask.verify(optimizer)
+        if not sharded:
+            return held
+        bad = int(global_sum(acc, held["mask_violations"])[0])   # each process checked its shards
+        return {"mask_exact": bad == 0, "mask_violations": bad}
+
     def validate(step: int) -> dict:
         out = {}
-        if main:
+        if sharded:
+            fsdp.pull_full_state(wrapped, task.module)
+        if main or sharded:
             task.module.eval()
-            out = task.validate(acc.unwrap_model(wrapped), step)
+            out = task.validate(task.module if sharded else acc.unwrap_model(wrapped), step)
             task.module.train()
-            if out:
-                ctx.log_metrics(step=step, **out)
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float))
-                ctx.log.info("step %d: %s", step, shown)
+        if main and out:
+            ctx.log_metrics(step=step, **out)
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float))
+            ctx.log.info("step %d: %s", step, shown)
         acc.wait_for_everyone()
         return out
 
@@ -176,6 +196,7 @@ def train(cfg, task: Task, rows_train: Rows, pad_id: int, out_dir: Path, ctx, co
         ctx.log.info("resumed from %s at step %d of %d", found, step, sched.total)
     last_val = validate(0) if step == 0 else {}
     task.module.train()
+    trained.train()
     bar = ctx.progress(total=sched.total, initial=step, desc=task.name, unit="step", disable=not main)
     train_seconds, train_cpu, mask_seconds, tokens_seen = 0.0, 0.0, 0.0, 0
     while step < sched.total:
@@ -196,7 +217,7 @@ def train(cfg, task: Task, rows_train: Rows, pad_id: int, out_dir: Path, ctx, co
         if cfg.eval_every and step % cfg.eval_every == 0 and step < sched.total:
             last_val = validate(step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < sched.total:
-            held = task.mask.verify(optimizer)   # a broken mask fails at the first checkpoint, not saved
+            held = mask_held()   # a broken mask fails at the first checkpoint, not saved
             if not held["mask_exact"]:
                 from sd2.core.errors import Sd2Error
                 raise Sd2Error(f"finetune broke the sparsity mask at step {step}: "
@@ -208,15 +229,19 @@ def train(cfg, task: Task, rows_train: Rows, pad_id: int, out_dir: Path, ctx, co
     bar.close()
     if sched.total:
         last_val = validate(step) or last_val
+    elif sharded:
+        fsdp.pull_full_state(wrapped, task.module)
     task.module.eval()
     metrics = {"steps": step, "total_steps": sched.total,
                "epochs": round(step / sched.per_epoch, 3) if sched.per_epoch else 0.0,
-               "global_batch": sched.global_batch, "world_size": world, "precision": precision,
+               "global_batch": sched.global_batch, "world_size": world, "precision": precision, "fsdp": sharded,
+               # decoder layers of a frozen target (a head's, an online teacher) sharded under FSDP
+               "target_layers_sharded": getattr(task, "target_layers_sharded", 0),
                "tokens_per_s": round(tokens_seen / train_seconds, 2) if train_seconds else None,
                "train_seconds": round(train_seconds, 3),
                # process CPU time of the steps: on a shared machine, tokens / CPU-second is the steadier measure
                "train_cpu_seconds": round(train_cpu, 3), "mask_seconds": round(mask_seconds, 3),
-               "masked_weights": task.mask.pruned, "mask_held": bool(task.mask), **task.mask.verify(optimizer),
+               "masked_weights": task.mask.pruned, "mask_held": bool(task.mask), **mask_held(),
                **last_val}
     acc.wait_for_everyone()
     return metrics

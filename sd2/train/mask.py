@@ -31,6 +31,21 @@ class SparsityMask:
         # Stored as the *pruned* positions: masked_fill_ with a bool mask is one in-place pass,
         # where mul_ by a bool mask first materialises a float copy of it (measured ~3x slower).
         self.pruned_at = {name: p.detach() == 0 for name, p in params.items()}
+        # counted once on the whole weights (under FSDP each process holds only its shards)
+        self._pruned = int(sum(int(m.sum()) for m in self.pruned_at.values()))
+        self._total = int(sum(m.numel() for m in self.pruned_at.values()))
+
+    def rebind(self, old_root: nn.Module, new_root: nn.Module) -> None:
+        """Hold the mask on ``new_root``'s parameters of the same names as the masked ones in
+        ``old_root`` (under FSDP: the sharded copy the optimizer trains, sd2/train/fsdp.py). Under
+        FSDP2 a weight is a DTensor and the mask is kept for this process's shard: the pruned
+        positions of a shard are its zeros, as the whole weight's are."""
+        from sd2.train.fsdp import local
+
+        names = {id(p): n for n, p in old_root.named_parameters()}
+        new = dict(new_root.named_parameters())
+        self.params = {k: new[names[id(p)]] for k, p in self.params.items()}
+        self.pruned_at = {k: local(p.detach()) == 0 for k, p in self.params.items()}
 
     @classmethod
     def of(cls, linears) -> "SparsityMask":
@@ -44,28 +59,33 @@ class SparsityMask:
 
     @property
     def pruned(self) -> int:
-        return int(sum(int(m.sum()) for m in self.pruned_at.values()))
+        return self._pruned
 
     @property
     def total(self) -> int:
-        return int(sum(m.numel() for m in self.pruned_at.values()))
+        return self._total
 
     @torch.no_grad()
     def mask_grads(self) -> None:
+        from sd2.train.fsdp import local
+
         for name, p in self.params.items():
             if p.grad is not None:
-                p.grad.masked_fill_(self.pruned_at[name], 0.0)
+                local(p.grad).masked_fill_(self.pruned_at[name], 0.0)
 
     @torch.no_grad()
     def verify(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """{"mask_exact": every pruned weight is 0 and the optimizer state is 0 there,
-        "mask_violations": how many entries were not}."""
+        "mask_violations": how many entries were not}. Under FSDP: of this process's shards only
+        (the loop sums the violations over the processes)."""
+        from sd2.train.fsdp import local
+
         bad = 0
         for name, p in self.params.items():
             pruned = self.pruned_at[name]
-            bad += int((p.detach()[pruned] != 0).sum())
+            bad += int((local(p.detach())[pruned] != 0).sum())
             state = optimizer.state.get(p, {}) if optimizer is not None else {}
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    bad += int((state[key][pruned] != 0).sum())
+                    bad += int((local(state[key])[pruned] != 0).sum())
         return {"mask_exact": bad == 0, "mask_violations": bad}
