@@ -35,6 +35,7 @@ from sd2.stages.distill.vllm_backend import sampling_kwargs, to_generated
 
 MAX_STRIKES = 3
 HEALTH_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 10.0      # a host that does not accept the connection in this long counts as failed
 # vLLM sampling fields sd2 does not use, set to "off" (a server fills unset ones from generation_config)
 OFF = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
@@ -78,6 +79,8 @@ async def complete(client, served: Served, body: dict, stop_ids: tuple[int, ...]
         choice = r.json()["choices"][0]
     except (ValueError, KeyError, IndexError) as e:
         raise ServerFailed(f"an unreadable answer ({type(e).__name__})") from None
+    if choice.get("finish_reason") not in ("stop", "length"):      # "abort" or an error: not an answer
+        raise ServerFailed(f"the request ended with finish_reason {choice.get('finish_reason')!r}")
     ids = choice.get("token_ids")
     if ids is None:
         raise Refused(f"distill: {served.url} answered without token ids (`return_token_ids`, vLLM 0.10.2 and "
@@ -144,7 +147,8 @@ class ServerGenerator:
         run = _Run(prompts, seed, progress, [None] * len(prompts), queue)
         live = [s for s in self.servers if s.alive]
         limits = httpx.Limits(max_connections=self.per_server * len(live), max_keepalive_connections=None)
-        async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
+        timeout = httpx.Timeout(self.timeout_s, connect=min(CONNECT_TIMEOUT_S, self.timeout_s))
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             # interleaved, so a call with fewer prompts than workers still spreads them over the servers
             tasks = [asyncio.create_task(self._worker(client, s, run)) for _ in range(self.per_server) for s in live]
             await run.finished.wait()
