@@ -2,7 +2,8 @@
 uses (/health, /v1/models, /tokenize, /detokenize, /v1/completions on token ids with return_token_ids),
 answering with sd2's own HF generator at batch size 1 on a tiny model, so its greedy answers equal
 ``backend: hf`` at ``batch_size: 1`` token for token. ``die_after=k``: after its k-th answer it drops
-every connection and stops listening, as a killed server does."""
+every connection and stops listening, as a killed server does; ``errors=k``: its first k completion
+requests get HTTP 500 while /health stays fine."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 class FakeVllm:
     def __init__(self, model_folder: Path, served_name: str | None = None, tokenizer_folder: Path | None = None,
-                 die_after: int | None = None, max_model_len: int = 512, root: str | None = None):
+                 die_after: int | None = None, max_model_len: int = 512, root: str | None = None, errors: int = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.folder = root or str(model_folder)      # what /v1/models reports as loaded (``root``)
@@ -22,6 +23,7 @@ class FakeVllm:
         self.tok = AutoTokenizer.from_pretrained(tokenizer_folder or model_folder)
         self.model = AutoModelForCausalLM.from_pretrained(model_folder).eval()
         self.die_after, self.max_model_len = die_after, max_model_len
+        self.errors = errors               # the first this many completion requests get HTTP 500, /health stays fine
         self.bodies: list[dict] = []       # every completion request received
         self.answered = 0
         self.dead = False
@@ -96,6 +98,10 @@ def _handler(server: FakeVllm):
             if self.path == "/v1/completions":
                 if len(body["prompt"]) + int(body["max_tokens"]) > server.max_model_len:
                     return self._send(400, {"error": {"message": "longer than max_model_len"}})
+                with server.lock:
+                    fail, server.errors = server.errors > 0, max(server.errors - 1, 0)
+                if fail:
+                    return self._send(500, {"error": {"message": "engine hiccup"}})
                 answer = server.complete(body)
                 return self._drop() if answer is None else self._send(200, answer)
             self._send(404, {"error": self.path})

@@ -78,6 +78,18 @@ def test_a_dead_server_costs_no_answer(tmp_path, eos_target, prompts, reference,
     assert any(b.url in r.message and "go to " + a.url in r.message for r in caplog.records)
 
 
+@pytest.mark.parametrize("errors", [2, 3])
+def test_a_server_that_errs_keeps_its_place_while_health_answers_until_its_third_failure(tmp_path, eos_target,
+                                                                                        prompts, reference, errors,
+                                                                                        caplog):
+    a, b = FakeVllm(eos_target), FakeVllm(eos_target, errors=errors)
+    with caplog.at_level(logging.WARNING):
+        _distill(tmp_path, eos_target, prompts, "out", **_servers(a, b))
+    assert _rows(tmp_path / "out") == reference
+    dropped = any(b.url in r.message and "failed (HTTP 500" in r.message for r in caplog.records)
+    assert dropped == (errors == 3) and (b.answered > 0) == (errors == 2)
+
+
 def test_every_server_dead_keeps_the_finished_shards_and_a_rerun_elsewhere_resumes(tmp_path, eos_target, prompts,
                                                                                    reference):
     a, b = FakeVllm(eos_target, die_after=6), FakeVllm(eos_target, die_after=6)   # 12 of 16 answers
