@@ -2,8 +2,9 @@
 
 Every assistant turn is regenerated turn by turn, on the model's own earlier answers (chat.py).
 Generation is batched with left padding and a KV cache in length buckets (generate.py), or runs
-on vLLM in this process (vllm_backend.py), or on vLLM servers the user started (servers.py). Rows are flushed to shards every ``flush_every`` prompts, so a killed
-run resumes from its last complete shard (shards.py). The output is the distilled dataset of
+on vLLM in this process (vllm_backend.py), or on vLLM servers the user started (servers.py). Rows
+are flushed to shards every ``flush_every`` prompts, so a killed run resumes from its last complete
+shard (shards.py). The output is the distilled dataset of
 docs/CONTRACTS.md in ``out_dir/dataset`` and ``out_dir/distill.json``.
 
 The SD² ablation baseline: ``answers: dataset`` keeps the source's own recorded assistant turns
@@ -50,9 +51,10 @@ class Config(BaseModel):
     dtype: DType = dtype_field("weights dtype while generating")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model")
     servers: list[str] | None = runtime(
-        None, since="2026-12-02", description="backend vllm-server: the base URLs of vLLM servers serving the target "
-                                              "(`vllm serve`), e.g. [http://127.0.0.1:8001]; the prompts are shared "
-                                              "among them. Not in the fingerprint: other servers' answers are the same data")
+        None, since="2026-12-02", description="backend vllm-server: the base URLs of vLLM servers serving the "
+                                              "target (`vllm serve`), e.g. [http://127.0.0.1:8001]; the prompts are "
+                                              "shared among them. Not in the fingerprint: other servers' answers "
+                                              "are the same data")
     requests_per_server: int = runtime(
         64, since="2026-12-02", ge=1, le=4096, description="backend vllm-server: requests in flight per server (the "
                                                             "server batches them; raise it to its --max-num-seqs on a GPU)")
@@ -256,7 +258,8 @@ def _stop_ids(src, tok) -> tuple[int, ...]:
     from sd2.core.errors import reading
     from sd2.core.models import eos_ids
 
-    with reading(f"the config of '{src.ref}'", "a model folder or Hub id with config.json", "check the model reference"):
+    with reading(f"the config of '{src.ref}'", "a model folder or Hub id with config.json",
+                 "check the model reference"):
         cfg = AutoConfig.from_pretrained(src.ref, trust_remote_code=src.trust_remote_code)
     try:
         gcfg = GenerationConfig.from_pretrained(src.ref)

@@ -104,17 +104,17 @@ class ServerGenerator:
 
         self.sampling, self.per_server, self.timeout_s, self.log = sampling, requests_per_server, timeout_s, log
         self.servers: list[_Server] = []
-        down = []
+        self.down: list[str] = []          # the servers that did not answer the check, with why
         with httpx.Client() as client:
             for url in urls:
                 try:
                     self.servers.append(_Server(identify(client, url, names, tokenizer)))
                 except Unreachable as e:
-                    down.append(str(e))
+                    self.down.append(str(e))
                     log.warning("distill: %s; distilling on the other servers", e)
         if not self.servers:
-            raise Sd2Error("distill: no vLLM server answers: " + "; ".join(down) + ". Start them (docs/distill.md, "
-                           "'Distilling on vLLM servers') and rerun")
+            raise Sd2Error("distill: no vLLM server answers: " + "; ".join(self.down) + ". Start them "
+                           "(docs/distill.md, 'Distilling on vLLM servers') and rerun")
         log.info("distill: %d vLLM server(s) serve %s: %s", len(self.servers), self.servers[0].served.model,
                  ", ".join(s.served.url for s in self.servers))
 
@@ -203,9 +203,9 @@ class ServerGenerator:
                          server.served.url, why, server.answers, ", ".join(others) or "no other server")
 
     def _all_down(self) -> Sd2Error:
-        return Sd2Error("distill: every vLLM server failed: " + "; ".join(
-            f"{s.served.url} ({s.failure})" for s in self.servers) + ". The shards finished so far are kept: "
-            "restart the servers and rerun the same command to resume")
+        failed = [f"{s.served.url} ({s.failure})" for s in self.servers] + [f"{d} at the start" for d in self.down]
+        return Sd2Error("distill: every vLLM server failed: " + "; ".join(failed) + ". The shards finished so far "
+                        "are kept: restart the servers and rerun the same command to resume")
 
 
 class _Run:
