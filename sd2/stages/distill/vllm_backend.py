@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from sd2.stages.distill.generate import Generated, Sampling
 
+
 def sampling_kwargs(s: Sampling, seed: int) -> dict:
     """Keyword arguments of ``vllm.SamplingParams`` for these settings."""
     return {
         "n": 1,
         "temperature": float(s.temperature),      # vLLM treats 0 as greedy
         "top_p": float(s.top_p),
+        "top_k": int(s.top_k),                    # 0: off, as in sd2's engine and vLLM
+        "min_p": float(s.min_p),
         "max_tokens": int(s.max_new_tokens),
         "stop_token_ids": list(s.stop_ids),
         "seed": int(seed),
