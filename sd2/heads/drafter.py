@@ -18,7 +18,8 @@ from sd2.core.errors import Sd2Error
 from sd2.core.models import load_model, load_tokenizer
 from sd2.heads import io
 from sd2.heads.export import VLLM_CHECKED, vllm_snippet
-from sd2.heads.features import chain_rounds, head_inputs, row_features, target_features
+from sd2.heads.drafting import drafting
+from sd2.heads.features import chain_rounds, head_inputs, row_features
 from sd2.heads.model import Head
 from sd2.heads.proposer import HeadProposer
 from sd2.heads.train import HeadTask
@@ -226,13 +227,15 @@ class HeadDrafter:
     def teacher_forced_mal(self, target, requests, greedy_ref: dict, gammas: list[int],
                            max_new_tokens: int | None = None) -> dict:
         """{gamma: MalStats}: the head's exact greedy chain rounds on the target's greedy answers
-        (features.chain_rounds): one target forward for the features, then the head's rounds
-        simulated with its own predicted features."""
+        (features.chain_rounds): one target forward for the features the engine hands this head
+        type (``drafting(head).target_features``: the last hidden state, or EAGLE-3's aux states),
+        then the head's rounds simulated with the hidden states it feeds itself."""
         device = next(target.parameters()).device
+        d = drafting(self.module)
 
         def rounds_for(req, resp):
             ids = list(req.ids) + list(resp)
-            feats = target_features(target, torch.tensor([ids], device=device))[0]
+            feats = d.target_features(target, torch.tensor([ids], device=device))
             return lambda g: chain_rounds(self.module, ids, feats, [(len(req.ids), len(ids))], g, max_new_tokens)[0]
 
         with torch.inference_mode():
