@@ -121,7 +121,16 @@ def load(source, target=None, device: str = "cpu", dtype=None) -> "HeadDrafter":
         raise Sd2Error(f"{getattr(source, 'ref', source)}/config.json names no target; give the target model")
     if not isinstance(target, torch.nn.Module):
         target = load_model(target or io.read_config(source).target, device=device, dtype=dtype)
-    return HeadDrafter(io.load(source, target, device=device, dtype=dtype), target, load_tokenizer(source))
+    return drafter_for(io.load(source, target, device=device, dtype=dtype), target, load_tokenizer(source))
+
+
+def drafter_for(head, target, tokenizer) -> "HeadDrafter":
+    """The HeadDrafter of a loaded head: an Eagle3Drafter (a HeadDrafter) for an EAGLE-3 head."""
+    if head.head_config.type == "eagle3":
+        from sd2.heads.eagle3.drafter import Eagle3Drafter
+
+        return Eagle3Drafter(head, target, tokenizer)
+    return HeadDrafter(head, target, tokenizer)
 
 
 def usage_snippets(target: str, d, gamma: int, hub_id: str | None = None) -> dict[str, str]:
