@@ -73,13 +73,14 @@ def _shards(lengths: list[int], bytes_per_token: int) -> list[tuple[int, int]]:
 
 
 def load_or_build(root: Path, target, target_id: str, rows: list[list[int]], precision: str, device: str,
-                  max_mb: float, autocast, ctx, build: bool = True, barrier=lambda: None, compute=row_features,
+                  max_mb: float, autocast, ctx, build: bool = True, barrier=lambda: None, compute=None,
                   what: str | None = None) -> list[torch.Tensor]:
     """The features [L_i, d] of every row (CPU tensors), read from the cache under ``root`` or
     computed and stored there first.
 
-    ``compute(target, rows) -> [L_i, w] per row`` and ``what`` (a name entering the key) cache other
-    per-token states the same way: an EAGLE-3 head's aux hidden states (sd2.heads.eagle3.train).
+    ``compute(target, rows) -> [L_i, w] per row`` (default ``row_features``) and ``what`` (a name
+    entering the key) cache other per-token states the same way: an EAGLE-3 head's aux hidden states
+    (sd2.heads.eagle3.train).
 
     ``autocast``: the training's autocast context (a callable returning a context manager), so the
     cache holds exactly what training would compute. In a multi-process run every process checks the
@@ -90,6 +91,7 @@ def load_or_build(root: Path, target, target_id: str, rows: list[list[int]], pre
     from sd2.core.artifacts import write_json_atomic
     from sd2.core.errors import Sd2Error
 
+    compute = compute or row_features
     key = cache_key(target_id, rows, precision, device, what)
     final, partial = Path(root) / key, Path(root) / f"{key}.partial"
     lengths = [len(r) for r in rows]
