@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from sd2.core.fields import added, renamed
 
 SINCE = "2026-12-02"
+# trim_vocab on an eagle3 head: a recipe error (sd2 validate) and a run-time one (Eagle3Drafter)
+TRIM_REFUSED = ("an eagle3 head has its own K-row draft vocabulary (d2t/t2d, chosen when the head is built from the "
+                "target's token frequencies on the distilled answers); trim_vocab does not apply: set the head's "
+                "draft_vocab_size to the K you want instead")
 
 
 class Config(BaseModel):

@@ -14,10 +14,7 @@ import torch
 from sd2.core.errors import Sd2Error
 from sd2.heads.drafter import HeadDrafter
 from sd2.macs import MacCount, linear_macs
-
-TRIM_REFUSED = ("an eagle3 head has its own K-row draft vocabulary (d2t/t2d, chosen when the head is built from "
-                "the target's token frequencies on the distilled answers); trim_vocab does not apply: set the "
-                "head's draft_vocab_size to the K you want instead")
+from sd2.stages.head import TRIM_REFUSED
 
 
 def eagle3_macs(head, context_len: int = 1024) -> MacCount:
