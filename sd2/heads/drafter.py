@@ -36,19 +36,24 @@ def head_macs(head: Head, context_len: int = 1024) -> MacCount:
                        c.head_dim, c.num_layers, context_len)
 
 
-def _prune_groups(head: Head) -> list[list[tuple[str, torch.nn.Linear]]]:
-    """The head's Linear layers in forward order, grouped as pruned in turn: fc, feature sampling,
-    then each decoder layer (the unit of llm-compressor's sequential pipeline)."""
+def _prune_groups(linears) -> list[list[tuple[str, torch.nn.Linear]]]:
+    """A head's Linear layers (name, module) in forward order, grouped as pruned in turn: fc, feature
+    sampling, then each decoder layer (the unit of llm-compressor's sequential pipeline)."""
     groups: dict[str, list] = {}
-    for name, mod in head.linears():
-        parts = name.split(".")
-        key = ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
+    for name, mod in linears:
+        parts = name.removeprefix("model.").split(".")
+        key = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
         groups.setdefault(key, []).append((name, mod))
     return list(groups.values())
 
 
-def calibrate(head: Head, rows, modules: list[tuple[str, torch.nn.Linear]], method: str) -> dict:
-    """One pass of the head over the calibration rows, teacher-forced on the target's real features,
+def _teacher_forced(head: Head, ids: torch.Tensor, feats: torch.Tensor) -> None:
+    head(*head_inputs(ids, feats))
+
+
+def calibrate(head: Head, rows, modules: list[tuple[str, torch.nn.Linear]], method: str, forward=_teacher_forced) -> dict:
+    """One pass of the head over the calibration rows, teacher-forced on the target's real features
+    (``forward(head, ids, feats)``; an EAGLE-3 head's reads its aux states),
     with a forward hook on each of ``modules`` that feeds its input to llm-compressor's own
     accumulator: SparseGPT's Hessian 2 X X^T / n (``accumulate_hessian``) or Wanda's per-column
     ||X_j||^2 / n (``accumulate_row_scalars``). Returns {module: statistic}, as the library's
@@ -71,7 +76,7 @@ def calibrate(head: Head, rows, modules: list[tuple[str, torch.nn.Linear]], meth
         with torch.no_grad():
             for ids, feats in rows:
                 if ids.shape[1] >= 2:
-                    head(*head_inputs(ids, feats))
+                    forward(head, ids, feats)
     finally:
         for h in hooks:
             h.remove()
@@ -101,13 +106,15 @@ def sparsify(modules: list[tuple[str, torch.nn.Linear]], stats: dict, method: st
             mod.weight.copy_(w)
 
 
-def prune_head(head: Head, method: str, sparsity: float, nm: tuple[int, int] | None, rows, progress=None) -> None:
-    """Prune every head Linear in place (sparsegpt or wanda): group by group (``_prune_groups``), each
-    calibrated on ``rows`` ((ids [1, L], features [1, L, d]) pairs) through the head as pruned so far, as
-    llm-compressor's sequential pipeline does for a causal LM's layers."""
-    groups = _prune_groups(head)
+def prune_head(head: Head, method: str, sparsity: float, nm: tuple[int, int] | None, rows, progress=None,
+               linears=None, forward=_teacher_forced) -> None:
+    """Prune every head Linear (``linears``, default ``head.linears()``) in place (sparsegpt or wanda):
+    group by group (``_prune_groups``), each calibrated on ``rows`` ((ids [1, L], features [1, L, d])
+    pairs; ``forward`` runs the head on one) through the head as pruned so far, as llm-compressor's
+    sequential pipeline does for a causal LM's layers."""
+    groups = _prune_groups(head.linears() if linears is None else linears)
     for group in (progress(groups) if progress is not None else groups):
-        sparsify(group, calibrate(head, rows, group, method), method, sparsity, nm)
+        sparsify(group, calibrate(head, rows, group, method, forward), method, sparsity, nm)
 
 
 def recognizes(folder: Path) -> bool:
@@ -122,7 +129,16 @@ def load(source, target=None, device: str = "cpu", dtype=None) -> "HeadDrafter":
         raise Sd2Error(f"{getattr(source, 'ref', source)}/config.json names no target; give the target model")
     if not isinstance(target, torch.nn.Module):
         target = load_model(target or io.read_config(source).target, device=device, dtype=dtype)
-    return HeadDrafter(io.load(source, target, device=device, dtype=dtype), target, load_tokenizer(source))
+    return drafter_for(io.load(source, target, device=device, dtype=dtype), target, load_tokenizer(source))
+
+
+def drafter_for(head, target, tokenizer) -> "HeadDrafter":
+    """The HeadDrafter of a loaded head: an Eagle3Drafter (a HeadDrafter) for an EAGLE-3 head."""
+    if head.head_config.type == "eagle3":
+        from sd2.heads.eagle3.drafter import Eagle3Drafter
+
+        return Eagle3Drafter(head, target, tokenizer)
+    return HeadDrafter(head, target, tokenizer)
 
 
 def usage_snippets(target: str, d, gamma: int, hub_id: str | None = None) -> dict[str, str]:
@@ -208,6 +224,10 @@ class HeadDrafter:
 
     def training_task(self, config, rows_train, rows_val, pad_id: int, target, ctx):
         hc = self.module.head_config
+        for name in ("ttt_depth", "ttt_decay"):
+            if getattr(config, name) != type(config).model_fields[name].default:
+                raise Sd2Error(f"finetune.{name} sets an eagle3 head's training-time test; this is an {hc.type} head, "
+                               "which unrolls on its own predicted features with finetune.unroll (= ttt_depth - 1)")
         ctx.log.info("finetune %s head on %d conversations (%d held out): %s x SmoothL1 + %s x %s, target features %s",
                      hc.type, len(rows_train), len(rows_val), config.feature_weight, config.logit_weight, config.loss,
                      f"cached (up to {config.feature_cache_mb:g} MB)" if config.feature_cache_mb else "on the fly")

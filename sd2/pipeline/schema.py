@@ -275,6 +275,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         intact = {b: steps for b, steps in branches.items() if b not in broken}
         issues.extend(_check_cross(recipe, intact, branch_from))
         issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
+        issues.extend(_check_eagle3(recipe, drafter_build, intact, branch_from))
         issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
     if issues:
         raise RecipeError(issues, source)
@@ -362,6 +363,33 @@ def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict | Non
                     break
                 n = None if n_remove is None else n - n_remove
         ends[bname] = n
+    return issues
+
+
+def _check_eagle3(recipe: Recipe, build, branches: dict, branch_from: dict) -> list[Issue]:
+    """EAGLE-3 heads (docs/eagle3.md): built in a branch (their draft vocabulary comes from the
+    distilled answers), aux_layers within the target's layers and K within its vocabulary where
+    those are known before any model loads, and no trim_vocab after one (it has its own K rows)."""
+    if build is not None and build[0] == "head" and build[1].type == "eagle3":
+        return [Issue("drafter.head", "an eagle3 head chooses its draft vocabulary from the distilled answers, so it is "
+                                      "built in a branch after distill: branches: {e3: [{head: {type: eagle3, "
+                                      "draft_vocab_size: K}}, {finetune: {...}}]}")]
+    head = STAGES["head"].load()
+    n, v = known_layer_count(recipe.target), known_vocab_size(recipe.target)
+    issues, ends = [], {}
+    for bname, steps in branches.items():
+        eagle3 = ends.get(branch_from.get(bname), False)
+        for i, (sname, cfg) in enumerate(steps):
+            at = f"branches.{bname}[{_raw_index(bname, i, branch_from)}].{sname}"
+            if sname == "head":
+                eagle3 = cfg.type == "eagle3"
+                issues += [Issue(f"{at}.{f}", msg) for f, msg in (head.layer_problems(cfg, n) if n is not None else [])]
+                if eagle3 and v is not None and cfg.draft_vocab_size > v:
+                    issues.append(Issue(f"{at}.draft_vocab_size", f"must be at most the target's vocabulary size {v} "
+                                                                  f"(got {cfg.draft_vocab_size})"))
+            elif sname == "trim_vocab" and eagle3:
+                issues.append(Issue(at, head.TRIM_REFUSED))
+        ends[bname] = eagle3
     return issues
 
 
