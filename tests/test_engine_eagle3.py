@@ -254,8 +254,8 @@ def test_sampling_keeps_the_targets_distribution(monkeypatch):
     prompt = [1, 2]
     dist = _exact_filtered(target, prompt, 3, s)
     assert abs(sum(dist.values()) - 1) < 1e-5
-    d = HeadProposer(head, width=2).propose(Context(prompt, 1, target_aux(target, torch.tensor([prompt[:1]]), AUX)[0][0]),
-                                            2, s, torch.Generator().manual_seed(0))
+    first = target_aux(target, torch.tensor([prompt[:1]]), AUX)[0][0]
+    d = HeadProposer(head, width=2).propose(Context(prompt, 1, first), 2, s, torch.Generator().manual_seed(0))
     assert d.q.shape == (len(d), 6) and all(t in keep for t in d.tokens)
     assert float(d.q[:, [2, 5]].abs().sum()) == 0.0 and torch.allclose(d.q.sum(-1), torch.ones(len(d)))
     n = 300                                           # on the Zen 5 EPYC: p = 0.93 here, 4e-41 for the control

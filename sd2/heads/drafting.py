@@ -4,13 +4,17 @@ Every head module has ``forward(ids [B, T], hidden [B, T, H], positions [B, T], 
 and ``logits(x) -> [..., rows]``, and a KV cache of [k, v] pairs per layer (``new_cache``). Head
 position t reads token x_{t+1} and a hidden vector at t, and predicts x_{t+2}. The types differ in:
 
-| | EAGLE-1 / FSPAD (``sd2.heads.model.Head``) | EAGLE-3 (``sd2.heads.eagle3.model.Eagle3Head``) |
-|---|---|---|
-| the target's features (the engine's ``feature_layers``) | its last hidden state, after the final norm (None) | the hidden states after each aux layer k, before the final norm (``aux_layers``), concatenated |
-| hidden at a committed (real) position | the feature itself | ``fc`` of the aux states (``fuse``) |
-| what ``logits`` reads | the first output | the second (``norm(prenorm)``) |
-| hidden fed back at draft steps >= 2 | the second output (the predicted feature) | the first (``prenorm``, as the training-time test trains it) |
-| draft id -> target id | a trimmed head's ``d2t`` (target ids), or the identity | ``arange(K) + d2t`` (``d2t`` holds offsets) |
+- the target's features (the engine's ``feature_layers``): EAGLE-1 / FSPAD (``sd2.heads.model.Head``)
+  read its last hidden state, after the final norm (None); EAGLE-3 (``sd2.heads.eagle3.model.
+  Eagle3Head``) the hidden states after each aux layer k, before the final norm (``aux_layers``),
+  concatenated;
+- the hidden input at a committed (real) position: the feature itself; EAGLE-3: ``fc`` of the aux
+  states (``fuse``);
+- what ``logits`` reads: the first output; EAGLE-3: the second (``norm(prenorm)``);
+- the hidden fed back at draft steps >= 2: the second output (the predicted feature); EAGLE-3: the
+  first (``prenorm``), as its training-time test trains it;
+- draft id -> target id: a trimmed head's ``d2t`` (target ids), or the identity; EAGLE-3:
+  ``arange(K) + d2t`` (its ``d2t`` holds offsets).
 
 The engine's proposer (``sd2.heads.proposer.HeadProposer``) and the teacher-forced chain rounds
 (``sd2.heads.features.chain_rounds``) both draft through ``drafting(head)``, so they draft alike.
