@@ -23,13 +23,13 @@ AUX = [1, 2, 3]
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A learnable 4-layer tiny target saved with its tokenizer, and a distilled dataset of its own
-    greedy answers (96 prompts of 6 tokens, 30-token answers) written by hand as distill writes it."""
+    greedy answers (192 prompts of 6 tokens, 30-token answers) written by hand as distill writes it."""
     root = tmp_path_factory.mktemp("e3p")
     tok = make_tokenizer()
     target = learnable_target(root / "target", n_layers=4)
     target.save_pretrained(root / "target")
     tok.save_pretrained(root / "target")
-    rows = greedy_rows(target, 96, 0)
+    rows = greedy_rows(target, 192, 0)
     cols = {"id": [f"r{i}" for i in range(len(rows))], "category": ["none"] * len(rows),
             "messages": [[{"role": "user", "content": "x"}]] * len(rows), "response": ["y"] * len(rows),
             "input_ids": rows.input_ids, "loss_mask": rows.loss_mask}
@@ -59,9 +59,10 @@ def _finetune(pair, model, out, **kw):
 
 def test_stages_build_and_train_a_head_that_learns(pair, tmp_path):
     """head -> finetune on the target's own answers: the draft vocabulary is the answers' most frequent
-    tokens, the folder records how it was trained, and the trained head's first draft matches the
-    target's next token far above chance (1/64 over the draft vocabulary) and above the fresh head.
-    Thresholds leave wide margins for other CPUs' numerics."""
+    tokens, the folder records how it was trained, and on held-out answers the trained head's first
+    draft is the target's token far above chance (1/64 over the draft vocabulary) and the fresh head
+    (measured on the 2-core AMD EPYC: 0.021 before, 0.092 after 100 steps); the thresholds leave wide
+    margins for other CPUs' numerics."""
     from sd2.heads import drafter as hd
     from sd2.heads import io
     from sd2.vocab import token_counts
@@ -77,12 +78,14 @@ def test_stages_build_and_train_a_head_that_learns(pair, tmp_path):
     assert kept_counts.min() >= counts[~kept].max() * 0.5       # the most frequent (counted on 90% of the rows)
     assert counts[kept].sum() / counts.sum() == pytest.approx(built["coverage_fit"], abs=0.05)
     assert built["coverage_fit"] > 2 * 64 / 320 and built["coverage_heldout"] > 2 * 64 / 320
-    m = _finetune(pair, model, tmp_path / "ft", lr=2e-2, max_steps=60, feature_noise=0.02)
+    m = _finetune(pair, model, tmp_path / "ft", lr=1e-2, max_steps=100, batch_size=16, ttt_depth=1,
+                  feature_noise=0.02)
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert m["val_acceptance_1"] > 0.3 and m["val_acceptance_1"] > first["val_acceptance_1"] + 0.15, (first, m)
-    assert m["val_mal"] > 1.3 and m["val_ttt_positions"] > 0 and "val_acceptance_2" in m
+    assert m["val_acceptance_1"] > 3 / 64 and m["val_acceptance_1"] > 2 * first["val_acceptance_1"], (first, m)
+    assert m["val_mal"] == pytest.approx(1 + m["val_acceptance_1"] * (1 + m["val_acceptance_2"]), abs=0.02)
+    assert m["val_ttt_positions"] == 16 * 30          # every held-out answer token is a step-0 label
     cfg = io.read_config(tmp_path / "ft")
-    assert cfg.type == "eagle3" and cfg.extra["ttt"] == {"depth": 2, "decay": 0.8, "loss": "fkl"}
+    assert cfg.type == "eagle3" and cfg.extra["ttt"] == {"depth": 1, "decay": 0.8, "loss": "fkl"}
     trained = hd.load(str(tmp_path / "ft"))
     assert torch.equal(trained.d2t(), fresh.d2t()) and type(trained).__name__ == "Eagle3Drafter"
 
