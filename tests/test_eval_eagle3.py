@@ -56,6 +56,8 @@ def test_sd2_eval_runs_an_eagle3_head_folder(tmp_path, tiny_target, tokenizer, m
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "w" / "report.json").read_text())
     _check_report(rep, "e3", 100)
+    md = (tmp_path / "w" / "report.md").read_text()       # the usage snippet: publish, then vLLM's eagle3 method
+    assert f"sd2 publish {tmp_path / 'e3'} --repo-id you/head --dry-run" in md and '"method": "eagle3"' in md
     assert {(r["width"], r["temperature"]) for r in rep["results"]} == {(1, 0.0), (2, 0.0), (1, 1.0), (2, 1.0)}
 
     seen = {}

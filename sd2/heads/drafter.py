@@ -143,11 +143,24 @@ def drafter_for(head, target, tokenizer) -> "HeadDrafter":
 
 def usage_snippets(target: str, d, gamma: int, hub_id: str | None = None) -> dict[str, str]:
     """A feature-level head reads the target's hidden states: it is no transformers ``assistant_model``.
-    sd2's engine runs both kinds; vLLM runs an untrimmed EAGLE head after ``sd2 publish`` exports it to
-    vLLM's EAGLE layout (sd2.heads.export); nothing in vLLM runs an FSPAD head."""
+    sd2's engine runs every type; vLLM runs an untrimmed EAGLE head after ``sd2 publish`` exports it to
+    vLLM's EAGLE layout (sd2.heads.export), and a single-layer EAGLE-3 head without feature sampling
+    after ``sd2 publish`` exports it to the speculators layout (sd2.heads.eagle3.export); nothing in
+    vLLM runs an FSPAD head."""
     kind = d.settings.get("head", "head")
     sd2_cmd = f"sd2 eval --target {target} --drafter {kind}={d.path} --gamma {gamma}"
     out = {"sd2": f"# A {kind.upper()} head runs beside its target in sd2's engine (greedy is lossless):\n{sd2_cmd}\n"}
+    if kind == "eagle3":
+        from sd2.heads.eagle3.export import VLLM_CHECKED as E3_CHECKED
+        from sd2.heads.eagle3.export import vllm_unsupported
+
+        why = vllm_unsupported(io.read_config(d.path)) if io.is_head(d.path) else None
+        export = f"{d.path.rstrip('/')}-vllm"
+        out["vllm"] = (f"# vLLM ({E3_CHECKED}) cannot run this head: it has {why}. Use sd2:\n# {sd2_cmd}\n" if why else
+                       f"# Export to the speculators layout vLLM loads (checked against {E3_CHECKED}) first:\n"
+                       f"#   sd2 publish {d.path} --repo-id you/head --dry-run --out {export}\n"
+                       + vllm_snippet(hub_id or target, export, gamma, method="eagle3"))
+        return out
     if kind == "eagle" and not d.vocab:
         export = f"{d.path.rstrip('/')}-vllm"
         out["vllm"] = (f"# Export to vLLM's EAGLE layout (checked against {VLLM_CHECKED}) first:\n"
