@@ -306,3 +306,45 @@ def test_publish_writes_the_speculators_layout(pair, tmp_path):
         else:
             assert cfg["sd2_head"]["type"] == "eagle3" and "architectures" not in cfg
             assert "feature sampling, a block vLLM's EAGLE-3 model does not have" in card
+
+
+def test_sd2_run_builds_trains_prunes_and_saves_an_eagle3_branch(tmp_path, tiny_target):
+    """`sd2 run` on a tiny recipe: distill (the source's recorded answers, nothing generated), an
+    eagle3 branch (head -> finetune from the feature cache) and a pruned one from it; a second run
+    skips every stage (the fingerprints hold)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from sd2.heads import io
+    from sd2.pipeline.cli import app
+
+    words = "the quick brown fox jumps over the lazy dog while a robot learns to paint".split()
+    chats = [{"id": str(i), "conversations": [{"from": "human", "value": " ".join(words[i % 5:i % 5 + 4])},
+                                              {"from": "gpt", "value": " ".join(words[i % 7:] + words[:i % 7])}]}
+             for i in range(12)]
+    (tmp_path / "chats.json").write_text(json.dumps(chats))
+    ft = {"max_steps": 3, "lr": 1e-3, "batch_size": 2, "val_rows": 2, "loss": "fkl", "ttt_depth": 2, "mal_gamma": 2,
+          "feature_cache_mb": 5}
+    recipe = {"name": "e3", "seed": 0, "target": {"path": str(tiny_target)}, "drafter": {"derive": "target", "keep_layers": 2},
+              "distill": {"prompts": {"source": str(tmp_path / "chats.json")}, "answers": "dataset", "max_new_tokens": 16},
+              "branches": {"e3": [{"head": {"type": "eagle3", "draft_vocab_size": 32, "aux_layers": AUX}}, {"finetune": ft}],
+                           "e3s": [{"from": "e3"}, {"prune": {"method": "wanda", "sparsity": 0.5,
+                                                              "calibration": {"samples": 4}}}, {"finetune": ft}]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    argv = ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "art")]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "art" / "e3"
+    assert sorted(p.name for p in run.iterdir() if p.is_dir() and p.name[0].isdigit()) == [
+        "00_drafter.derive", "01_distill", "02_e3.head", "03_e3.finetune", "04_e3s.prune", "05_e3s.finetune"]
+    head = json.loads((run / "02_e3.head" / "manifest.json").read_text())
+    assert set(head["inputs"]) == {"target", "dataset"} and head["metrics"]["draft_vocab_size"] == 32
+    for folder in ("03_e3.finetune", "05_e3s.finetune"):
+        cfg = io.read_config(run / folder)
+        assert cfg.type == "eagle3" and cfg.draft_vocab_size == 32 and cfg.extra["ttt"]["depth"] == 2
+        metrics = json.loads((run / folder / "finetune.json").read_text())["metrics"]
+        assert metrics["steps"] == 3 and "val_acceptance_1" in metrics
+    assert json.loads((run / "05_e3s.finetune" / "finetune.json").read_text())["metrics"]["mask_exact"] is True
+    assert any((run / "feature_cache").iterdir())
+    again = CliRunner().invoke(app, argv)
+    assert again.exit_code == 0 and again.output.count("skip") >= 6, again.output

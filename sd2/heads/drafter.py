@@ -180,6 +180,16 @@ def build(head_type: str, layers: int, target_source, seed: int) -> "HeadDrafter
     return HeadDrafter(head, target, load_tokenizer(target_source))
 
 
+def build_from(config, target_source, dataset, ctx) -> tuple["HeadDrafter", dict]:
+    """The head stage's build (``config``: sd2.stages.head.Config) and what it records: an eagle3 head
+    reads the distilled ``dataset`` for its draft vocabulary (sd2/heads/eagle3/drafter.py)."""
+    if config.type == "eagle3":
+        from sd2.heads.eagle3.drafter import build as build_eagle3
+
+        return build_eagle3(config, target_source, dataset, ctx)
+    return build(config.type, config.num_layers, target_source, ctx.seed), {}
+
+
 class HeadDrafter:
     """The ``Drafter`` protocol for a head; ``target`` is the loaded target it reads."""
 

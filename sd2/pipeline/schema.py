@@ -374,7 +374,6 @@ def _check_eagle3(recipe: Recipe, build, branches: dict, branch_from: dict) -> l
         return [Issue("drafter.head", "an eagle3 head chooses its draft vocabulary from the distilled answers, so it is "
                                       "built in a branch after distill: branches: {e3: [{head: {type: eagle3, "
                                       "draft_vocab_size: K}}, {finetune: {...}}]}")]
-    head = STAGES["head"].load()
     n, v = known_layer_count(recipe.target), known_vocab_size(recipe.target)
     issues, ends = [], {}
     for bname, steps in branches.items():
@@ -383,12 +382,20 @@ def _check_eagle3(recipe: Recipe, build, branches: dict, branch_from: dict) -> l
             at = f"branches.{bname}[{_raw_index(bname, i, branch_from)}].{sname}"
             if sname == "head":
                 eagle3 = cfg.type == "eagle3"
-                issues += [Issue(f"{at}.{f}", msg) for f, msg in (head.layer_problems(cfg, n) if n is not None else [])]
+                if eagle3 and n is not None:
+                    from sd2.heads.eagle3.model import resolve_aux_layers   # the head stage's own check
+
+                    try:
+                        resolve_aux_layers(cfg.aux_layers, n)
+                    except ValueError as e:
+                        issues.append(Issue(f"{at}.aux_layers", str(e)))
                 if eagle3 and v is not None and cfg.draft_vocab_size > v:
                     issues.append(Issue(f"{at}.draft_vocab_size", f"must be at most the target's vocabulary size {v} "
                                                                   f"(got {cfg.draft_vocab_size})"))
             elif sname == "trim_vocab" and eagle3:
-                issues.append(Issue(at, head.TRIM_REFUSED))
+                from sd2.heads.eagle3.drafter import TRIM_REFUSED
+
+                issues.append(Issue(at, TRIM_REFUSED))
         ends[bname] = eagle3
     return issues
 

@@ -21,10 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from sd2.core.fields import added, renamed
 
 SINCE = "2026-12-02"
-# trim_vocab on an eagle3 head: a recipe error (sd2 validate) and a run-time one (Eagle3Drafter)
-TRIM_REFUSED = ("an eagle3 head has its own K-row draft vocabulary (d2t/t2d, chosen when the head is built from the "
-                "target's token frequencies on the distilled answers); trim_vocab does not apply: set the head's "
-                "draft_vocab_size to the K you want instead")
+
 
 
 class Config(BaseModel):
@@ -62,29 +59,10 @@ def consumes(config: Config) -> tuple[str, ...]:
     return ("target", "dataset") if config.type == "eagle3" else ("target",)
 
 
-def layer_problems(config: Config, target_layers: int) -> list[tuple[str, str]]:
-    """(field, message) for aux_layers a target of ``target_layers`` decoder layers lacks (no model loads)."""
-    if config.type != "eagle3":
-        return []
-    from sd2.heads.eagle3.model import resolve_aux_layers
-
-    try:
-        resolve_aux_layers(config.aux_layers, target_layers)
-    except ValueError as e:
-        return [("aux_layers", str(e))]
-    return []
-
-
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     from sd2 import drafters
 
-    kind = drafters.kind_module("head")
-    if config.type == "eagle3":
-        from sd2.heads.eagle3.drafter import build
-
-        drafter, extra = build(config, inputs.target, inputs.dataset, ctx)
-    else:
-        drafter, extra = kind.build(config.type, config.num_layers, inputs.target, ctx.seed), {}
+    drafter, extra = drafters.kind_module("head").build_from(config, inputs.target, inputs.dataset, ctx)
     drafter.save(Path(out_dir))
     macs = drafter.macs()
     params = sum(p.numel() for p in drafter.module.parameters())

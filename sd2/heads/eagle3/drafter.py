@@ -14,7 +14,11 @@ import torch
 from sd2.core.errors import Sd2Error
 from sd2.heads.drafter import HeadDrafter
 from sd2.macs import MacCount, linear_macs
-from sd2.stages.head import TRIM_REFUSED
+
+# trim_vocab on an eagle3 head: a recipe error (sd2 validate) and a run-time one (Eagle3Drafter)
+TRIM_REFUSED = ("an eagle3 head has its own K-row draft vocabulary (d2t/t2d, chosen when the head is built from the "
+                "target's token frequencies on the distilled answers); trim_vocab does not apply: set the head's "
+                "draft_vocab_size to the K you want instead")
 
 
 def eagle3_macs(head, context_len: int = 1024) -> MacCount:
@@ -106,7 +110,6 @@ def build(config, target_source, dataset, ctx) -> tuple[Eagle3Drafter, dict]:
     from sd2.heads.eagle3.draft_vocab import choose_draft_vocab
     from sd2.heads.eagle3.model import build as build_head
     from sd2.modeling import decoder_layers
-    from sd2.stages.trim_vocab import _coverage, _split
 
     if dataset is None:
         raise Sd2Error("head.type: an eagle3 head chooses its draft vocabulary from the distilled answers: build it in a "
@@ -116,13 +119,17 @@ def build(config, target_source, dataset, ctx) -> tuple[Eagle3Drafter, dict]:
     tok = load_tokenizer(target_source)
     v = target.get_input_embeddings().weight.shape[0]
     n = len(decoder_layers(target)[2])
-    for field, msg in _stage().layer_problems(config, n):
-        raise Sd2Error(f"head.{field}: {msg}")
+    from sd2.heads.eagle3.model import resolve_aux_layers
+
+    try:
+        resolve_aux_layers(config.aux_layers, n)
+    except ValueError as e:
+        raise Sd2Error(f"head.aux_layers: {e}") from None
     if config.draft_vocab_size > v:
         raise Sd2Error(f"head.draft_vocab_size = {config.draft_vocab_size} exceeds the target's vocabulary of {v} "
                        f"tokens; use at most {v}")
     data = load_distilled(dataset)
-    fit, held = _split(len(data), 0.1, ctx.seed)
+    fit, held = vocab.heldout_split(len(data), 0.1, ctx.seed)
     fit_data = data.select(fit)
     always = sorted(set(tok.all_special_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
     always = [t for t in always if t < v]
@@ -133,8 +140,8 @@ def build(config, target_source, dataset, ctx) -> tuple[Eagle3Drafter, dict]:
     held_counts = vocab.token_counts(data.select(held), v) if held else None
     stats = {"draft_vocab_size": vmap.k, "aux_layers": list(head.head_config.aux_layers),
              "distinct_target_tokens_seen": int((counts > 0).sum()),
-             "coverage_fit": round(_coverage(counts, vmap.keep), 6),
-             "coverage_heldout": round(_coverage(held_counts, vmap.keep), 6) if held_counts is not None else None}
+             "coverage_fit": round(vocab.coverage(counts, vmap.keep), 6),
+             "coverage_heldout": round(vocab.coverage(held_counts, vmap.keep), 6) if held_counts is not None else None}
     ctx.log.info("eagle3 draft vocabulary: %d of %d tokens, covering %.3f of the answer tokens (%s held apart); aux "
                  "layers %s", vmap.k, v, stats["coverage_fit"], stats["coverage_heldout"], stats["aux_layers"])
     return Eagle3Drafter(head, target, tok), stats
@@ -150,9 +157,3 @@ def _default_depth() -> int:
     from sd2.heads.eagle3.train import DEFAULT_DEPTH
 
     return DEFAULT_DEPTH
-
-
-def _stage():
-    from sd2.stages import head
-
-    return head
