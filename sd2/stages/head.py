@@ -37,9 +37,9 @@ class Config(BaseModel):
     draft_vocab_size: int | None = added(
         None, since=SINCE, ge=1, description="eagle3 (required): K, the rows of its own output layer: the K tokens the "
         "target emits most in the distilled answers (EAGLE-3: 32k of Llama-3's 128k)")
-    feature_sampling: StrictBool = added(
-        False, since=SINCE, description="eagle3: FSPAD's feature sampling block on the fused hidden state "
-        "(h + down(SiLU(gate(e)) * up(norm(h))), the next token's embedding gating it)")
+    feature_sampling: StrictBool | None = added(
+        None, since=SINCE, description="eagle3: FSPAD's feature sampling block on the fused hidden state "
+        "(h + down(SiLU(gate(e)) * up(norm(h))), the next token's embedding gating it); unset: false")
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

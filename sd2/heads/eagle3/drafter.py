@@ -134,7 +134,7 @@ def build(config, target_source, dataset, ctx) -> tuple[Eagle3Drafter, dict]:
     always = sorted(set(tok.all_special_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
     always = [t for t in always if t < v]
     vmap = choose_draft_vocab(fit_data["input_ids"], fit_data["loss_mask"], v, config.draft_vocab_size, always)
-    head = build_head(target, vmap, config.aux_layers, config.num_layers, ctx.seed, config.feature_sampling,
+    head = build_head(target, vmap, config.aux_layers, config.num_layers, ctx.seed, bool(config.feature_sampling),
                       target_ref=target_source.ref, target_fingerprint=target_source.fingerprint)
     counts = vocab.token_counts(fit_data, v)
     held_counts = vocab.token_counts(data.select(held), v) if held else None
