@@ -102,3 +102,20 @@ def token_counts(dataset, vocab_size: int) -> torch.Tensor:
         sel = ids_t[torch.as_tensor(mask, dtype=torch.bool)]
         counts += torch.bincount(sel, minlength=vocab_size)[:vocab_size]
     return counts
+
+
+def heldout_split(n: int, heldout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(rows to count on, rows held apart) of n rows: a seeded shuffle, ``heldout`` of them apart
+    (none of a single row). trim_vocab's and an EAGLE-3 head's draft vocabulary split."""
+    import random
+
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    n_held = int(round(n * heldout)) if n > 1 else 0
+    return sorted(idx[n_held:]), sorted(idx[:n_held])
+
+
+def coverage(counts: torch.Tensor, keep) -> float:
+    """The share of the counted tokens (``token_counts``) that the kept ids ``keep`` cover."""
+    total = int(counts.sum())
+    return float(counts[keep].sum()) / total if total else 0.0

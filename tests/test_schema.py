@@ -106,7 +106,7 @@ def test_a_built_drafter_is_its_stages_config(tiny_target):
     assert head.drafter_build[1].num_layers == 2 and head.resolved()["drafter"] == {"head": "eagle", "num_layers": 2}
     for bad, where in [({"derive": "target", "layers": [1, 0]}, r"drafter.layers: layer indices must be distinct"),
                        ({"head": "eagle", "num_layers": 9}, r"drafter.num_layers: Input should be less than"),
-                       ({"head": "medusa"}, r"drafter.head: Input should be 'eagle' or 'fspad' \(got 'medusa'\)"),
+                       ({"head": "medusa"}, r"drafter.head: Input should be 'eagle', 'fspad' or 'eagle3' \(got 'medusa'\)"),
                        ({"derive": "drafter", "keep_layers": 2}, r"drafter.derive: a drafter is derived from the target"),
                        ({"derive": "target", "keep_layers": 2, "hub": "a/b"}, r"drafter: give exactly one of")]:
         with pytest.raises(RecipeError, match=where):

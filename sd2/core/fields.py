@@ -35,8 +35,9 @@ Autocast = Literal[precision.PRECISIONS]   # finetune's autocast precision: auto
 def added(default: Any, *, since: str, **kw) -> Any:
     """A config field added after its stage first shipped (``since``: the date it was added; sd2's
     version also enters every fingerprint, so it is not bumped for this). Its default keeps the
-    earlier behaviour, and it enters fingerprints only when set to something else."""
-    return Field(default, json_schema_extra={SINCE: since}, **kw)
+    earlier behaviour, and it enters fingerprints only when set to something else. A given
+    ``json_schema_extra`` (e.g. a drafter-kind ``requires``) is kept beside the mark."""
+    return Field(default, json_schema_extra={**kw.pop("json_schema_extra", {}), SINCE: since}, **kw)
 
 
 def runtime(default: Any, *, since: str, **kw) -> Any:

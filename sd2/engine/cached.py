@@ -14,7 +14,11 @@ tree forward's logits equal each path's own causal forward.
 Features: with ``features=True`` the forward also returns the target's last hidden state, the one its
 lm_head reads. transformers 5.x overwrites ``hidden_states[-1]`` with the model's
 ``last_hidden_state`` (after the final norm) for language models; tests/test_engine.py checks that
-``lm_head(features) == logits``.
+``lm_head(features) == logits``. With ``layers`` (a tuple of k, 0 <= k < N decoder layers) it returns
+instead the hidden states after k decoder layers, before the final norm, concatenated in that order
+(an EAGLE-3 head's auxiliary states): transformers records ``hidden_states[k]`` (k >= 1) with a forward
+hook on decoder layer k-1, the hook ``sd2.heads.eagle3.model.target_aux`` uses, in the same forward
+that gives the logits (tests/test_engine_eagle3.py checks them against ``target_aux``).
 """
 
 from __future__ import annotations
@@ -73,7 +77,22 @@ class CachedLM(ForwardCounter):
         self.cache = None
         self.held: list[int] = []
 
-    def _run(self, ids: list[int], keep: int, parents: list[int] | None, features: bool):
+    def feature_width(self, layers: tuple[int, ...] | None = None) -> int:
+        """The width of the features a forward returns: d, or d per layer of ``layers``."""
+        return self.model.config.hidden_size * (len(layers) if layers else 1)
+
+    def _features(self, hidden_states: tuple, layers: tuple[int, ...] | None) -> torch.Tensor:
+        if layers is None:
+            return hidden_states[-1][0]
+        n = len(hidden_states) - 1                       # decoder layers; [n] is after the final norm
+        bad = [k for k in layers if not 0 <= k < n]
+        if bad:
+            raise ValueError(f"feature layers {list(layers)}: ids {bad} are outside [0, {n - 1}] (the hidden state "
+                             f"after k of the target's {n} decoder layers, before its final norm)")
+        return torch.cat([hidden_states[k][0] for k in layers], dim=-1)
+
+    def _run(self, ids: list[int], keep: int, parents: list[int] | None, features: bool,
+             layers: tuple[int, ...] | None = None):
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         if self.cache is None:   # written in place: DynamicCache copies the whole cache on every forward
             self.cache = growing_cache(self.model.config, reserve=CACHE_RESERVE)
@@ -94,25 +113,28 @@ class CachedLM(ForwardCounter):
             self.verify_times.setdefault(len(ids), []).append(dt)
         self.cache = out.past_key_values
         self.held.extend(ids)
-        hidden = out.hidden_states[-1][0] if features else None
+        hidden = self._features(out.hidden_states, layers) if features else None
         return out.logits[0, -keep:], hidden
 
     def forward(self, ids: list[int], keep: int = 1) -> torch.Tensor:
         """Feed ``ids`` after the cached tokens; return the logits of the last ``keep`` positions [keep, V]."""
         return self._run(ids, keep, None, False)[0]
 
-    def verify(self, ids: list[int], parents: list[int] | None = None,
-               features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed [root] + draft nodes in ONE forward; return (logits [len(ids), V], last hidden states
-        [len(ids), d] or None). ``parents`` (for ids[1:], -1 = the root) makes it a tree forward; None is
-        a chain (plain causal)."""
-        return self._run(ids, len(ids), parents, features)
+    def verify(self, ids: list[int], parents: list[int] | None = None, features: bool = False,
+               layers: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed [root] + draft nodes in ONE forward; return (logits [len(ids), V], features
+        [len(ids), feature_width(layers)] or None: the last hidden states, or those after each of
+        ``layers`` (module docstring)). ``parents`` (for ids[1:], -1 = the root) makes it a tree
+        forward; None is a chain (plain causal). Raises ValueError for a layer id outside the target."""
+        return self._run(ids, len(ids), parents, features, layers)
 
-    def prefill(self, ids: list[int], features: bool = False) -> torch.Tensor | None:
-        """Feed a prompt prefix keeping no logits; return its last hidden states [len(ids), d] if asked."""
+    def prefill(self, ids: list[int], features: bool = False,
+                layers: tuple[int, ...] | None = None) -> torch.Tensor | None:
+        """Feed a prompt prefix keeping no logits; return its features [len(ids), feature_width(layers)]
+        if asked (as ``verify``), None for no ids."""
         if not ids:
             return None
-        return self._run(ids, 1, None, features)[1]
+        return self._run(ids, 1, None, features, layers)[1]
 
     def crop(self, length: int) -> None:
         """Roll the cache back to its first ``length`` tokens. transformers 5.x: ``Cache.crop(n)``

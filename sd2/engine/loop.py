@@ -5,7 +5,9 @@ One round = one target forward:
    draft, a chain or a tree of at most ``max_depth`` levels (``sd2.engine.proposer``);
 2. verify: the target reads [last committed token] + every draft node in ONE forward (a tree with a
    tree attention mask and per-node positions), returning logits at every node and, when the
-   proposer wants them, its last hidden states;
+   proposer wants them, its features from the same forward: the last hidden states, or the hidden
+   states after the decoder layers the proposer names (``feature_layers``: an EAGLE-3 head's aux
+   states); the loop keeps those of the accepted path;
 3. accept: greedy walks the tree along the target's argmax; sampling runs recursive rejection over
    the children of each accepted node (``sd2.engine.sampling``), lossless for chains and trees;
 4. commit the accepted path plus one target token (the correction, or the bonus token after the
@@ -84,12 +86,13 @@ def generate(target: CachedLM, proposer: Proposer, prompt: list[int], max_depth:
         raise ValueError(f"max_depth (gamma) must be >= 1, got {max_depth}")
     t0 = time.perf_counter()
     want = bool(proposer.wants_features)
+    layers = getattr(proposer, "feature_layers", None) if want else None
     vocab = target.model.get_output_embeddings().weight.shape[0]
     target.reset()
     proposer.reset()
-    feats = target.prefill(prompt[:-1], features=want)
+    feats = target.prefill(prompt[:-1], features=want, layers=layers)
     if want and feats is None:
-        feats = torch.zeros(0, target.model.config.hidden_size, device=target.device)
+        feats = torch.zeros(0, target.feature_width(layers), device=target.device)
     seq = list(prompt)
     n0 = len(seq)
     rounds: list[Round] = []
@@ -103,7 +106,7 @@ def generate(target: CachedLM, proposer: Proposer, prompt: list[int], max_depth:
             spent += time.perf_counter() - tp
             _check(draft, k, vocab)
         chain = draft.is_chain
-        logits, hidden = target.verify([seq[-1]] + draft.tokens, None if chain else draft.parents, want)
+        logits, hidden = target.verify([seq[-1]] + draft.tokens, None if chain else draft.parents, want, layers)
         if sampling.greedy:
             path, nxt = accept_greedy(torch.argmax(logits, dim=-1).tolist(), draft)
         else:

@@ -16,10 +16,17 @@ Shapes and vocabularies:
   the draft is deterministic given the committed tokens (greedy, prompt lookup, cross-tokenizer),
   which the acceptance rule treats as one-hot q.
 
-Target features (for feature-level heads, EAGLE/FSPAD): the loop keeps the target's last hidden
-state, the one its lm_head reads (after the final norm), at every committed position the target has
-processed, which is every committed position but the last. ``Context.features`` is that buffer,
-[len(tokens) - 1, d_target], or None when no proposer of the run sets ``wants_features``.
+Target features (for feature-level heads, EAGLE/FSPAD/EAGLE-3): a proposer that sets
+``wants_features`` gets the target's features at every committed position the target has processed,
+which is every committed position but the last; they come from the target forwards the loop runs
+anyway (the prefill and each round's verify), never from another target pass. Which features is the
+proposer's optional ``feature_layers``:
+- None (or absent): the target's last hidden state, the one its lm_head reads (after the final
+  norm), [len(tokens) - 1, d_target] (EAGLE-1, FSPAD);
+- a tuple of ids k (0 <= k < N decoder layers): the hidden state after k decoder layers, before the
+  final norm, concatenated in that order, [len(tokens) - 1, len(ids) * d_target] (EAGLE-3's
+  auxiliary states, as ``sd2.heads.eagle3.model.target_aux`` defines them).
+``Context.features`` is that buffer, or None when the proposer does not set ``wants_features``.
 """
 
 from __future__ import annotations
@@ -94,12 +101,13 @@ class Context:
     """What a proposer is given each round."""
     tokens: list[int]                       # every committed token, prompt included
     prompt_len: int                         # the first prompt_len tokens are the prompt
-    features: torch.Tensor | None = None    # [len(tokens) - 1, d_target] target last hidden states
+    features: torch.Tensor | None = None    # [len(tokens) - 1, F] the target's features (module docstring)
 
 
 @runtime_checkable
 class Proposer(Protocol):
-    """Owns its model (if any) and its cache; counts its own forwards for the cost c."""
+    """Owns its model (if any) and its cache; counts its own forwards for the cost c. A proposer that
+    wants the target's features may also set ``feature_layers`` (module docstring; None when absent)."""
     name: str
     wants_features: bool
 

@@ -18,7 +18,8 @@ from sd2.core.errors import Sd2Error
 from sd2.core.models import load_model, load_tokenizer
 from sd2.heads import io
 from sd2.heads.export import VLLM_CHECKED, vllm_snippet
-from sd2.heads.features import chain_rounds, head_inputs, row_features, target_features
+from sd2.heads.drafting import drafting
+from sd2.heads.features import chain_rounds, head_inputs, row_features
 from sd2.heads.model import Head
 from sd2.heads.proposer import HeadProposer
 from sd2.heads.train import HeadTask
@@ -35,19 +36,24 @@ def head_macs(head: Head, context_len: int = 1024) -> MacCount:
                        c.head_dim, c.num_layers, context_len)
 
 
-def _prune_groups(head: Head) -> list[list[tuple[str, torch.nn.Linear]]]:
-    """The head's Linear layers in forward order, grouped as pruned in turn: fc, feature sampling,
-    then each decoder layer (the unit of llm-compressor's sequential pipeline)."""
+def _prune_groups(linears) -> list[list[tuple[str, torch.nn.Linear]]]:
+    """A head's Linear layers (name, module) in forward order, grouped as pruned in turn: fc, feature
+    sampling, then each decoder layer (the unit of llm-compressor's sequential pipeline)."""
     groups: dict[str, list] = {}
-    for name, mod in head.linears():
-        parts = name.split(".")
-        key = ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
+    for name, mod in linears:
+        parts = name.removeprefix("model.").split(".")
+        key = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
         groups.setdefault(key, []).append((name, mod))
     return list(groups.values())
 
 
-def calibrate(head: Head, rows, modules: list[tuple[str, torch.nn.Linear]], method: str) -> dict:
-    """One pass of the head over the calibration rows, teacher-forced on the target's real features,
+def _teacher_forced(head: Head, ids: torch.Tensor, feats: torch.Tensor) -> None:
+    head(*head_inputs(ids, feats))
+
+
+def calibrate(head: Head, rows, modules: list[tuple[str, torch.nn.Linear]], method: str, forward=_teacher_forced) -> dict:
+    """One pass of the head over the calibration rows, teacher-forced on the target's real features
+    (``forward(head, ids, feats)``; an EAGLE-3 head's reads its aux states),
     with a forward hook on each of ``modules`` that feeds its input to llm-compressor's own
     accumulator: SparseGPT's Hessian 2 X X^T / n (``accumulate_hessian``) or Wanda's per-column
     ||X_j||^2 / n (``accumulate_row_scalars``). Returns {module: statistic}, as the library's
@@ -70,7 +76,7 @@ def calibrate(head: Head, rows, modules: list[tuple[str, torch.nn.Linear]], meth
         with torch.no_grad():
             for ids, feats in rows:
                 if ids.shape[1] >= 2:
-                    head(*head_inputs(ids, feats))
+                    forward(head, ids, feats)
     finally:
         for h in hooks:
             h.remove()
@@ -100,13 +106,15 @@ def sparsify(modules: list[tuple[str, torch.nn.Linear]], stats: dict, method: st
             mod.weight.copy_(w)
 
 
-def prune_head(head: Head, method: str, sparsity: float, nm: tuple[int, int] | None, rows, progress=None) -> None:
-    """Prune every head Linear in place (sparsegpt or wanda): group by group (``_prune_groups``), each
-    calibrated on ``rows`` ((ids [1, L], features [1, L, d]) pairs) through the head as pruned so far, as
-    llm-compressor's sequential pipeline does for a causal LM's layers."""
-    groups = _prune_groups(head)
+def prune_head(head: Head, method: str, sparsity: float, nm: tuple[int, int] | None, rows, progress=None,
+               linears=None, forward=_teacher_forced) -> None:
+    """Prune every head Linear (``linears``, default ``head.linears()``) in place (sparsegpt or wanda):
+    group by group (``_prune_groups``), each calibrated on ``rows`` ((ids [1, L], features [1, L, d])
+    pairs; ``forward`` runs the head on one) through the head as pruned so far, as llm-compressor's
+    sequential pipeline does for a causal LM's layers."""
+    groups = _prune_groups(head.linears() if linears is None else linears)
     for group in (progress(groups) if progress is not None else groups):
-        sparsify(group, calibrate(head, rows, group, method), method, sparsity, nm)
+        sparsify(group, calibrate(head, rows, group, method, forward), method, sparsity, nm)
 
 
 def recognizes(folder: Path) -> bool:
@@ -121,16 +129,38 @@ def load(source, target=None, device: str = "cpu", dtype=None) -> "HeadDrafter":
         raise Sd2Error(f"{getattr(source, 'ref', source)}/config.json names no target; give the target model")
     if not isinstance(target, torch.nn.Module):
         target = load_model(target or io.read_config(source).target, device=device, dtype=dtype)
-    return HeadDrafter(io.load(source, target, device=device, dtype=dtype), target, load_tokenizer(source))
+    return drafter_for(io.load(source, target, device=device, dtype=dtype), target, load_tokenizer(source))
+
+
+def drafter_for(head, target, tokenizer) -> "HeadDrafter":
+    """The HeadDrafter of a loaded head: an Eagle3Drafter (a HeadDrafter) for an EAGLE-3 head."""
+    if head.head_config.type == "eagle3":
+        from sd2.heads.eagle3.drafter import Eagle3Drafter
+
+        return Eagle3Drafter(head, target, tokenizer)
+    return HeadDrafter(head, target, tokenizer)
 
 
 def usage_snippets(target: str, d, gamma: int, hub_id: str | None = None) -> dict[str, str]:
     """A feature-level head reads the target's hidden states: it is no transformers ``assistant_model``.
-    sd2's engine runs both kinds; vLLM runs an untrimmed EAGLE head after ``sd2 publish`` exports it to
-    vLLM's EAGLE layout (sd2.heads.export); nothing in vLLM runs an FSPAD head."""
+    sd2's engine runs every type; vLLM runs an untrimmed EAGLE head after ``sd2 publish`` exports it to
+    vLLM's EAGLE layout (sd2.heads.export), and a single-layer EAGLE-3 head without feature sampling
+    after ``sd2 publish`` exports it to the speculators layout (sd2.heads.eagle3.export); nothing in
+    vLLM runs an FSPAD head."""
     kind = d.settings.get("head", "head")
     sd2_cmd = f"sd2 eval --target {target} --drafter {kind}={d.path} --gamma {gamma}"
     out = {"sd2": f"# A {kind.upper()} head runs beside its target in sd2's engine (greedy is lossless):\n{sd2_cmd}\n"}
+    if kind == "eagle3":
+        from sd2.heads.eagle3.export import VLLM_CHECKED as E3_CHECKED
+        from sd2.heads.eagle3.export import vllm_unsupported
+
+        why = vllm_unsupported(io.read_config(d.path)) if io.is_head(d.path) else None
+        export = f"{d.path.rstrip('/')}-vllm"
+        out["vllm"] = (f"# vLLM ({E3_CHECKED}) cannot run this head: it has {why}. Use sd2:\n# {sd2_cmd}\n" if why else
+                       f"# Export to the speculators layout vLLM loads (checked against {E3_CHECKED}) first:\n"
+                       f"#   sd2 publish {d.path} --repo-id you/head --dry-run --out {export}\n"
+                       + vllm_snippet(hub_id or target, export, gamma, method="eagle3"))
+        return out
     if kind == "eagle" and not d.vocab:
         export = f"{d.path.rstrip('/')}-vllm"
         out["vllm"] = (f"# Export to vLLM's EAGLE layout (checked against {VLLM_CHECKED}) first:\n"
@@ -148,6 +178,16 @@ def build(head_type: str, layers: int, target_source, seed: int) -> "HeadDrafter
     head = io.build(head_type, target, num_layers=layers, seed=seed, target_ref=target_source.ref,
                     target_fingerprint=target_source.fingerprint)
     return HeadDrafter(head, target, load_tokenizer(target_source))
+
+
+def build_from(config, target_source, dataset, ctx) -> tuple["HeadDrafter", dict]:
+    """The head stage's build (``config``: sd2.stages.head.Config) and what it records: an eagle3 head
+    reads the distilled ``dataset`` for its draft vocabulary (sd2/heads/eagle3/drafter.py)."""
+    if config.type == "eagle3":
+        from sd2.heads.eagle3.drafter import build as build_eagle3
+
+        return build_eagle3(config, target_source, dataset, ctx)
+    return build(config.type, config.num_layers, target_source, ctx.seed), {}
 
 
 class HeadDrafter:
@@ -207,6 +247,10 @@ class HeadDrafter:
 
     def training_task(self, config, rows_train, rows_val, pad_id: int, target, ctx):
         hc = self.module.head_config
+        for name in ("ttt_depth", "ttt_decay"):
+            if getattr(config, name) != type(config).model_fields[name].default:
+                raise Sd2Error(f"finetune.{name} sets an eagle3 head's training-time test; this is an {hc.type} head, "
+                               "which unrolls on its own predicted features with finetune.unroll (= ttt_depth - 1)")
         ctx.log.info("finetune %s head on %d conversations (%d held out): %s x SmoothL1 + %s x %s, target features %s",
                      hc.type, len(rows_train), len(rows_val), config.feature_weight, config.logit_weight, config.loss,
                      f"cached (up to {config.feature_cache_mb:g} MB)" if config.feature_cache_mb else "on the fly")
@@ -226,13 +270,15 @@ class HeadDrafter:
     def teacher_forced_mal(self, target, requests, greedy_ref: dict, gammas: list[int],
                            max_new_tokens: int | None = None) -> dict:
         """{gamma: MalStats}: the head's exact greedy chain rounds on the target's greedy answers
-        (features.chain_rounds): one target forward for the features, then the head's rounds
-        simulated with its own predicted features."""
+        (features.chain_rounds): one target forward for the features the engine hands this head
+        type (``drafting(head).target_features``: the last hidden state, or EAGLE-3's aux states),
+        then the head's rounds simulated with the hidden states it feeds itself."""
         device = next(target.parameters()).device
+        d = drafting(self.module)
 
         def rounds_for(req, resp):
             ids = list(req.ids) + list(resp)
-            feats = target_features(target, torch.tensor([ids], device=device))[0]
+            feats = d.target_features(target, torch.tensor([ids], device=device))
             return lambda g: chain_rounds(self.module, ids, feats, [(len(req.ids), len(ids))], g, max_new_tokens)[0]
 
         with torch.inference_mode():

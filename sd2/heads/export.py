@@ -94,10 +94,10 @@ def write_vllm_eagle(src: Path, dest: Path) -> dict:
     return config
 
 
-def vllm_snippet(target_id: str, head_id: str, gamma: int) -> str:
+def vllm_snippet(target_id: str, head_id: str, gamma: int, method: str = "eagle") -> str:
     return (f"from vllm import LLM, SamplingParams\n\n"
             f"llm = LLM(model={json.dumps(target_id)},\n"
-            f"          speculative_config={{\"model\": {json.dumps(head_id)}, \"method\": \"eagle\", "
+            f"          speculative_config={{\"model\": {json.dumps(head_id)}, \"method\": \"{method}\", "
             f"\"num_speculative_tokens\": {gamma}}})\n"
             f"print(llm.generate([\"Explain speculative decoding.\"], SamplingParams(temperature=0, max_tokens=128))"
             f"[0].outputs[0].text)\n")

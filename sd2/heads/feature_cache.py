@@ -45,13 +45,14 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(target_id: str, rows: list[list[int]], precision: str, device: str) -> str:
-    """The folder name: a hash of everything the cached features depend on."""
+def cache_key(target_id: str, rows: list[list[int]], precision: str, device: str, what: str | None = None) -> str:
+    """The folder name: a hash of everything the cached features depend on (``what``: which states,
+    when not the final-norm features; None keeps the keys of caches made before it existed)."""
     import numpy as np
 
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "target": target_id, "precision": precision,
-                                   "device": torch.device(device).type, "torch": torch.__version__},
-                                  sort_keys=True).encode())
+    meta = {"format": FORMAT, "target": target_id, "precision": precision, "device": torch.device(device).type,
+            "torch": torch.__version__} | ({"what": what} if what is not None else {})
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for r in rows:
         h.update(len(r).to_bytes(8, "little"))
         h.update(np.asarray(r, dtype=np.int64).tobytes())
@@ -72,9 +73,14 @@ def _shards(lengths: list[int], bytes_per_token: int) -> list[tuple[int, int]]:
 
 
 def load_or_build(root: Path, target, target_id: str, rows: list[list[int]], precision: str, device: str,
-                  max_mb: float, autocast, ctx, build: bool = True, barrier=lambda: None) -> list[torch.Tensor]:
+                  max_mb: float, autocast, ctx, build: bool = True, barrier=lambda: None, compute=None,
+                  what: str | None = None) -> list[torch.Tensor]:
     """The features [L_i, d] of every row (CPU tensors), read from the cache under ``root`` or
     computed and stored there first.
+
+    ``compute(target, rows) -> [L_i, w] per row`` (default ``row_features``) and ``what`` (a name
+    entering the key) cache other per-token states the same way: an EAGLE-3 head's aux hidden states
+    (sd2.heads.eagle3.train).
 
     ``autocast``: the training's autocast context (a callable returning a context manager), so the
     cache holds exactly what training would compute. In a multi-process run every process checks the
@@ -85,15 +91,16 @@ def load_or_build(root: Path, target, target_id: str, rows: list[list[int]], pre
     from sd2.core.artifacts import write_json_atomic
     from sd2.core.errors import Sd2Error
 
-    key = cache_key(target_id, rows, precision, device)
+    compute = compute or row_features
+    key = cache_key(target_id, rows, precision, device, what)
     final, partial = Path(root) / key, Path(root) / f"{key}.partial"
     lengths = [len(r) for r in rows]
     with autocast():
-        probe = row_features(target, rows[:1])[0]
+        probe = compute(target, rows[:1])[0]
     per_token = probe.shape[-1] * probe.element_size()
     need_mb = sum(lengths) * per_token / 2**20
     if need_mb > max_mb:
-        raise Sd2Error(f"finetune.feature_cache_mb = {max_mb:g}: the target's features of these {len(rows)} "
+        raise Sd2Error(f"finetune.feature_cache_mb = {max_mb:g}: the target's {what or 'features'} of these {len(rows)} "
                        f"conversations ({sum(lengths)} tokens x {probe.shape[-1]} x {probe.element_size()} bytes) "
                        f"need {need_mb:.1f} MB; raise feature_cache_mb to at least {int(need_mb) + 1}, or remove it "
                        "to compute the features on the fly")
@@ -106,7 +113,7 @@ def load_or_build(root: Path, target, target_id: str, rows: list[list[int]], pre
         bar = ctx.progress(total=sum(b - a for _, (a, b) in todo), desc="feature cache", unit="row")
         for s, (a, b) in todo:
             with autocast():
-                feats = row_features(target, rows[a:b])
+                feats = compute(target, rows[a:b])
             path = partial / f"shard-{s:05d}.safetensors"
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             save_file({str(a + i): f.detach().cpu().contiguous() for i, f in enumerate(feats)}, str(tmp))

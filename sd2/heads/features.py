@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from sd2.engine.sampling import DraftVocab
-from sd2.heads.model import Head, cache_len
+from sd2.heads.drafting import drafting
+from sd2.heads.model import cache_len
 from sd2.mal import Round, greedy_rounds
 
 
@@ -55,26 +55,29 @@ def head_inputs(input_ids: torch.Tensor, features: torch.Tensor):
 
 
 @torch.no_grad()
-def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tuple[int, int]],
+def chain_rounds(head, ids: list[int], feats: torch.Tensor, spans: list[tuple[int, int]],
                  gamma: int, budget: int | None = None) -> list[list[Round]]:
-    """Exact greedy speculative-decoding rounds of the head as a chain drafter, one list per span.
+    """Exact greedy speculative-decoding rounds of a head (any type) as a chain drafter, one list per span.
 
-    ``ids`` is one row (prompt + the target's response), ``feats`` its target features [L, d], and
-    each span (a, b) the response token indices a..b-1 (a >= 1). A round that starts with tokens
-    x_0..x_{n-1} committed drafts from head position n-2 (real feature f_{n-2}); each further draft
-    step feeds the head its own predicted feature, exactly as drafting does, and the round accepts
-    the drafts that equal the data's tokens. This simulates the rounds without the target (the data
+    ``ids`` is one row (prompt + the target's response), ``feats`` its target features [L, F] (those
+    the engine hands the head: ``drafting(head).target_features``), and each span (a, b) the
+    response token indices a..b-1 (a >= 1). A round that starts with tokens x_0..x_{n-1} committed
+    drafts from head position n-2 (real features at n-2); each further draft step feeds the head its
+    own hidden state (EAGLE-1 / FSPAD: its predicted feature; EAGLE-3: its prenorm), exactly as the
+    proposer does (both through sd2.heads.drafting), and the round accepts the drafts that equal the
+    data's tokens. This simulates the rounds without the target (the data
     holds the target's output), so it equals the engine's greedy MAL when the data is the target's
     greedy output. ``budget``: the max_new_tokens of each span's generation, for the engine's draft
     lengths (sd2.mal.draft_length and teacher_forced_rounds)."""
-    device = feats.device
+    d = drafting(head)
+    device = d.device
     x = torch.tensor(ids, dtype=torch.long, device=device)
     n_pos = len(ids) - 1
-    vocab = DraftVocab(head.target_lm_head.weight.shape[0], head.d2t).to(device)
+    vocab = d.vocab
     cache = head.new_cache()
     pos = torch.arange(n_pos, device=device)[None]
-    hl, hf = head(x[None, 1:], feats[None, :-1], pos, cache=cache)
-    greedy1 = vocab.greedy_ids(head.logits(hl[0]))        # [L-1]: head position t predicts x_{t+2}
+    hl, hf = d.forward(x[None, 1:], d.hidden(feats[:-1])[None], pos, cache)
+    greedy1 = vocab.greedy_ids(d.logits(hl[0]))           # [L-1]: head position t predicts x_{t+2}
 
     def accepted(a: int, j: int, k: int) -> int:
         """Drafts accepted, of ``k``, in the round after the span's first ``j`` tokens (x_0..x_{n-1} committed)."""
@@ -85,9 +88,9 @@ def chain_rounds(head: Head, ids: list[int], feats: torch.Tensor, spans: list[tu
         acc, feat = 1, hf[0, t]
         local = [[kv[0][:, :, : t + 1], kv[1][:, :, : t + 1]] for kv in cache]
         while acc < k:
-            l2, f2 = head(x[None, n + acc - 1: n + acc], feat[None, None], torch.tensor([[t + acc]], device=device),
-                          cache=local)
-            if vocab.greedy(head.logits(l2[0, 0])) != ids[n + acc]:
+            step = torch.tensor([[t + acc]], device=device)
+            l2, f2 = d.forward(x[None, n + acc - 1: n + acc], feat[None, None], step, local)
+            if vocab.greedy(d.logits(l2[0, 0])) != ids[n + acc]:
                 break
             acc += 1
             feat = f2[0, 0]

@@ -7,6 +7,9 @@ Folder layout (docs/heads.md):
   trimmed head adds ``lm_head.weight`` [K, d] and ``d2t`` [K]). The target's embeddings and full
   lm_head are NOT stored: they are the target's, shared and frozen.
 - the target's tokenizer files (a head reads and writes target token ids).
+
+An EAGLE-3 head (``type: eagle3``) has the same layout with its own config and tensors
+(sd2/heads/eagle3/io.py); ``read_config``, ``load`` and ``save`` here dispatch on the type.
 """
 
 from __future__ import annotations
@@ -34,9 +37,15 @@ def is_head(folder) -> bool:
         return False
 
 
-def read_config(folder) -> HeadConfig:
+def read_config(folder):
+    """The folder's head config: a HeadConfig, or an Eagle3Config for ``type: eagle3``."""
     ref = getattr(folder, "ref", folder)
-    return HeadConfig.from_dict(json.loads((Path(str(ref)) / "config.json").read_text())[CONFIG_KEY])
+    d = json.loads((Path(str(ref)) / "config.json").read_text())[CONFIG_KEY]
+    if d.get("type") == "eagle3":
+        from sd2.heads.eagle3.io import config_of
+
+        return config_of(d)
+    return HeadConfig.from_dict(d)
 
 
 def build(head_type: str, target_model, num_layers: int = 1, seed: int = 0, target_ref: str = "",
@@ -62,6 +71,10 @@ def build(head_type: str, target_model, num_layers: int = 1, seed: int = 0, targ
 def save(head: Head, out_dir, tokenizer=None, extra_files: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
+    if head.head_config.type == "eagle3":
+        from sd2.heads.eagle3 import io as eagle3_io
+
+        return eagle3_io.save(head, out_dir, tokenizer, extra_files)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(out / WEIGHTS), metadata={"format": "pt", "sd2": "head"})
@@ -92,13 +105,18 @@ def check(folder) -> Path:
 
 def load(folder, target_model, device: str = "cpu", dtype=None) -> Head:
     """The head of ``folder`` bound to ``target_model`` (a loaded causal LM; sd2.heads.drafter.load
-    also finds the target the config names). Raises Sd2Error when its sizes do not match the head's."""
+    also finds the target the config names): a Head, or an Eagle3Head for ``type: eagle3``. Raises
+    Sd2Error when its sizes do not match the head's."""
     from safetensors.torch import load_file
 
     from sd2.core.errors import Sd2Error, reading
 
     ref = check(folder)
     cfg = read_config(ref)
+    if cfg.type == "eagle3":
+        from sd2.heads.eagle3 import io as eagle3_io
+
+        return eagle3_io.load(ref, target_model, device, dtype)
     emb = target_model.get_input_embeddings()
     if emb.weight.shape != (cfg.vocab_size, cfg.hidden_size):
         raise Sd2Error(f"head {ref} reads a target with embeddings [{cfg.vocab_size}, {cfg.hidden_size}], but the "

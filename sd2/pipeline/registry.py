@@ -49,8 +49,8 @@ STAGES: dict[str, StageSpec] = {
     for spec in [
         StageSpec("derive", "sd2.stages.derive", "derive a drafter from the target by keeping a subset of its layers",
                   consumes=("target",), produces="model", in_branch=False, kind="lm"),
-        StageSpec("head", "sd2.stages.head", "build a feature-level head (EAGLE / FSPAD) over the target",
-                  consumes=("target",), produces="model", kind="head"),
+        StageSpec("head", "sd2.stages.head", "build a feature-level head (EAGLE / FSPAD / EAGLE-3) over the target",
+                  consumes=("target", "dataset"), produces="model", kind="head"),
         StageSpec("distill", "sd2.stages.distill", "self-data distillation: the target (or drafter, on-policy) answers the prompts",
                   consumes=("target", "model"), produces="dataset"),
         StageSpec("prune", "sd2.stages.prune", "unstructured (SparseGPT, Wanda, magnitude, N:M) or layer pruning",

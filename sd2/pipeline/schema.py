@@ -265,6 +265,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         intact = {b: steps for b, steps in branches.items() if b not in broken}
         issues.extend(_check_cross(recipe, intact, branch_from))
         issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
+        issues.extend(_check_eagle3(recipe, drafter_build, intact, branch_from))
         issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
     if issues:
         raise RecipeError(issues, source)
@@ -352,6 +353,40 @@ def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict) -> l
                     break
                 n = None if n_remove is None else n - n_remove
         ends[bname] = n
+    return issues
+
+
+def _check_eagle3(recipe: Recipe, build, branches: dict, branch_from: dict) -> list[Issue]:
+    """EAGLE-3 heads (docs/eagle3.md): built in a branch (their draft vocabulary comes from the
+    distilled answers), aux_layers within the target's layers and K within its vocabulary where
+    those are known before any model loads, and no trim_vocab after one (it has its own K rows)."""
+    if build is not None and build[0] == "head" and build[1].type == "eagle3":
+        return [Issue("drafter.head", "an eagle3 head chooses its draft vocabulary from the distilled answers, so it is "
+                                      "built in a branch after distill: branches: {e3: [{head: {type: eagle3, "
+                                      "draft_vocab_size: K}}, {finetune: {...}}]}")]
+    n, v = known_layer_count(recipe.target), known_vocab_size(recipe.target)
+    issues, ends = [], {}
+    for bname, steps in branches.items():
+        eagle3 = ends.get(branch_from.get(bname), False)
+        for i, (sname, cfg) in enumerate(steps):
+            at = f"{step_path(bname, i, branch_from)}.{sname}"
+            if sname == "head":
+                eagle3 = cfg.type == "eagle3"
+                if eagle3 and n is not None:
+                    from sd2.heads.eagle3.model import resolve_aux_layers   # the head stage's own check
+
+                    try:
+                        resolve_aux_layers(cfg.aux_layers, n)
+                    except ValueError as e:
+                        issues.append(Issue(f"{at}.aux_layers", str(e)))
+                if eagle3 and v is not None and cfg.draft_vocab_size > v:
+                    issues.append(Issue(f"{at}.draft_vocab_size", f"must be at most the target's vocabulary size {v} "
+                                                                  f"(got {cfg.draft_vocab_size})"))
+            elif sname == "trim_vocab" and eagle3:
+                from sd2.heads.eagle3.drafter import TRIM_REFUSED
+
+                issues.append(Issue(at, TRIM_REFUSED))
+        ends[bname] = eagle3
     return issues
 
 

@@ -152,13 +152,25 @@ def _usage(repo_id: str, target_hub: str | None, target: str, sel: Selection, ex
     gamma = sel.main_gamma or 4
     target_id = target_hub or f"<the target: {target}>"
     from sd2.heads import io
+    from sd2.heads.export import vllm_snippet
 
+    if json.loads((exp.folder / "config.json").read_text()).get("speculators_model_type") == "eagle3":
+        from sd2.heads.eagle3.export import VLLM_CHECKED
+
+        return (f"## Usage\n\nAn EAGLE-3 head in the speculators layout: it reads three of the target's hidden "
+                f"states, so it runs only beside its target, in vLLM's EAGLE-3 speculative decoding (layout checked "
+                f"against {VLLM_CHECKED}):\n\n```python\n"
+                + vllm_snippet(target_id, repo_id, gamma, method="eagle3")
+                + "```\n\ntransformers' assisted generation cannot run a feature-level head; sd2 runs it too: "
+                "`sd2 eval --target TARGET --drafter eagle3=HEAD_FOLDER` (on the sd2 head folder).\n")
     head = io.is_head(exp.folder)     # an sd2 head folder, or one in vLLM's EAGLE layout (a Llama config too)
     if head and "architectures" not in json.loads((exp.folder / "config.json").read_text()):
         from sd2.heads.export import VLLM_CHECKED, vllm_unsupported
 
         head = io.read_config(exp.folder)
         kind = head.type
+        if kind == "eagle3":
+            from sd2.heads.eagle3.export import VLLM_CHECKED, vllm_unsupported
         return (f"## Usage\n\nAn sd2 {kind.upper()} head: it reads the target's last hidden state, so it runs only "
                 f"beside its target. vLLM cannot run it (checked against {VLLM_CHECKED}): it has "
                 f"{vllm_unsupported(head)}. transformers' assisted generation cannot run a "

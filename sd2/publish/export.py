@@ -107,12 +107,12 @@ def _fill_head(src: Path, tmp: Path, target_name: str) -> Exported:
     head (FSPAD, trimmed, fc with a bias), which nothing in vLLM loads, goes out as sd2's own head
     folder (docs/heads.md), which ``sd2 eval`` runs. Either way the config names the target by
     ``target_name``, not by the folder it was trained against."""
-    from safetensors.torch import load_file
-
     from sd2.heads import io
     from sd2.heads.export import vllm_unsupported, write_vllm_eagle
 
     hc = io.read_config(src)
+    if hc.type == "eagle3":
+        return _fill_eagle3(src, tmp, target_name, hc)
     why_not = vllm_unsupported(hc)
     if why_not is None:
         write_vllm_eagle(src, tmp)
@@ -128,9 +128,48 @@ def _fill_head(src: Path, tmp: Path, target_name: str) -> Exported:
     for p in sorted(src.iterdir()):
         if p.is_file() and p.name.startswith(("tokenizer", "special_tokens", "chat_template")) or p.name == SPARSITY:
             shutil.copy2(p, tmp / p.name)
-    w = [t for k, t in load_file(str(tmp / io.WEIGHTS)).items() if t.dim() == 2 and not k.endswith("lm_head.weight")]
+    w = [t for k, t in load_file_2d(tmp / io.WEIGHTS) if not k.endswith("lm_head.weight")]
     sparsity = round(sum(int((t == 0).sum()) for t in w) / max(1, sum(t.numel() for t in w)), 6)
     return Exported(tmp, [], sparsity, None, [note])
+
+
+def _fill_eagle3(src: Path, tmp: Path, target_name: str, hc) -> Exported:
+    """An EAGLE-3 head: the speculators layout vLLM loads (sd2/heads/eagle3/export.py), verifier
+    ``target_name``; one vLLM cannot run (feature sampling) goes out as sd2's own head folder, the
+    card and note saying why."""
+    from sd2.heads import io
+    from sd2.heads.eagle3 import export as e3
+
+    why_not = e3.vllm_unsupported(hc)
+    if why_not is None:
+        try:
+            cfg = e3.export_folder(src, tmp, target_name or "the target model")
+        except ValueError as e:
+            raise Sd2Error(f"{src}: {e}") from None
+        cfg[e3.CONFIG_KEY]["target"] = target_name or "the target model"     # never the local folder it read
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        note = (f"an EAGLE-3 head in the speculators layout ({e3.VLLM_CHECKED}): vLLM loads it with method 'eagle3' "
+                "over its target")
+    else:
+        shutil.copy2(src / io.WEIGHTS, tmp / io.WEIGHTS)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg[io.CONFIG_KEY]["target"] = target_name or "the target model"
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        note = (f"an sd2 EAGLE3 head folder (vLLM cannot run it: it has {why_not}); it runs in sd2's engine: "
+                "sd2 eval --target TARGET --drafter eagle3=THIS_FOLDER")
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name.startswith(("tokenizer", "special_tokens", "chat_template")) or p.name == SPARSITY:
+            shutil.copy2(p, tmp / p.name)
+    w = [t for k, t in load_file_2d(tmp / io.WEIGHTS) if not k.endswith("lm_head.weight")]
+    sparsity = round(sum(int((t == 0).sum()) for t in w) / max(1, sum(t.numel() for t in w)), 6)
+    return Exported(tmp, [], sparsity, None, [note])
+
+
+def load_file_2d(path: Path) -> list:
+    """(name, tensor) of the 2-d tensors of a safetensors file."""
+    from safetensors.torch import load_file
+
+    return [(k, t) for k, t in load_file(str(path)).items() if t.dim() == 2]
 
 
 def measure_sparsity(folder: Path) -> tuple[float, dict[str, float]]:

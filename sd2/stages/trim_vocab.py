@@ -30,15 +30,6 @@ class Config(BaseModel):
         return self
 
 
-def _split(n: int, heldout: float, seed: int) -> tuple[list[int], list[int]]:
-    import random
-
-    idx = list(range(n))
-    random.Random(seed).shuffle(idx)
-    n_held = int(round(n * heldout)) if n > 1 else 0
-    return sorted(idx[n_held:]), sorted(idx[:n_held])
-
-
 def choose_tokens(counts, k: int | None, coverage: float | None, always: list[int]) -> list[int]:
     """The kept target ids: the special tokens plus the top tokens by count (ties by id).
 
@@ -58,11 +49,6 @@ def choose_tokens(counts, k: int | None, coverage: float | None, always: list[in
     return sorted(keep)
 
 
-def _coverage(counts, keep) -> float:
-    total = int(counts.sum())
-    return float(counts[keep].sum()) / total if total else 0.0
-
-
 def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     import json
 
@@ -80,7 +66,7 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     if config.k is not None and config.k > full_v:
         raise Sd2Error(f"trim_vocab.k = {config.k} exceeds the drafter's vocabulary of {full_v} tokens; use k <= {full_v}")
     data = load_distilled(inputs.dataset)
-    fit_rows, held_rows = _split(len(data), config.heldout, ctx.seed)
+    fit_rows, held_rows = vocab.heldout_split(len(data), config.heldout, ctx.seed)
     counts = vocab.token_counts(data.select(fit_rows), full_v)
     held_counts = vocab.token_counts(data.select(held_rows), full_v) if held_rows else None
     always = sorted(set(tok.all_special_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
@@ -98,8 +84,8 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
         "draft_vocab_size": len(keep), "full_vocab_size": full_v, "special_tokens_kept": len(always),
         "distinct_target_tokens_seen": int((counts > 0).sum()),
         "kept_unseen": int((counts[keep_t] == 0).sum()),
-        "coverage_fit": round(_coverage(counts, keep_t), 6),
-        "coverage_heldout": round(_coverage(held_counts, keep_t), 6) if held_counts is not None else None,
+        "coverage_fit": round(vocab.coverage(counts, keep_t), 6),
+        "coverage_heldout": round(vocab.coverage(held_counts, keep_t), 6) if held_counts is not None else None,
         "rows_fit": len(fit_rows), "rows_heldout": len(held_rows),
         "lm_head_macs_before": before.lm_head, "lm_head_macs_after": after.lm_head,
         "macs_per_token_before": before.effective, "macs_per_token_after": after.effective,

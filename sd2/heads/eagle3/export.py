@@ -108,17 +108,39 @@ def export(head: Eagle3Head, dest, verifier_name_or_path: str | None = None, ver
 
     The verifier defaults to the head config's ``target``, architectures ``["LlamaForCausalLM"]``.
     Raises ValueError for a head vLLM cannot run or without a verifier reference."""
+    return write(head.head_config, head.state_dict(), dest, verifier_name_or_path, verifier_architectures,
+                 speculative_tokens, dtype)
+
+
+def export_folder(src, dest, verifier_name_or_path: str | None = None, verifier_architectures=None,
+                  speculative_tokens: int = 3, dtype: torch.dtype = torch.float32) -> dict:
+    """``export`` of an sd2 eagle3 head folder (sd2/heads/eagle3/io.py), read from its files alone:
+    no target loads (``sd2 publish``). Raises ValueError as ``export`` does."""
+    from safetensors.torch import load_file
+
+    from sd2.heads.eagle3.io import CONFIG_KEY as HEAD_KEY, config_of
+
+    src = Path(src)
+    c = config_of(json.loads((src / "config.json").read_text())[HEAD_KEY])
+    return write(c, load_file(str(src / WEIGHTS)), dest, verifier_name_or_path, verifier_architectures,
+                 speculative_tokens, dtype)
+
+
+def write(c: Eagle3Config, state: dict, dest, verifier_name_or_path: str | None = None, verifier_architectures=None,
+          speculative_tokens: int = 3, dtype: torch.dtype = torch.float32) -> dict:
+    """The export of a head's config and state dict (``export``)."""
     from safetensors.torch import save_file
 
-    c = head.head_config
+    from sd2.heads.eagle3.draft_vocab import DraftVocabMap
+
     why = vllm_unsupported(c)
     if why is not None:
         raise ValueError(f"this EAGLE-3 head has {why}: it cannot be exported for vLLM; run it through sd2's engine")
     verifier = verifier_name_or_path or c.target
     if not verifier:
         raise ValueError("the verifier (the target's hub id or folder) is unknown: pass verifier_name_or_path")
-    head.draft_vocab()                                   # d2t and t2d agree, or ValueError
-    sd = head.state_dict()
+    DraftVocabMap.from_buffers(state["d2t"], state["t2d"])          # d2t and t2d agree, or ValueError
+    sd = dict(state)
     if c.draft_vocab_size == c.vocab_size:
         sd.pop("d2t")                                    # the identity map; vLLM refuses a d2t when K = V
     want = speculators_tensors(c)

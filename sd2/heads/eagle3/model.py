@@ -242,6 +242,12 @@ class Eagle3Head(nn.Module):
     def new_cache(self) -> list:
         return [[None, None] for _ in self.layers]
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
     def linears(self):
         """(name, nn.Linear) of every trainable linear map: fc, feature sampling, the layers, lm_head."""
         for name, mod in self.named_modules():

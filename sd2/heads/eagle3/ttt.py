@@ -123,14 +123,17 @@ def summary(result: TTTResult, prefix: str = "val_") -> dict:
 def training_time_test(head, aux: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                        target_logits: torch.Tensor | None = None, depth: int = 7, loss: str = "ce",
                        temperature: float = 1.0, jsd_beta: float = 0.5, decay: float = 0.8,
-                       pad_id: int = 0) -> TTTResult:
+                       pad_id: int = 0, teacher_draft_logits: torch.Tensor | None = None) -> TTTResult:
     """EAGLE-3's training-time test over a batch of rows (module docstring).
 
     aux [B, L, 3 H_target]: the target's aux hidden states (``model.target_aux``); input_ids [B, L];
     loss_mask [B, L]: 1 where the token is a trained label (the target's answer; 0 on prompt and
     padding); target_logits [B, L, V]: the target's next-token logits at every position (needed for
-    a divergence; CE uses the tokens of ``input_ids``). ``depth`` D >= 1, ``decay`` weights step i by
-    decay^i. Raises ValueError on shapes that disagree or an unknown loss."""
+    a divergence; CE uses the tokens of ``input_ids``), or ``teacher_draft_logits`` [B, L, K]: the
+    same logits already restricted to the draft vocabulary (the target's lm_head rows of ``d2t``
+    applied to its final hidden state: what finetune computes, never the [.., V] logits). ``depth``
+    D >= 1, ``decay`` weights step i by decay^i. Raises ValueError on shapes that disagree or an
+    unknown loss."""
     b, n = input_ids.shape
     if n < 2:
         raise ValueError(f"rows need at least 2 tokens for a head position, got {n}")
@@ -142,14 +145,18 @@ def training_time_test(head, aux: torch.Tensor, input_ids: torch.Tensor, loss_ma
     if loss != "ce":
         if loss not in KD_LOSSES:
             raise ValueError(f"unknown loss {loss!r}; valid: ce, {', '.join(KD_LOSSES)}")
-        if target_logits is None or target_logits.shape[:2] != (b, n):
-            raise ValueError(f"loss {loss!r} needs the target's logits [batch, length, V] (target_logits)")
+        given = target_logits if teacher_draft_logits is None else teacher_draft_logits
+        if given is None or given.shape[:2] != (b, n):
+            raise ValueError(f"loss {loss!r} needs the target's logits [batch, length, V] (target_logits) or "
+                             "[batch, length, K] (teacher_draft_logits)")
     t = n - 1
     d2t_abs = head.draft_to_target()
     t2d = head.draft_vocab().target_to_draft().to(input_ids.device)
     mask = loss_mask.bool()
     # the teacher restricted to the draft vocabulary once ([B, L, K]); renormalised per position below
-    teacher_k = target_logits.index_select(-1, d2t_abs.to(target_logits.device)) if loss != "ce" else None
+    teacher_k = teacher_draft_logits
+    if loss != "ce" and teacher_k is None:
+        teacher_k = target_logits.index_select(-1, d2t_abs.to(target_logits.device))
     prev = None
     out = TTTResult(loss_sum=aux.new_zeros((), dtype=torch.float32))
     for i, (_, normed) in enumerate(ttt_unroll(head, head.fuse(aux[:, :-1]), input_ids, depth, pad_id)):

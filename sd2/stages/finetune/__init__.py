@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from sd2.core.fields import Autocast, precision_field
+from sd2.core.fields import Autocast, added, precision_field
 
 
 HEADS = {"requires": "feature_level"}   # options only a feature-level head has (sd2.drafters.requires)
@@ -74,6 +74,12 @@ class Config(BaseModel):
     unroll: int = Field(0, ge=0, le=8, description="heads: extra passes on the head's own predicted features "
                                                   "(training-time test, as in HASS / EAGLE-3), weighted 0.8^i",
                        json_schema_extra=HEADS)
+    ttt_depth: int | None = added(
+        None, since="2026-12-02", ge=1, le=16, json_schema_extra=HEADS,
+        description="eagle3 heads: the training-time test's depth D, draft steps per anchor, each after the first "
+                    "fed the head's own output (unset: 3; EAGLE-3 uses 7; choose by measurement)")
+    ttt_decay: float = added(0.8, since="2026-12-02", gt=0.0, le=1.0, json_schema_extra=HEADS,
+                             description="eagle3 heads: step i of the training-time test weighs ttt_decay^i (EAGLE-3: 0.8)")
     feature_cache_mb: float | None = Field(
         None, gt=0, description="heads: compute the target's features of every conversation once, store them in the "
                                 "run folder (feature_cache/) and train from them, refusing if they need more than this "
