@@ -39,16 +39,24 @@ def module_name(path: Path, root: Path = ROOT) -> str:
     return ".".join(parts)
 
 
-def imported(path: Path) -> list[tuple[int, str]]:
-    """Every absolute module an `import` or `from ... import` in the file names, with its line."""
+def imported(path: Path, mod: str = "") -> list[tuple[int, str]]:
+    """Every module an `import` or `from ... import` in the file names, with its line; a relative
+    import (`from ..data import x` in module ``mod``) is resolved to its absolute name (a newcomer
+    check found relative imports slipped past this test)."""
     out = []
+    is_package = path.name == "__init__.py"
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module == "sd2":
-            out += [(node.lineno, f"sd2.{a.name}") for a in node.names]  # from sd2 import pipeline
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = mod.split(".")[: len(mod.split(".")) - node.level + is_package]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            if base == "sd2" or not node.module:   # from sd2 import pipeline; from .. import pipeline
+                out += [(node.lineno, f"{base}.{a.name}") for a in node.names]
+            else:
+                out.append((node.lineno, base))
     return out
 
 
@@ -66,7 +74,7 @@ def violations(root: Path = ROOT) -> list[str]:
     for path in sorted(root.rglob("*.py")):
         mod = module_name(path, root)
         banned = rules_for(mod)
-        for line, name in imported(path):
+        for line, name in imported(path, mod):
             hit = next((b for b in banned if name == b or name.startswith(b + ".")), None)
             if hit:
                 bad.append(f"{path.relative_to(root.parent)}:{line} ({mod}) imports {name}")
@@ -89,9 +97,14 @@ def test_the_check_sees_a_violation(tmp_path):
     (fake / "stages" / "y.py").write_text("def f():\n    from sd2.heads.io import load\n")
     (fake / "heads").mkdir()
     (fake / "heads" / "z.py").write_text("from sd2.stages.prune.magnitude import magnitude_mask\n")
+    (fake / "core" / "rel.py").write_text("def f():\n    from ..data import prompts\n    from .. import pipeline\n")
+    (fake / "stages" / "__init__.py").write_text("from ..heads import io\nfrom .x import y\n")
     assert violations(fake) == ["sd2/core/bad.py:2 (sd2.core.bad) imports sd2.pipeline.runner",
                                 "sd2/core/data.py:4 (sd2.core.data) imports sd2.data.prompts",
+                                "sd2/core/rel.py:2 (sd2.core.rel) imports sd2.data",
+                                "sd2/core/rel.py:3 (sd2.core.rel) imports sd2.pipeline",
                                 "sd2/heads/z.py:1 (sd2.heads.z) imports sd2.stages.prune.magnitude",
+                                "sd2/stages/__init__.py:1 (sd2.stages) imports sd2.heads",
                                 "sd2/stages/x.py:1 (sd2.stages.x) imports sd2.pipeline",
                                 "sd2/stages/y.py:2 (sd2.stages.y) imports sd2.heads.io"]
 

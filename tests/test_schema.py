@@ -234,3 +234,28 @@ def test_step_errors_do_not_breed_false_cross_step_errors(tmp_path, tiny_target)
     empty = base(tiny_target) | {"drafter": {"derive": "target", "layers": []}}
     with pytest.raises(RecipeError, match=r"drafter\.layers"):
         validate_recipe(empty)
+
+
+def test_a_broken_drafter_build_and_model_builders_in_the_middle(tiny_target):
+    """Found by a newcomer check: a broken `drafter:` build no longer gives a branch step a false
+    'standalone causal LM' error (its kind is unknown); `{head: fspad, type: eagle}` is refused, not
+    silently built as fspad; and a `- head:` step that would discard the steps (or the `from:` branch)
+    before it is refused, naming the step."""
+    broken = base(tiny_target) | {"drafter": {"head": "fspad", "num_layers": 99},
+                                  "branches": {"a": [{"finetune": {"feature_noise": 0.1}}]}}
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(broken)
+    out = " ".join(str(err.value).split())
+    assert "drafter.num_layers" in out and "feature_noise" not in out
+    with pytest.raises(RecipeError, match=r"drafter\.type: the head's type is the value of head: write head: 'eagle'"):
+        validate_recipe(base(tiny_target) | {"drafter": {"head": "fspad", "type": "eagle"}})
+    middle = base(tiny_target) | {"drafter": {"derive": "target", "keep_layers": 1}, "branches": {
+        "a": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"head": {"type": "fspad"}}],
+        "b": [{"head": {"type": "eagle"}}],
+        "c": [{"from": "b"}, {"head": {"type": "fspad"}}]}}
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(middle)
+    out = " ".join(str(err.value).split())
+    assert "branches.a[1].head: head builds a new drafter from the target, so it would discard the steps before it" in out
+    assert "branches.c[1].head: head builds a new drafter from the target, so it would discard branch 'b'" in out
+    assert "branches.b[0]" not in out

@@ -29,6 +29,10 @@ def parse_build(raw: dict, distill, issues: list[Issue], validate) -> tuple[str,
     stage, field = BUILDS[key]
     rest = {k: v for k, v in raw.items() if k != key}
     if field is not None:
+        if field in raw:   # {head: fspad, type: eagle}: one of the two would be dropped without a word
+            issues.append(Issue(f"drafter.{field}", f"the {key}'s {field} is the value of {key}: write "
+                                                    f"{key}: {short(raw[field])} and remove {field}"))
+            return None
         rest[field] = raw[key]
     elif raw[key] != "target":
         issues.append(Issue(f"drafter.{key}", f"a drafter is derived from the target: write {key}: target "

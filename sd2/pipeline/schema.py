@@ -264,9 +264,11 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
                 broken.add(b)
         intact = {b: steps for b, steps in branches.items() if b not in broken}
         issues.extend(_check_cross(recipe, intact, branch_from))
-        issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
+        issues.extend(_check_builders(intact, branch_from))
         issues.extend(_check_eagle3(recipe, drafter_build, intact, branch_from))
-        issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
+        if build_raw is None or drafter_build is not None:   # a broken drafter build: its kind is unknown
+            issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
+            issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
     if issues:
         raise RecipeError(issues, source)
     return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from, drafter_build)
@@ -353,6 +355,22 @@ def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict) -> l
                     break
                 n = None if n_remove is None else n - n_remove
         ends[bname] = n
+    return issues
+
+
+def _check_builders(branches: dict, branch_from: dict) -> list[Issue]:
+    """A step that builds a new model from the target (``- head:``; its stage consumes no model) goes
+    first in a branch that starts from the recipe's drafter: anywhere else it would silently discard
+    the steps before it (or the branch it starts ``from:``)."""
+    issues = []
+    for bname, steps in branches.items():
+        for i, (sname, cfg) in enumerate(steps):
+            if "model" in STAGES[sname].consumes or (i == 0 and bname not in branch_from):
+                continue
+            discarded = f"branch '{branch_from[bname]}'" if i == 0 else "the steps before it"
+            issues.append(Issue(f"{step_path(bname, i, branch_from)}.{sname}",
+                                f"{sname} builds a new drafter from the target, so it would discard {discarded}: "
+                                f"make it the first step of a branch without from:"))
     return issues
 
 
