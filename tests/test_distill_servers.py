@@ -6,6 +6,7 @@ tests/test_vllm_servers.py runs the same with real ``vllm serve`` processes."""
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 
 import pytest
@@ -23,6 +24,15 @@ from test_distill import eos_target  # noqa: F401 (fixture)
 from tiny import make_model, make_tokenizer, write_mtbench
 
 N, FLUSH = 8, 4           # 8 two-turn prompts in shards of 4: 16 answers, 8 per shard
+
+
+@pytest.fixture(autouse=True)
+def watchdog():
+    """A hang is a failure: a broken failover (a failed request never requeued) waits forever (found by a
+    newcomer check's sabotage), so each test gets 180 s, then the process dumps its stacks and exits 1."""
+    faulthandler.dump_traceback_later(180, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")

@@ -57,8 +57,11 @@ kill_at = int(os.environ.get("KILL_AT", "0"))
 def kill(step):   # every process kills itself after this step (a checkpoint before it is complete)
     if step == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-if kill_at:
-    loop.train = functools.partial(loop.train, on_step=kill)
+def record(step):   # the steps this launch runs, one file per process
+    with open(os.path.join(sys.argv[1], "steps-%s.txt" % os.environ.get("RANK", "0")), "a") as f:
+        f.write("%d\\n" % step)
+    kill(step)
+loop.train = functools.partial(loop.train, on_step=record)
 
 cfg = finetune.Config(**json.loads(sys.argv[2]))
 out = Path(sys.argv[1])
@@ -154,7 +157,9 @@ def test_fsdp_two_processes_match_one_and_resume_bit_identically(tmp_path, token
     opt = load_file(str(ckpt / "optimizer.safetensors"))
     assert opt["optimizer.state.model.model.layers.1.self_attn.q_proj.weight.exp_avg"].shape == start[key].shape
 
+    (out / "steps-0.txt").unlink()
     m3, resumed = _run(script, out, common | {"batch_size": 2}, fsdp=True)
+    assert (out / "steps-0.txt").read_text().split() == ["3", "4"]   # it resumed after step 2
     assert m3["steps"] == 4 and m3["mask_exact"] is True and not ckpt.exists()
     _assert_same(resumed, fsdp, start, "resumed against uninterrupted FSDP")
 
@@ -192,7 +197,7 @@ def test_the_docs_give_the_launch_the_tests_run():
         assert LAUNCH in (ROOT / page).read_text(), page
 
 
-@pytest.mark.slow   # ~70 s on 2 loaded cores: derive + distill + finetune; the launch itself is tested above
+@pytest.mark.slow   # ~90 s on 2 loaded cores: derive + distill + 2 finetunes (a drafter, a head); the launch itself is tested above
 def test_sd2_run_under_fsdp_as_the_docs_give_it(tmp_path, tiny_target):
     """The documented command, verbatim (from the repository root): ``sd2 run`` under accelerate launch with
     the committed FSDP config. Rank 0 runs the other stages, both processes join finetune under FSDP."""
@@ -205,7 +210,12 @@ def test_sd2_run_under_fsdp_as_the_docs_give_it(tmp_path, tiny_target):
               "drafter": {"derive": "target", "keep_layers": 2},
               "distill": {"prompts": {"source": str(prompts)}, "max_new_tokens": 8, "batch_size": 8},
               "branches": {"dense": [{"finetune": {"max_steps": 2, "batch_size": 2, "val_rows": 2, "lr": 1e-3,
-                                                   "precision": "fp32"}}]}}
+                                                   "precision": "fp32"}}],
+                           # a head after a standalone drafter in the same run: accelerate keeps the layer class it
+                           # inferred for the first model on its one plugin (sd2.train.fsdp.fresh_wrap_policy)
+                           "head": [{"head": {"type": "fspad"}},
+                                    {"finetune": {"max_steps": 2, "batch_size": 2, "val_rows": 2, "lr": 1e-3,
+                                                  "precision": "fp32", "loss": "fkl"}}]}}
     path = tmp_path / "fsdp.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cmd = LAUNCH.split()
@@ -214,8 +224,10 @@ def test_sd2_run_under_fsdp_as_the_docs_give_it(tmp_path, tiny_target):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-4000:]
-    m = json.loads((tmp_path / "art" / "fsdp" / "02_dense.finetune" / "manifest.json").read_text())["metrics"]
-    assert m["fsdp"] is True and m["world_size"] == 2 and m["steps"] == 2
+    for stage in ("dense.finetune", "head.finetune"):
+        folder, = (tmp_path / "art" / "fsdp").glob(f"*_{stage}")
+        m = json.loads((folder / "manifest.json").read_text())["metrics"]
+        assert m["fsdp"] is True and m["world_size"] == 2 and m["steps"] == 2, stage
 
 
 def test_fsdp1_is_refused_with_the_field_to_change(monkeypatch):

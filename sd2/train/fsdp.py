@@ -63,6 +63,18 @@ def enable_on_cpu(accelerator) -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def fresh_wrap_policy(accelerator) -> None:
+    """Before each ``prepare``: forget the layer class accelerate inferred for the previous model.
+    accelerate stores the class it infers from a model's ``_no_split_modules`` (e.g. LlamaDecoderLayer)
+    on the process's one FSDP plugin, and a later finetune stage in the same ``sd2 run`` (a head, whose
+    layer is sd2's DecoderLayer) then failed with "Could not find the transformer layer class
+    LlamaDecoderLayer in the model" (a newcomer check; tests/test_finetune_fsdp.py runs both kinds in one
+    run). A class named in the launch config (FSDP_TRANSFORMER_CLS_TO_WRAP) is the user's and stays."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and not os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
+        plugin.transformer_cls_names_to_wrap = None
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor (a view: in-place changes reach the DTensor); ``t`` itself otherwise."""
     from torch.distributed.tensor import DTensor

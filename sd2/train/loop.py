@@ -149,6 +149,8 @@ def train(cfg, task: Task, rows_train: Rows, pad_id: int, out_dir: Path, ctx, co
     if sharded:   # the plain module validates on the accelerator's device, as a DDP-prepared one would
         task.module.to(acc.device)
     trained = fsdp.trained_copy(task.module, task.shared) if sharded else task.module
+    if sharded:
+        fsdp.fresh_wrap_policy(acc)
     wrapped = acc.prepare(trained)   # FSDP2 shards ``trained`` in place
     if sharded:
         task.mask.rebind(task.module, trained)
