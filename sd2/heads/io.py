@@ -71,13 +71,13 @@ def build(head_type: str, target_model, num_layers: int = 1, seed: int = 0, targ
 def save(head: Head, out_dir, tokenizer=None, extra_files: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
+    meta = {"format": "pt", "sd2": "head"}
     if head.head_config.type == "eagle3":
-        from sd2.heads.eagle3 import io as eagle3_io
-
-        return eagle3_io.save(head, out_dir, tokenizer, extra_files)
+        head.draft_vocab()                       # d2t and t2d agree, or ValueError before writing
+        meta["type"] = "eagle3"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(out / WEIGHTS), metadata={"format": "pt", "sd2": "head"})
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(out / WEIGHTS), metadata=meta)
     (out / "config.json").write_text(json.dumps({CONFIG_KEY: head.head_config.to_dict()}, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

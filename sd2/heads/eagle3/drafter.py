@@ -85,7 +85,7 @@ class Eagle3Drafter(HeadDrafter):
         """The head folder (eagle3/io.py); after finetune, ``extra["ttt"]`` records how it was trained."""
         import json
 
-        from sd2.heads.eagle3 import io
+        from sd2.heads import io
 
         record = (extra_files or {}).get("finetune.json")
         if record is not None:

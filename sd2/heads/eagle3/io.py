@@ -1,4 +1,4 @@
-"""An EAGLE-3 head on disk: sd2's own head folder, the same layout as every head's (sd2/heads/io.py).
+"""An EAGLE-3 head on disk: sd2's own head folder, the same layout as every head's, written by sd2.heads.io.save.
 
 - ``config.json``: ``{"sd2_head": <Eagle3Config>}`` with ``type: "eagle3"``, the sizes, ``aux_layers``
   (the target hidden states fc fuses), ``draft_vocab_size`` (K), ``num_layers``, ``feature_sampling``,
@@ -25,23 +25,6 @@ from sd2.heads.eagle3.model import Eagle3Config, Eagle3Head
 CONFIG_KEY = "sd2_head"      # the key every sd2 head folder has (sd2.heads.io.is_head)
 WEIGHTS = "model.safetensors"
 TYPE = "eagle3"
-
-
-def save(head: Eagle3Head, out_dir, tokenizer=None, extra_files: dict | None = None) -> Path:
-    """Write ``head`` as a head folder at ``out_dir`` (module docstring); returns the folder."""
-    from safetensors.torch import save_file
-
-    head.draft_vocab()                                   # d2t and t2d agree, or ValueError before writing
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(out / WEIGHTS),
-              metadata={"format": "pt", "sd2": "head", "type": TYPE})
-    (out / "config.json").write_text(json.dumps({CONFIG_KEY: head.head_config.to_dict()}, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    for name, content in (extra_files or {}).items():
-        (out / name).write_text(content)
-    return out
 
 
 def config_of(d: dict) -> Eagle3Config:
