@@ -67,6 +67,7 @@ def served(tmp_path_factory, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from sd2.heads.eagle3 import build, choose_draft_vocab, target_aux, training_time_test
+    from sd2.heads import io
     from sd2.heads.eagle3 import export as e3export
     from sd2.serve.metrics import SpecCounts
     from sd2.serve.worker import serve_apart
@@ -91,6 +92,7 @@ def served(tmp_path_factory, tokenizer):
         opt.zero_grad()
     head.eval()
     e3export.export(head, tmp / "eagle3", speculative_tokens=GAMMA)
+    io.save(head, tmp / "eagle3_sd2", tokenizer)       # sd2's own folder, for sd2 eval --engine vllm
     broken = tmp / "eagle3_default_norm"
     shutil.copytree(tmp / "eagle3", broken)
     cfg = json.loads((broken / "config.json").read_text())
@@ -116,7 +118,7 @@ def served(tmp_path_factory, tokenizer):
     vl = {r["name"]: r for r in out["runs"]}
     print(json.dumps({"vllm": {n: vl[n]["spec"] for n in ("eagle3", "eagle3_default_norm")},
                       "sd2": counts.to_dict()}, indent=1))
-    return {"vllm": vl, "sd2_tokens": sd2_tokens, "counts": counts}
+    return {"vllm": vl, "sd2_tokens": sd2_tokens, "counts": counts, "target": tfold, "head": tmp / "eagle3_sd2"}
 
 
 def test_vllm_serves_the_eagle3_export_losslessly_with_sd2s_acceptance(served):
@@ -137,3 +139,29 @@ def test_a_missing_norm_flag_shows_in_vllms_acceptance(served):
     # outside the tolerance the faithful export is held to (3% of MAL, 0.05 of acceptance), and lower
     assert bad["mal"] < good.mal - 0.03 * good.mal and bad["acceptance_rate"] < good.acceptance_rate - 0.05, \
         (bad, good.to_dict())
+
+
+def test_sd2_eval_engine_vllm_serves_an_eagle3_head_and_ngram_at_two_gammas(served, tmp_path, monkeypatch):
+    """``sd2 eval --engine vllm`` exports an sd2 eagle3 head folder in the speculators layout and serves it
+    with method eagle3, sd2's engine MAL beside. vLLM's ngram runs at two γ: in vLLM 0.32 (CPU) a second
+    ngram proposer started in the process of the first failed (``AttributeError: '_lib_fn_wrapper' object
+    has no attribute 'get'``), so every run has a worker process of its own."""
+    from sd2.core.report import Report
+    from sd2.pipeline.commands import eval_command
+    from tiny import write_mtbench
+
+    for k, v in VLLM_ENV.items():
+        monkeypatch.setenv(k, v)
+    prompts = write_mtbench(tmp_path / "q.jsonl", n=3, turns=1)
+    eval_command(str(served["target"]), [f"e3={served['head']}", "pld=prompt_lookup"], str(prompts), 3, 0,
+                 tmp_path / "out", gamma=["1", "3"], max_new_tokens=MAX_TOKENS, engine="vllm")
+    rep = Report.read(tmp_path / "out")
+    assert rep.drafters["e3"].settings["vllm"]["method"] == "eagle3"
+    exported = json.loads((tmp_path / "out" / "vllm_exports" / "e3" / "config.json").read_text())
+    assert exported["speculators_model_type"] == "eagle3"
+    assert {(r.drafter, r.gamma) for r in rep.results} == {("e3", 1), ("e3", 3), ("pld", 1), ("pld", 3)}
+    for r in rep.results:
+        assert r.lossless is True, r
+    for r in rep.rows("e3"):
+        assert r.drafted == r.gamma * r.target_forwards and r.acceptance_rate > 0.08, r
+        assert abs(r.mal - r.sd2_mal) <= 0.03 * r.sd2_mal, (r.gamma, r.mal, r.sd2_mal)

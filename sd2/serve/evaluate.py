@@ -2,7 +2,8 @@
 - a standalone drafter as ``draft_model`` (its folder; it must share the target's tokenizer and
   have the full vocabulary: ``sd2 publish`` writes the full-vocabulary equivalent of a trimmed one);
 - an EAGLE-1 head as ``eagle``, exported to vLLM's layout first (sd2/heads/export.py) under
-  ``out_dir/vllm_exports``; heads vLLM cannot run are refused with the reason;
+  ``out_dir/vllm_exports``; an EAGLE-3 head as ``eagle3``, exported there in the speculators layout
+  (sd2/heads/eagle3/export.py); heads vLLM cannot run are refused with the reason;
 - ``evaluate.prompt_lookup`` as vLLM's own ``ngram`` (``prompt_lookup_max/min`` = max/min_ngram).
 """
 
@@ -30,6 +31,7 @@ def speculative_configs(config, inputs, out_dir: Path) -> dict[str, dict]:
     from sd2 import vocab
     from sd2.core.models import load_tokenizer, same_tokenizer
     from sd2.heads import io
+    from sd2.heads.eagle3 import export as e3
     from sd2.heads.export import vllm_unsupported, write_vllm_eagle
 
     tok = load_tokenizer(inputs.target)
@@ -37,14 +39,19 @@ def speculative_configs(config, inputs, out_dir: Path) -> dict[str, dict]:
     for name, src in (inputs.drafters or {}).items():
         ref = Path(src.ref)
         if io.is_head(ref):
-            why = vllm_unsupported(io.read_config(ref))
+            hc = io.read_config(ref)
+            eagle3 = hc.type == "eagle3"
+            why = (e3.vllm_unsupported(hc) if eagle3 else vllm_unsupported(hc))
             if why is not None:
                 raise Sd2Error(f"evaluate.engine: vllm: drafter {name!r} ({ref}) has {why}; evaluate it with "
                                "engine: sd2 (sd2 eval without --engine vllm)")
             dest = out_dir / "vllm_exports" / name
             dest.mkdir(parents=True, exist_ok=True)
-            write_vllm_eagle(ref, dest)
-            out[name] = {"model": str(dest), "method": "eagle"}
+            if eagle3:      # the verifier named in the export is the target vLLM serves
+                e3.export_folder(ref, dest, str(inputs.target.ref))
+            else:
+                write_vllm_eagle(ref, dest)
+            out[name] = {"model": str(dest), "method": "eagle3" if eagle3 else "eagle"}
         elif (ref / vocab.MAP_FILE).is_file():
             raise Sd2Error(f"evaluate.engine: vllm: drafter {name!r} ({ref}) has a trimmed vocabulary, which vLLM's "
                            "draft_model cannot load; `sd2 publish` writes its full-vocabulary equivalent: evaluate that")

@@ -41,11 +41,18 @@ def evaluate_in_vllm(config, inputs, out_dir: Path, ctx) -> dict:
         runs += [{**base, "name": f"{name}@{g}@{t}", "temperature": t,
                   "speculative_config": {**spec, "num_speculative_tokens": g}}
                  for name, spec in specs.items() for g in config.gammas]
-    ctx.log.info("evaluate (vLLM): %d run(s) of %d request(s), one vLLM start each", len(runs), len(prompts))
-    result = serve_apart(runs, out_dir / "vllm")
-    served = {r["name"]: r for r in result["runs"]}
+    ctx.log.info("evaluate (vLLM): %d run(s) of %d request(s), one worker process and vLLM start each", len(runs),
+                 len(prompts))
+    # A worker process per run: in vLLM 0.32 (CPU) a second ngram proposer started in the process of
+    # the first fails (AttributeError: '_lib_fn_wrapper' object has no attribute 'get');
+    # tests/test_vllm_eagle3.py runs ngram at two γ.
+    result = []
+    for i, run in enumerate(runs):
+        ctx.log.info("evaluate (vLLM): run %d/%d: %s", i + 1, len(runs), run["name"])
+        result.append(serve_apart([run], out_dir / "vllm" / f"{i:02d}"))
+    served = {r["name"]: r for res in result for r in res["runs"]}
     sd2_mal = _sd2_mals(config, setup, drafters)
-    return _write(config, inputs, setup, infos, served, specs, sd2_mal, result["vllm"], out_dir, ctx)
+    return _write(config, inputs, setup, infos, served, specs, sd2_mal, result[0]["vllm"], out_dir, ctx)
 
 
 def _sd2_mals(config, setup, drafters) -> dict[tuple[str, int], float]:
