@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -49,6 +48,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from sd2.core.models import resolve
+    from sd2.core.precision import cpu_info, resolve as resolve_dtype
     from sd2.pipeline.commands import model_ref
 
     target = resolve(model_ref(args.target))
@@ -66,7 +66,8 @@ def main() -> None:
         "first_differing_token": first_diff,
         "hf": {"tokens": hf_m["tokens"], "tokens_per_s": hf_m["tokens_per_s"]},
         "vllm": {"tokens": vl_m["tokens"], "tokens_per_s": vl_m["tokens_per_s"], "version": vllm.__version__},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "dtype_resolved": resolve_dtype(args.dtype, "cpu").dtype,
+        "machine": {**cpu_info(), "cores": os.cpu_count(),
                     "load_1min": os.getloadavg()[0], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                     "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")},
     }
