@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--drafter", action="append", default=[], help="NAME=PATH (repeatable)")
     ap.add_argument("--prompts", default="mtbench")
     ap.add_argument("--skip", type=int, default=64, help="held apart from the prompts the drafters trained on")
+    ap.add_argument("--shuffle-seed", type=int, default=None,
+                    help="shuffle the prompts with this seed before --skip (as the recipe that distilled them did)")
     ap.add_argument("--limit", type=int, default=10)
     ap.add_argument("--gamma", default="2", help="γ, or several comma-separated (e.g. 1,2,3)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -45,13 +47,15 @@ def main() -> None:
     reports = {}
     for engine in ("vllm", "sd2"):
         eval_command(args.target, drafters, args.prompts, args.limit, args.skip, out / engine,
+                     shuffle_seed=args.shuffle_seed,
                      gamma=args.gamma.split(","), temperature=[0.0], max_new_tokens=args.max_new_tokens,
                      repeats=args.repeats, dtype=args.dtype, engine=engine)
         reports[engine] = Report.read(out / engine)
     vl, sd = reports["vllm"], reports["sd2"]
     cpu = cpu_info()
     lines = [f"# {args.target} in vLLM and in sd2's engine", "",
-             f"{vl.settings.n_prompts} {args.prompts} prompts (skip {args.skip}), {args.max_new_tokens} new tokens, "
+             f"{vl.settings.n_prompts} {args.prompts} prompts ("
+             f"{'' if args.shuffle_seed is None else f'shuffled with seed {args.shuffle_seed}, '}skip {args.skip}), {args.max_new_tokens} new tokens, "
              f"greedy, γ={args.gamma}, batch size 1, {args.dtype}, {args.repeats} timed pass(es). Machine: "
              f"{cpu['cpu']} (torch kernels {cpu['capability']}, AMX-BF16 {cpu['amx_bf16']}, AVX512-BF16 "
              f"{cpu['avx512_bf16']}), {os.cpu_count()} cores; OMP_NUM_THREADS="

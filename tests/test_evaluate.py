@@ -137,6 +137,10 @@ def test_sd2_eval_builds_the_stage_config_with_the_stages_defaults(tmp_path, tin
     assert res.exit_code == 0, res.output
     cfg, recipe_default = seen["cfg"], Config(prompts=PromptsConfig(source="mtbench"))
     assert cfg.gamma == [2, 3] and cfg.temperature == 0.5
+    assert not cfg.prompts.shuffle and cfg.prompts.skip == 0
+    res = CliRunner().invoke(app, base + ["--drafter", f"d={tiny_target}", "--shuffle-seed", "7", "--skip", "3"])
+    assert res.exit_code == 0, res.output      # the prompts a recipe's {shuffle: true, seed: 7, skip: 3} picks
+    assert (seen["cfg"].prompts.shuffle, seen["cfg"].prompts.seed, seen["cfg"].prompts.skip) == (True, 7, 3)
     for field in ("max_new_tokens", "repeats", "dtype", "top_k", "top_p", "min_p", "width", "decode"):
         assert getattr(cfg, field) == getattr(recipe_default, field), field
     assert seen["inputs"].drafters["d"].kind == "lm"     # a folder named on the command line: its kind, read once

@@ -168,6 +168,9 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
           prompts: str = typer.Option("mtbench", "--prompts", help="prompt source (sd2.data.prompts)"),
           limit: Optional[int] = typer.Option(20, "--limit", help="number of prompts"),
           skip: int = typer.Option(0, "--skip", help="skip the first N prompts"),
+          shuffle_seed: Optional[int] = typer.Option(None, "--shuffle-seed", help="shuffle the prompts with this seed "
+                                                     "before --skip and --limit, as a recipe's prompts: {shuffle: true, "
+                                                     "seed: N} do (to hold apart the prompts a recipe distilled)"),
           gamma: List[str] = typer.Option(None, "--gamma", help="draft length (repeatable: a sweep), or 'auto'"),
           width: List[int] = typer.Option(None, "--width", help="tree width (nodes per depth) for proposers that branch; 1 = chain (repeatable)"),
           temperature: List[float] = typer.Option(None, "--temperature", help="repeatable: a sweep"),
@@ -187,7 +190,8 @@ def eval_(target: str = typer.Option(..., "--target", help="folder, hub id, .ggu
     defaults (docs/evaluate.md), the same as a recipe's."""
     from sd2.pipeline.commands import eval_command
 
-    metrics = eval_command(target, drafter, prompts, limit, skip, out, device=device, gamma=gamma, width=width,
+    metrics = eval_command(target, drafter, prompts, limit, skip, out, device=device, shuffle_seed=shuffle_seed,
+                           gamma=gamma, width=width,
                            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype, decode=not mal_only,
                            engine=engine)

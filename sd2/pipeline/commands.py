@@ -54,8 +54,9 @@ def _int_option(flag: str, text: str) -> int:
 
 
 def eval_command(target: str, drafters: list[str], prompts: str, limit: int | None, skip: int, out: Path,
-                 seed: int = 0, device: str = "auto", **options) -> dict:
-    """``sd2 eval``: the evaluate stage on models named on the command line. ``options`` are evaluate
+                 seed: int = 0, device: str = "auto", shuffle_seed: int | None = None, **options) -> dict:
+    """``sd2 eval``: the evaluate stage on models named on the command line. ``shuffle_seed``: shuffle the
+    prompts with that seed before ``skip`` and ``limit`` (a recipe's ``{shuffle: true, seed: N}``). ``options`` are evaluate
     Config fields as the command line gives them (None or an empty list: not given, the stage's default;
     a repeatable option with one value: that value), parsed once, by the stage's own Config."""
     from dataclasses import replace
@@ -90,7 +91,8 @@ def eval_command(target: str, drafters: list[str], prompts: str, limit: int | No
         if bad := conflicts(eff):
             raise Sd2Error("--engine vllm needs " + "; ".join(bad))
     try:
-        cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1),
+        cfg = Config(prompts=PromptsConfig(source=prompts, limit=limit, skip=skip, max_turns=1,
+                                           shuffle=shuffle_seed is not None, seed=shuffle_seed or 0),
                      prompt_lookup={"name": lookup[0]} if lookup else None, **given)
     except ValidationError as e:
         raise Sd2Error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-') or 'prompts'}: "
