@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -111,6 +112,7 @@ def load_or_build(root: Path, target, target_id: str, rows: list[list[int]], pre
         ctx.log.info("feature cache %s: computing the target's features of %d conversations (%.1f MB, %d shard(s), "
                      "%d to do)", final, len(rows), need_mb, len(plan), len(todo))
         bar = ctx.progress(total=sum(b - a for _, (a, b) in todo), desc="feature cache", unit="row")
+        started, built = time.perf_counter(), 0
         for s, (a, b) in todo:
             with autocast():
                 feats = compute(target, rows[a:b])
@@ -119,8 +121,13 @@ def load_or_build(root: Path, target, target_id: str, rows: list[list[int]], pre
             save_file({str(a + i): f.detach().cpu().contiguous() for i, f in enumerate(feats)}, str(tmp))
             os.replace(tmp, path)
             bar.update(b - a)
+            built += sum(lengths[a:b])
         bar.close()
+        seconds = time.perf_counter() - started
+        ctx.log.info("feature cache: %d tokens in %.1f s (%.0f tokens/s)", built, seconds, built / max(seconds, 1e-9))
+        # this build's own time (a resumed build: the tokens it computed itself), for the data-cost figures
         write_json_atomic(partial / "index.json", {"format": FORMAT, "rows": len(rows), "tokens": sum(lengths),
+                                                   "built_tokens": built, "build_seconds": round(seconds, 3),
                                                    "hidden_size": probe.shape[-1], "dtype": str(probe.dtype),
                                                    "mb": round(need_mb, 3), "shards": plan, "lengths": lengths})
         if final.exists():          # an earlier, broken attempt at the same key

@@ -125,12 +125,7 @@ def _fill_head(src: Path, tmp: Path, target_name: str) -> Exported:
     cfg = json.loads((tmp / "config.json").read_text())
     cfg[io.CONFIG_KEY]["target"] = target_name or "the target model"
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    for p in sorted(src.iterdir()):
-        if p.is_file() and p.name.startswith(("tokenizer", "special_tokens", "chat_template")) or p.name == SPARSITY:
-            shutil.copy2(p, tmp / p.name)
-    w = [t for k, t in load_file_2d(tmp / io.WEIGHTS) if not k.endswith("lm_head.weight")]
-    sparsity = round(sum(int((t == 0).sum()) for t in w) / max(1, sum(t.numel() for t in w)), 6)
-    return Exported(tmp, [], sparsity, None, [note])
+    return _head_files(src, tmp, note)
 
 
 def _fill_eagle3(src: Path, tmp: Path, target_name: str, hc) -> Exported:
@@ -157,6 +152,14 @@ def _fill_eagle3(src: Path, tmp: Path, target_name: str, hc) -> Exported:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         note = (f"an sd2 EAGLE3 head folder (vLLM cannot run it: it has {why_not}); it runs in sd2's engine: "
                 "sd2 eval --target TARGET --drafter eagle3=THIS_FOLDER")
+    return _head_files(src, tmp, note)
+
+
+def _head_files(src: Path, tmp: Path, note: str) -> Exported:
+    """The rest of a head's export once its weights and config are in ``tmp``: the tokenizer files and
+    sparsity record copied from ``src``, and the sparsity of its weights (lm_head excluded)."""
+    from sd2.heads import io
+
     for p in sorted(src.iterdir()):
         if p.is_file() and p.name.startswith(("tokenizer", "special_tokens", "chat_template")) or p.name == SPARSITY:
             shutil.copy2(p, tmp / p.name)
