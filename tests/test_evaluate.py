@@ -330,3 +330,13 @@ def test_report_names_a_gguf_target_as_the_user_wrote_it(tmp_path, tokenizer, ti
     machine = json.loads((tmp_path / "ev" / "report.json").read_text())["settings"]["machine"]
     assert machine["cpu"] == cpu_info()["cpu"] and machine["capability"] == torch.backends.cpu.get_cpu_capability()
     assert f"CPU: {cpu_info()['cpu']} (torch kernels {machine['capability']}" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_drafter_names_keep_prompt_lookup_named():
+    """An unnamed ``--drafter prompt_lookup`` is ``prompt_lookup`` in the report, not ``drafterN``."""
+    from sd2.pipeline.commands import drafter_names
+
+    assert drafter_names(["mine=/no/such/dir", "/no/such/path", "prompt_lookup"]) == {
+        "mine": "/no/such/dir", "drafter2": "/no/such/path", "prompt_lookup": "prompt_lookup"}
+    assert drafter_names(["prompt_lookup"]) == {"prompt_lookup": "prompt_lookup"}
+    assert drafter_names(["pld=prompt_lookup"]) == {"pld": "prompt_lookup"}

@@ -29,12 +29,15 @@ def model_ref(text: str):
 def drafter_names(specs: list[str]) -> dict[str, str]:
     """``--drafter`` values to {name: reference}. ``NAME=REF`` names a drafter (report.json and
     ``sd2 compare`` match drafters by name, so a CI gate should name them); an unnamed drafter is
-    ``drafter`` when alone, else ``drafterN`` by position. A path that exists is never split at '='."""
+    ``drafter`` when alone, else ``drafterN`` by position; unnamed prompt lookup is ``prompt_lookup``.
+    A path that exists is never split at '='."""
     out: dict[str, str] = {}
     for i, spec in enumerate(specs):
         name, sep, ref = spec.partition("=")
         if not (sep and ref and re.fullmatch(r"[A-Za-z0-9_.-]+", name) and not Path(spec).exists()):
             name, ref = ("drafter" if len(specs) == 1 else f"drafter{i + 1}"), spec
+            if spec == PROMPT_LOOKUP and not Path(spec).exists():
+                name = PROMPT_LOOKUP
         if name == TARGET:
             raise Sd2Error(f"--drafter {spec!r}: the name '{TARGET}' is reserved for the baseline; choose another")
         if name in out:
