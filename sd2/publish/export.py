@@ -108,12 +108,13 @@ def _fill_head(src: Path, tmp: Path, target_name: str) -> Exported:
     folder (docs/heads.md), which ``sd2 eval`` runs. Either way the config names the target by
     ``target_name``, not by the folder it was trained against."""
     from sd2.heads import io
+    from sd2.heads.eagle3.export import vllm_unsupported as eagle3_unsupported
     from sd2.heads.export import vllm_unsupported, write_vllm_eagle
 
     hc = io.read_config(src)
-    if hc.type == "eagle3":
-        return _fill_eagle3(src, tmp, target_name, hc)
-    why_not = vllm_unsupported(hc)
+    why_not = eagle3_unsupported(hc) if hc.type == "eagle3" else vllm_unsupported(hc)
+    if hc.type == "eagle3" and why_not is None:
+        return _fill_eagle3(src, tmp, target_name)
     if why_not is None:
         write_vllm_eagle(src, tmp)
         note = "an EAGLE head in vLLM's EAGLE layout: load it in vLLM with method 'eagle' over its target"
@@ -128,30 +129,19 @@ def _fill_head(src: Path, tmp: Path, target_name: str) -> Exported:
     return _head_files(src, tmp, note)
 
 
-def _fill_eagle3(src: Path, tmp: Path, target_name: str, hc) -> Exported:
-    """An EAGLE-3 head: the speculators layout vLLM loads (sd2/heads/eagle3/export.py), verifier
-    ``target_name``; one vLLM cannot run (feature sampling) goes out as sd2's own head folder, the
-    card and note saying why."""
-    from sd2.heads import io
+def _fill_eagle3(src: Path, tmp: Path, target_name: str) -> Exported:
+    """An EAGLE-3 head vLLM can run: the speculators layout (sd2/heads/eagle3/export.py), verifier
+    ``target_name`` (one it cannot run goes out as sd2's own head folder, as in ``_fill_head``)."""
     from sd2.heads.eagle3 import export as e3
 
-    why_not = e3.vllm_unsupported(hc)
-    if why_not is None:
-        try:
-            cfg = e3.export_folder(src, tmp, target_name or "the target model")
-        except ValueError as e:
-            raise Sd2Error(f"{src}: {e}") from None
-        cfg[e3.CONFIG_KEY]["target"] = target_name or "the target model"     # never the local folder it read
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        note = (f"an EAGLE-3 head in the speculators layout ({e3.VLLM_CHECKED}): vLLM loads it with method 'eagle3' "
-                "over its target")
-    else:
-        shutil.copy2(src / io.WEIGHTS, tmp / io.WEIGHTS)
-        cfg = json.loads((src / "config.json").read_text())
-        cfg[io.CONFIG_KEY]["target"] = target_name or "the target model"
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        note = (f"an sd2 EAGLE3 head folder (vLLM cannot run it: it has {why_not}); it runs in sd2's engine: "
-                "sd2 eval --target TARGET --drafter eagle3=THIS_FOLDER")
+    try:
+        cfg = e3.export_folder(src, tmp, target_name or "the target model")
+    except ValueError as e:
+        raise Sd2Error(f"{src}: {e}") from None
+    cfg[e3.CONFIG_KEY]["target"] = target_name or "the target model"     # never the local folder it read
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    note = (f"an EAGLE-3 head in the speculators layout ({e3.VLLM_CHECKED}): vLLM loads it with method 'eagle3' "
+            "over its target")
     return _head_files(src, tmp, note)
 
 
