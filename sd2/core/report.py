@@ -235,6 +235,9 @@ class Settings(_Model):
     device: str | None = None
     dtype: str | None = None
     decode: bool = Field(True, description="False: MAL only, by teacher forcing (evaluate.decode); no speculative decoding ran")
+    packed_linears: int | None = Field(None, description="the target's Linears with a prepacked oneDNN weight in sd2's "
+                                                         "engine (CPU float32; 0: none, SD2_PACKED_LINEARS=0); None: "
+                                                         "not recorded (reports before it existed, vLLM)")
     machine: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -30,6 +30,7 @@ import time
 import torch
 
 from sd2.engine.drafter import chain_with_siblings
+from sd2.engine.packed import pack_linears
 from sd2.engine.proposer import Context, Draft, ForwardCounter, Sampling
 from sd2.heads.model import cache_len, crop_cache
 from sd2.heads.drafting import drafting
@@ -47,6 +48,7 @@ class HeadProposer(ForwardCounter):
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
         self.head = head
+        self.packed = pack_linears(head)   # CPU fp32: prepacked oneDNN weights (sd2/engine/packed.py)
         self.drafting = drafting(head)
         self.feature_layers = self.drafting.feature_layers
         self.name = name

