@@ -96,3 +96,19 @@ def test_only_float32_cpu_linears_are_packed(pair):
     model, _ = pair
     assert pack_linears(model.to(torch.bfloat16)) == 0
     assert not any(_packed(m) for m in _linears(model))
+
+
+def test_a_linear_subclass_keeps_its_own_forward(pair):
+    class Scaled(torch.nn.Linear):       # e.g. a compressed or LoRA Linear: its forward is not F.linear
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model, _ = pair
+    lin = model.model.layers[0].mlp.down_proj
+    scaled = Scaled(lin.in_features, lin.out_features, bias=False)
+    model.model.layers[0].mlp.down_proj = scaled
+    n = len(_linears(model))
+    assert pack_linears(model) == n - 1 and not _packed(scaled)
+    x = torch.randn(2, lin.in_features)
+    with torch.no_grad():
+        assert torch.allclose(scaled(x), 2 * torch.nn.functional.linear(x, scaled.weight))

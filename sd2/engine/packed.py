@@ -94,14 +94,15 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_linears(model: torch.nn.Module) -> int:
-    """Give every float32 CPU ``nn.Linear`` of ``model`` a prepacked oneDNN weight and a forward that
+    """Give every float32 CPU ``nn.Linear`` of ``model`` (exactly that class, not a subclass) a prepacked oneDNN weight and a forward that
     uses it (module docstring). Idempotent; returns how many Linears are packed now (0 when disabled,
     on another device or dtype, or when the ops are missing)."""
     if not enabled():
         return 0
     n = 0
     for mod in model.modules():
-        if not isinstance(mod, torch.nn.Linear) or mod.weight.device.type != "cpu" or mod.weight.dtype != torch.float32:
+        # exactly nn.Linear: a subclass (a compressed or LoRA Linear) has a forward of its own to keep
+        if type(mod) is not torch.nn.Linear or mod.weight.device.type != "cpu" or mod.weight.dtype != torch.float32:
             continue
         if getattr(mod.__dict__.get("forward"), "__func__", None) is not _forward:
             state = _pack(mod)
