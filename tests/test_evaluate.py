@@ -55,6 +55,7 @@ def test_report_has_every_setting_and_field(report):
                                                      rel=1e-3)
     assert "Verification cost v" in (out / "report.md").read_text()
     assert rep["settings"]["n_prompts"] == 6          # 3 conversations x 2 turns
+    assert rep["settings"]["packed_linears"] > 0 and "Linears prepacked" in (out / "report.md").read_text()  # fp32 CPU
     assert set(rep["baseline"]) == {"0.0", "1.0"}
     assert rep["drafters"]["raw"]["lineage"] == [{"id": "dense.finetune", "stage": "finetune"}]
     assert rep["drafters"]["self"]["mac_ratio"] == 1.0
@@ -218,6 +219,7 @@ def test_sd2_eval_device_and_dtype(tmp_path, tiny_target, tiny_drafter, mtbench_
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert rep["settings"]["dtype"] == "bfloat16" and rep["settings"]["device"] == "cpu"
+    assert rep["settings"]["packed_linears"] == 0          # only float32 is packed (sd2/engine/packed.py)
     res = CliRunner().invoke(app, common + ["--dtype", "float8", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 1 and "--dtype" in res.output, res.output
     res = CliRunner().invoke(app, common + ["--device", "tpu", "--out", str(tmp_path / "bad")])
