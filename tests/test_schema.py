@@ -259,3 +259,32 @@ def test_a_broken_drafter_build_and_model_builders_in_the_middle(tiny_target):
     assert "branches.a[1].head: head builds a new drafter from the target, so it would discard the steps before it" in out
     assert "branches.c[1].head: head builds a new drafter from the target, so it would discard branch 'b'" in out
     assert "branches.b[0]" not in out
+
+
+def test_evaluate_drafters_picks_the_branches_evaluated(tmp_path, tiny_target):
+    from sd2.pipeline.runner import plan
+
+    data = base(tiny_target)
+    data["branches"]["sparse"] = [{"prune": {"method": "magnitude", "sparsity": 0.5}}]
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    every = plan(load_recipe(p))[-1]
+    assert every.stage == "evaluate" and list(every.sources["drafters"]) == ["raw", "dense", "sparse"]
+
+    data["evaluate"]["drafters"] = ["sparse"]
+    p.write_text(yaml.safe_dump(data))
+    chosen = plan(load_recipe(p))[-1]
+    assert chosen.sources["drafters"] == {"sparse": "sparse.prune"}
+
+    data["evaluate"]["drafters"] = ["sparse", "dens", "raw"]
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    assert len(err.value.issues) == 1
+    assert ("evaluate.drafters[1]: names no drafter of this recipe (did you mean 'dense'?); give a branch name or "
+            "'raw' (the un-branched drafter): raw, dense, sparse") in str(err.value)
+
+    data["evaluate"]["drafters"] = []
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match=r"evaluate\.drafters"):
+        load_recipe(p)

@@ -95,6 +95,9 @@ class Config(BaseModel):
                                            "prompt. No wall-clock speedup, c or losslessness check; needs temperature 0, "
                                            "width 1, a fixed gamma and no prompt_lookup")
     dtype: DType = dtype_field("dtype of both models", exact=True)
+    drafters: list[str] | None = added(None, since="2026-12-03", min_length=1, description="in a recipe: the drafters to "
+                                       "evaluate, by branch name (and 'raw', the un-branched drafter), in the run's order; "
+                                       "unset: every branch's final model and 'raw'. sd2 eval takes --drafter instead")
     engine: Literal["sd2", "vllm"] = added("sd2", since="2026-12-02", description="sd2: sd2's engine; vllm: vLLM serves "
                                            "the target and each drafter (draft_model, eagle, ngram; docs/vllm.md)")
 
