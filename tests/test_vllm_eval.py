@@ -36,6 +36,10 @@ def test_eval_engine_vllm_reports_every_drafter_lossless_with_sd2s_mal_beside(re
     rep, out = report
     assert rep.settings.engine == "vllm" and rep.settings.machine["vllm"]
     assert {r.drafter for r in rep.results} == {"first_layer", "eagle", "pld"}
+    # the target alone is served first and last (one timed pass each): its wall is the median of both
+    base = rep.baseline["0.0"]
+    assert len(base.walls) == 2 and base.wall_s == pytest.approx(sum(base.walls) / 2, abs=2e-4)
+    assert all(r.target_wall_s == base.wall_s for r in rep.results)
     assert rep.drafters["eagle"].settings["vllm"]["method"] == "eagle"
     assert rep.drafters["first_layer"].settings["vllm"]["method"] == "draft_model"
     assert rep.drafters["pld"].settings["vllm"]["method"] == "ngram"
