@@ -15,7 +15,7 @@ from datasets import Dataset
 from sd2.core.context import StageInputs, standalone_context
 from sd2.core.errors import RecipeError, Sd2Error
 from sd2.core.models import ModelSource
-from tests.tiny import greedy_rows, learnable_target, make_tokenizer
+from tests.tiny import greedy_rows, killed_after_checkpoint, learnable_target, make_tokenizer
 
 AUX = [1, 2, 3]
 
@@ -180,7 +180,6 @@ def _fresh(pair):
 def test_resume_is_bit_identical_and_the_cache_trains_the_same(pair, tmp_path):
     """Cut after a checkpoint and rerun: the same weights bit for bit; trained from the feature cache of
     aux states: the same weights as computing them on the fly."""
-    import sd2.train as T
     from sd2.train import loop
 
     def train(folder, cache_mb=None):
@@ -191,21 +190,8 @@ def test_resume_is_bit_identical_and_the_cache_trains_the_same(pair, tmp_path):
 
     a = train(tmp_path / "a")
 
-    class Stop(Exception):
-        pass
-
-    real_save = T.checkpoint.save
-
-    def save_then_stop(*args, **kw):
-        real_save(*args, **kw)
-        raise Stop
-
-    T.checkpoint.save = save_then_stop
-    try:
-        with pytest.raises(Stop):
-            train(tmp_path / "b")
-    finally:
-        T.checkpoint.save = real_save
+    with killed_after_checkpoint():
+        train(tmp_path / "b")
     b = train(tmp_path / "b")
     c = train(tmp_path / "c", cache_mb=50)
     assert any((tmp_path / "feature_cache").iterdir())

@@ -18,7 +18,7 @@ from sd2.heads.drafter import HeadDrafter
 from sd2.heads.eagle3 import DraftVocabMap, build, choose_draft_vocab, target_aux, ttt_unroll
 from sd2.heads.features import chain_rounds
 from sd2.heads.proposer import HeadProposer
-from tests.tiny import random_prompts
+from tests.tiny import random_prompts, tiny_llama
 
 AUX = (1, 2, 3)
 V, K = 64, 48
@@ -26,18 +26,7 @@ V, K = 64, 48
 
 def _llama(vocab: int, hidden: int, scale: float, seed: int = 0):
     """A random 4-layer Llama (three distinct aux layers 1, 2, 3) with every weight matrix ~ N(0, scale²)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, bos_token_id=None,
-                      eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, scale)
-    return model
+    return tiny_llama(vocab, seed, scale, hidden=hidden, layers=4, max_positions=128)
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:

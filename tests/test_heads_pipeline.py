@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd2.heads import io
-from tests.tiny import greedy_rows, learnable_target
+from tests.tiny import greedy_rows, killed_after_checkpoint, learnable_target
 
 
 @pytest.fixture(scope="module")
@@ -94,28 +94,11 @@ def test_head_finetune_resume_is_bit_identical(tmp_path, target):
     a = fresh()
     train_head(cfg, a, target, rows, val, 0, tmp_path / "a", standalone_context(tmp_path), cj)
 
-    class Stop(Exception):
-        pass
-
     b = fresh()
-    calls = {"n": 0}
-    import sd2.train as T
-
-    real_save = T.checkpoint.save
-
-    def save_then_stop(*args, **kw):
-        real_save(*args, **kw)
-        raise Stop
-
-    T.checkpoint.save = save_then_stop
-    try:
-        with pytest.raises(Stop):
-            train_head(cfg, b, target, rows, val, 0, tmp_path / "b", standalone_context(tmp_path), cj)
-    finally:
-        T.checkpoint.save = real_save
+    with killed_after_checkpoint():
+        train_head(cfg, b, target, rows, val, 0, tmp_path / "b", standalone_context(tmp_path), cj)
     c = fresh()
     train_head(cfg, c, target, rows, val, 0, tmp_path / "b", standalone_context(tmp_path), cj)
-    del calls
     for (k, x), (_, y) in zip(a.state_dict().items(), c.state_dict().items()):
         assert torch.equal(x, y), k
 

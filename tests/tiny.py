@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -170,15 +171,15 @@ def random_prompts(n: int, vocab: int, seed: int = 0, length: int = 6) -> list[l
     return [torch.randint(3, vocab, (length + i,), generator=g).tolist() for i in range(n)]
 
 
-def tiny_llama(vocab: int, seed: int, scale: float = 0.6):
-    """A random one-layer Llama (hidden 16) over ``vocab`` tokens, no special tokens, in eval mode.
+def tiny_llama(vocab: int, seed: int, scale: float = 0.6, hidden: int = 16, layers: int = 1, max_positions: int = 32):
+    """A random Llama (default: one layer, hidden 16) over ``vocab`` tokens, no special tokens, in eval mode.
     ``scale`` is the std of every weight matrix: larger makes its next-token distributions peakier."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, bos_token_id=None,
-                      eos_token_id=None, pad_token_id=None)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_positions,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -237,3 +238,30 @@ def greedy_rows(target, n_rows: int, seed: int, prompt_len: int = 6, answer: int
     ids = seq.tolist()
     mask = [[0] * prompt_len + [1] * answer for _ in ids]
     return Rows(ids, mask, None, None, ["none"] * n_rows)
+
+
+class KilledAfterCheckpoint(Exception):
+    """Raised inside :func:`killed_after_checkpoint` right after a checkpoint is written."""
+
+
+@contextlib.contextmanager
+def killed_after_checkpoint():
+    """A training run cut right after its first checkpoint (a kill -9 there), in process: inside the
+    block, sd2.train's ``checkpoint.save`` writes the checkpoint, then raises KilledAfterCheckpoint,
+    which must come out of the block (a block that never checkpoints fails the test)."""
+    import pytest
+
+    import sd2.train as T
+
+    real = T.checkpoint.save
+
+    def save_then_stop(*args, **kw):
+        real(*args, **kw)
+        raise KilledAfterCheckpoint
+
+    T.checkpoint.save = save_then_stop
+    try:
+        with pytest.raises(KilledAfterCheckpoint):
+            yield
+    finally:
+        T.checkpoint.save = real
