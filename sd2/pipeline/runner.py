@@ -80,7 +80,7 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
         finals[bname] = model_src
         data_finals[bname] = data_src
     if recipe.evaluate is not None:
-        chosen = recipe.evaluate.drafters       # evaluate.drafters: a subset, checked against the branches by the schema
+        chosen = getattr(recipe.evaluate, "drafters", None)   # a subset, checked against the branches by the schema
         add("evaluate", "evaluate", recipe.evaluate, target="target",
             drafters={k: v for k, v in finals.items() if chosen is None or k in chosen})
     return steps

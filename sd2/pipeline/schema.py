@@ -266,12 +266,12 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         issues.extend(_check_cross(recipe, intact, branch_from))
         issues.extend(_check_builders(intact, branch_from))
         issues.extend(_check_eagle3(recipe, drafter_build, intact, branch_from))
-        if evaluate is not None and evaluate.drafters:
+        if chosen := getattr(evaluate, "drafters", None):   # getattr: a registry may swap the evaluate stage
             known = [RAW, *branches]
             issues.extend(Issue(f"evaluate.drafters[{i}]", f"names no drafter of this recipe{did_you_mean(str(n), known)}; "
                                                           f"give a branch name or '{RAW}' (the un-branched drafter): "
                                                           f"{', '.join(known)}")
-                          for i, n in enumerate(evaluate.drafters) if n not in known)
+                          for i, n in enumerate(chosen) if n not in known)
         if build_raw is None or drafter_build is not None:   # a broken drafter build: its kind is unknown
             issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
             issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
