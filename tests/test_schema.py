@@ -1,5 +1,6 @@
 """Recipe validation: every problem at once, each naming the field path, the bad value and what is allowed."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -284,7 +285,20 @@ def test_evaluate_drafters_picks_the_branches_evaluated(tmp_path, tiny_target):
     assert ("evaluate.drafters[1]: names no drafter of this recipe (did you mean 'dense'?); give a branch name or "
             "'raw' (the un-branched drafter): raw, dense, sparse") in str(err.value)
 
-    data["evaluate"]["drafters"] = []
+    data["evaluate"]["prompt_lookup"] = {}
+    data["evaluate"]["drafters"] = ["sparse", "target", "prompt_lookup", "sparse"]
     p.write_text(yaml.safe_dump(data))
-    with pytest.raises(RecipeError, match=r"evaluate\.drafters"):
+    with pytest.raises(RecipeError) as err:
         load_recipe(p)
+    msg = str(err.value)
+    assert len(err.value.issues) == 3
+    assert "evaluate.drafters[1]: 'target' is the baseline, always timed" in msg
+    assert "evaluate.drafters[2]: 'prompt_lookup' is prompt lookup, which evaluate.prompt_lookup turns on or off" in msg
+    assert "evaluate.drafters[3]: 'sparse' is listed twice" in msg
+
+    for bad, says in (([], "an empty list evaluates no drafter; leave drafters out"),
+                      ("sparse", "give a list of branch names, e.g. drafters: [sparse]")):
+        data["evaluate"]["drafters"] = bad
+        p.write_text(yaml.safe_dump(data))
+        with pytest.raises(RecipeError, match=r"evaluate\.drafters: .*" + re.escape(says)):
+            load_recipe(p)

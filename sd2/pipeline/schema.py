@@ -184,6 +184,25 @@ class ValidatedRecipe:
         return out
 
 
+def _check_evaluated(chosen: list[str], known: list[str], lookup) -> list[Issue]:
+    """``evaluate.drafters``: each entry a branch name or RAW, once."""
+    out, seen = [], set()
+    for i, n in enumerate(chosen):
+        where = f"evaluate.drafters[{i}]"
+        if n in seen:
+            out.append(Issue(where, f"'{n}' is listed twice; was another branch meant?"))
+        elif n == TARGET:
+            out.append(Issue(where, f"'{TARGET}' is the baseline, always timed; list drafters only"))
+        elif lookup is not None and n == lookup.name:
+            out.append(Issue(where, f"'{n}' is prompt lookup, which evaluate.prompt_lookup turns on or off, not "
+                                    "evaluate.drafters; remove it here"))
+        elif n not in known:
+            out.append(Issue(where, f"names no drafter of this recipe{did_you_mean(str(n), known)}; give a branch "
+                                    f"name or '{RAW}' (the un-branched drafter): {', '.join(known)}"))
+        seen.add(n)
+    return out
+
+
 def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
     check_env()  # a malformed SD2_AUTO_DTYPE would change what every precision field means
     issues: list[Issue] = []
@@ -267,11 +286,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         issues.extend(_check_builders(intact, branch_from))
         issues.extend(_check_eagle3(recipe, drafter_build, intact, branch_from))
         if chosen := getattr(evaluate, "drafters", None):   # getattr: a registry may swap the evaluate stage
-            known = [RAW, *branches]
-            issues.extend(Issue(f"evaluate.drafters[{i}]", f"names no drafter of this recipe{did_you_mean(str(n), known)}; "
-                                                          f"give a branch name or '{RAW}' (the un-branched drafter): "
-                                                          f"{', '.join(known)}")
-                          for i, n in enumerate(chosen) if n not in known)
+            issues.extend(_check_evaluated(chosen, [RAW, *branches], getattr(evaluate, "prompt_lookup", None)))
         if build_raw is None or drafter_build is not None:   # a broken drafter build: its kind is unknown
             issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
             issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))

@@ -95,7 +95,7 @@ class Config(BaseModel):
                                            "prompt. No wall-clock speedup, c or losslessness check; needs temperature 0, "
                                            "width 1, a fixed gamma and no prompt_lookup")
     dtype: DType = dtype_field("dtype of both models", exact=True)
-    drafters: list[str] | None = added(None, since="2026-12-03", min_length=1, description="in a recipe: the drafters to "
+    drafters: list[str] | None = added(None, since="2026-12-03", description="in a recipe: the drafters to "
                                        "evaluate, by branch name (and 'raw', the un-branched drafter), in the run's order; "
                                        "unset: every branch's final model and 'raw'. sd2 eval takes --drafter instead")
     engine: Literal["sd2", "vllm"] = added("sd2", since="2026-12-02", description="sd2: sd2's engine; vllm: vLLM serves "
@@ -113,6 +113,15 @@ class Config(BaseModel):
             raise ValueError(f"gamma must be an integer in [1, 64], a non-empty list of them, or 'auto', got {v!r}")
         return v if v == "auto" else _in_range(v, 1, 64, "gamma must be an integer in [1, 64], a non-empty list of "
                                                          "them, or 'auto'")
+
+    @field_validator("drafters", mode="before")
+    @classmethod
+    def _drafters(cls, v):
+        if isinstance(v, str):
+            raise ValueError(f"give a list of branch names, e.g. drafters: [{v}]")
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list evaluates no drafter; leave drafters out to evaluate every one")
+        return v
 
     @field_validator("width")
     @classmethod
