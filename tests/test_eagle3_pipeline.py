@@ -200,6 +200,34 @@ def test_resume_is_bit_identical_and_the_cache_trains_the_same(pair, tmp_path):
         assert torch.equal(x, c.state_dict()[k]), f"cache: {k}"
 
 
+@pytest.mark.parametrize("precision,identical", [("bf16", True), ("fp32", False)])
+def test_a_bf16_cache_trains_bit_identically_under_bf16(pair, tmp_path, precision, identical):
+    """Aux states stored in bf16: under bf16 autocast (no feature_noise) the head trains bit for bit as on
+    the fly, since fc's autocast matmul rounds them to bf16 anyway. The control: in fp32, fc reads the
+    unrounded states on the fly, and the weights differ."""
+    from accelerate.state import AcceleratorState
+
+    from sd2.train import loop
+
+    def train(folder, **kw):
+        AcceleratorState._reset_state(True)
+        folder.mkdir()
+        head = _fresh(pair)
+        cfg, task = _task(pair, head, precision=precision, feature_noise=0.0, checkpoint_every=0, **kw)
+        loop.train(cfg, task, task.rows_train, 0, folder, standalone_context(folder), cfg.model_dump(mode="json"))
+        return head
+
+    try:
+        a = train(tmp_path / "a")
+        b = train(tmp_path / "b", feature_cache_mb=50, feature_cache_dtype="bf16")
+    finally:
+        AcceleratorState._reset_state(True)
+    (cache,) = (tmp_path / "b" / "feature_cache").iterdir()
+    assert json.loads((cache / "index.json").read_text())["stored_dtype"] == "torch.bfloat16"
+    same = [torch.equal(x, b.state_dict()[k]) for k, x in a.state_dict().items()]
+    assert all(same) if identical else not all(same)
+
+
 def test_feature_cache_refuses_over_the_cap_with_the_size_it_needs(pair, tmp_path):
     from accelerate import Accelerator
 

@@ -207,6 +207,50 @@ def test_interrupted_cache_build_is_never_read_and_resumes(tmp_path, target, mon
     assert len(out) == len(rows) and all(torch.equal(a, b) for a, b in zip(out, want))
 
 
+def test_cache_is_read_on_demand_and_bf16_storage_halves_it(tmp_path, target):
+    """The cache hands back rows read from its memory-mapped shards when asked, equal to the on-the-fly
+    features; stored in bf16 it takes half the bytes under another key, and its rows come back in the
+    forward's dtype, rounded to bf16. A cap between the two sizes refuses fp32 storage, naming bf16."""
+    import contextlib
+
+    from sd2.core.context import standalone_context
+    from sd2.heads import feature_cache as fc
+    from sd2.heads.features import row_features
+
+    rows = _rows(10, 4).input_ids
+    want = row_features(target, rows)
+    ctx = standalone_context(tmp_path)
+    args = (tmp_path / "cache", target, "t", rows, "fp32", "cpu")
+    full = fc.load_or_build(*args, 10, contextlib.nullcontext, ctx)
+    assert isinstance(full, fc.CachedRows) and full._open == {}               # nothing read yet
+    assert len(full) == 10 and all(torch.equal(a, b) for a, b in zip(full, want))
+    tail = full[4:]
+    assert len(tail) == 6 and torch.equal(tail[0], want[4]) and torch.equal(tail[-1], want[9])
+    half = fc.load_or_build(*args, 10, contextlib.nullcontext, ctx, stored="bf16")
+    assert len(list((tmp_path / "cache").iterdir())) == 2                      # its own key
+    for a, b in zip(half, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b.to(torch.bfloat16).float())
+    assert not all(torch.equal(a, b) for a, b in zip(half, want))            # the rounding is real
+    idx = {json.loads((d / "index.json").read_text())["stored_dtype"]: json.loads((d / "index.json").read_text())["mb"]
+           for d in (tmp_path / "cache").iterdir()}
+    assert idx["torch.bfloat16"] * 2 == pytest.approx(idx["torch.float32"], abs=2e-3)      # mb has 3 decimals
+    cap = idx["torch.float32"] * 0.75
+    with pytest.raises(Sd2Error, match=r"x 4 bytes\) need .* MB; raise feature_cache_mb to at least \d+ or store them "
+                                       r"in bf16 \(finetune.feature_cache_dtype: bf16, half the size\)"):
+        fc.load_or_build(tmp_path / "other", *args[1:], cap, contextlib.nullcontext, ctx)
+    assert len(fc.load_or_build(tmp_path / "other", *args[1:], cap, contextlib.nullcontext, ctx, stored="bf16")) == 10
+
+
+def test_feature_cache_dtype_needs_the_cache():
+    from pydantic import ValidationError
+
+    from sd2.stages.finetune import Config
+
+    with pytest.raises(ValidationError, match="feature_cache_dtype = bf16 .* needs feature_cache_mb"):
+        Config(feature_cache_dtype="bf16")
+    assert Config(feature_cache_dtype="bf16", feature_cache_mb=10).feature_cache_dtype == "bf16"
+
+
 def test_feature_cache_is_refused_for_a_causal_lm():
     from sd2 import drafters
     from sd2.stages.finetune import Config

@@ -33,10 +33,10 @@ from sd2.train.mask import SparsityMask
 
 
 class FeatureSource:
-    """The target's features [L_i, d] of rows by index: read from a cache (a list, one tensor per
-    row) or computed now with ``row_features`` inside the training's ``autocast`` context."""
+    """The target's features [L_i, d] of rows by index: read from a cache (one tensor per row, e.g.
+    feature_cache.CachedRows) or computed now with ``row_features`` inside the training's ``autocast`` context."""
 
-    def __init__(self, rows: Rows, target, autocast=contextlib.nullcontext, cached: list | None = None):
+    def __init__(self, rows: Rows, target, autocast=contextlib.nullcontext, cached=None):
         self.rows, self.target, self.autocast, self.cached = rows, target, autocast, cached
 
     def __call__(self, idx: list[int]) -> list[torch.Tensor]:
@@ -180,6 +180,6 @@ def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator,
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     cached = load_or_build(root, target, weights_digest(target), every, precision, str(accelerator.device),
                            cfg.feature_cache_mb, accelerator.autocast, ctx, build=accelerator.is_main_process,
-                           barrier=accelerator.wait_for_everyone)
+                           barrier=accelerator.wait_for_everyone, stored=cfg.feature_cache_dtype)
     n = len(rows_train)
     return (FeatureSource(rows_train, target, cached=cached[:n]), FeatureSource(rows_val, target, cached=cached[n:]))

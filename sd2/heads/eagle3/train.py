@@ -70,7 +70,7 @@ def row_states(target, rows: list[list[int]], aux_layers, final: bool) -> list[t
 class StateSource:
     """The target's states of rows by index: read from the cache or computed with ``row_states``."""
 
-    def __init__(self, rows: Rows, compute, autocast=contextlib.nullcontext, cached: list | None = None):
+    def __init__(self, rows: Rows, compute, autocast=contextlib.nullcontext, cached=None):
         self.rows, self.compute, self.autocast, self.cached = rows, compute, autocast, cached
 
     def __call__(self, idx: list[int]) -> list[torch.Tensor]:
@@ -169,7 +169,7 @@ class Eagle3Task:
         cached = load_or_build(root, self.target, weights_digest(self.target), every, precision, str(accelerator.device),
                                cfg.feature_cache_mb, accelerator.autocast, ctx, build=accelerator.is_main_process,
                                barrier=accelerator.wait_for_everyone, compute=lambda _t, rows: self.compute(rows),
-                               what=self.what())
+                               what=self.what(), stored=cfg.feature_cache_dtype)
         n = len(self.rows_train)
         self.states_train = StateSource(self.rows_train, self.compute, cached=cached[:n])
         self.states_val = StateSource(self.rows_val, self.compute, cached=cached[n:])

@@ -83,11 +83,20 @@ class Config(BaseModel):
     feature_cache_mb: float | None = Field(
         None, gt=0, description="heads: compute the target's features of every conversation once, store them in the "
                                 "run folder (feature_cache/) and train from them, refusing if they need more than this "
-                                "many MB (disk, and memory while training); unset: computed on the fly every step",
+                                "many MB of disk (read from it per batch, memory-mapped); unset: computed on the fly every step",
         json_schema_extra=HEADS)
+    feature_cache_dtype: Literal["bf16", "fp32"] | None = added(
+        None, since="2026-12-03", json_schema_extra=HEADS,
+        description="heads, with feature_cache_mb: store the cached features in this dtype (unset: the dtype the "
+                    "target's forward gave, fp32 on CPU); bf16 halves the cache. An eagle3 head trained in bf16 "
+                    "without feature_noise trains bit-identically from a bf16 cache (its fc rounds them to bf16 "
+                    "anyway); other heads regress the features, which are then rounded")
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        if self.feature_cache_dtype is not None and not self.feature_cache_mb:
+            raise ValueError(f"feature_cache_dtype = {self.feature_cache_dtype} sets how the feature cache stores the "
+                             "target's features; it needs feature_cache_mb (the cache's size cap in MB) set too")
         if self.loss == "ce" and self.ce_weight not in (0.0, 1.0):
             raise ValueError(f"ce_weight mixes CE into a divergence; with loss: ce it must stay unset, got {self.ce_weight}")
         if self.loss != "ce" and self.ce_weight == 1.0:
