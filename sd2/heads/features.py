@@ -15,6 +15,8 @@ predict f_{t+1} and x_{t+2}. For a row of L tokens there are L - 1 head position
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sd2.heads.drafting import drafting
@@ -37,6 +39,22 @@ def row_features(target, rows: list[list[int]]) -> list[torch.Tensor]:
     context, so the cache and the online path compute the same thing."""
     device = next(target.parameters()).device
     return [target_features(target, torch.tensor([r], dtype=torch.long, device=device))[0] for r in rows]
+
+
+class StateSource:
+    """The target's per-token states [L_i, w] of training rows by index (any head type's: the final-norm
+    features, or EAGLE-3's aux states): read from a cache (one tensor per row, e.g.
+    feature_cache.CachedRows) or computed now by ``compute(list of token-id rows)`` inside the
+    training's ``autocast`` context."""
+
+    def __init__(self, rows, compute, autocast=contextlib.nullcontext, cached=None):
+        self.rows, self.compute, self.autocast, self.cached = rows, compute, autocast, cached
+
+    def __call__(self, idx: list[int]) -> list[torch.Tensor]:
+        if self.cached is not None:
+            return [self.cached[i] for i in idx]
+        with self.autocast():
+            return self.compute([self.rows.input_ids[i] for i in idx])
 
 
 def pad_features(feats: list[torch.Tensor], length: int) -> torch.Tensor:

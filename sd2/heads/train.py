@@ -1,6 +1,6 @@
 """Training a head on the distilled data, on the target's features (on the fly, or from a cache).
 
-What is a head's own: its loss (``HeadLoss``), where its inputs come from (``FeatureSource``) and
+What is a head's own: its loss (``HeadLoss``), where its inputs come from (``features.StateSource``) and
 its validation (``validate_head``), plugged into the one training loop (sd2/train/loop.py: batches,
 schedule, AdamW, the mask, checkpoints and resume, accelerate) as ``HeadTask``. Each row's features
 come from its own unpadded target forward (features.py says why), computed per step, or once into
@@ -17,33 +17,18 @@ HASS and EAGLE-3), weighted 0.8^i.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sd2.heads.features import chain_rounds, head_inputs, pad_features, row_features
+from sd2.heads.features import StateSource, chain_rounds, head_inputs, pad_features, row_features
 from sd2.heads.model import Head
 from sd2.mal import MalStats
 from sd2.train import loop
 from sd2.train.batches import Rows
 from sd2.train.losses import IGNORE, cross_entropy, divergence, map_labels, teacher_from_logits
 from sd2.train.mask import SparsityMask
-
-
-class FeatureSource:
-    """The target's features [L_i, d] of rows by index: read from a cache (one tensor per row, e.g.
-    feature_cache.CachedRows) or computed now with ``row_features`` inside the training's ``autocast`` context."""
-
-    def __init__(self, rows: Rows, target, autocast=contextlib.nullcontext, cached=None):
-        self.rows, self.target, self.autocast, self.cached = rows, target, autocast, cached
-
-    def __call__(self, idx: list[int]) -> list[torch.Tensor]:
-        if self.cached is not None:
-            return [self.cached[i] for i in idx]
-        with self.autocast():
-            return row_features(self.target, [self.rows.input_ids[i] for i in idx])
 
 
 class HeadLoss(torch.nn.Module):
@@ -99,7 +84,7 @@ def _spans(loss_mask: list[int]) -> list[tuple[int, int]]:
 class HeadTask:
     """The loop's Task (sd2.train.loop) for a head: ``module`` is the HeadLoss (it holds the head);
     the terms are the feature regression and the logit loss, both over the head's loss positions;
-    the inputs are the target's features of each row (``FeatureSource``, on the fly or cached)."""
+    the inputs are the target's features of each row (``StateSource``, on the fly or cached)."""
 
     name = "finetune head"
     terms = ("feature_loss", "logit_loss")
@@ -167,12 +152,12 @@ def train_head(cfg, head: Head, target, rows_train: Rows, rows_val: Rows, pad_id
 
 
 def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator, out_dir: Path,
-                     ctx) -> tuple[FeatureSource, FeatureSource]:
+                     ctx) -> tuple[StateSource, StateSource]:
     """(train, validation) feature sources: on the fly, or, with ``cfg.feature_cache_mb``, from the
     cache in the run folder (built by the main process; the others wait, then read it)."""
     if not cfg.feature_cache_mb:
-        return (FeatureSource(rows_train, target, accelerator.autocast),
-                FeatureSource(rows_val, target, accelerator.autocast))
+        compute = lambda rows: row_features(target, rows)     # noqa: E731
+        return StateSource(rows_train, compute, accelerator.autocast), StateSource(rows_val, compute, accelerator.autocast)
     from sd2.heads.feature_cache import load_or_build, weights_digest
 
     root = Path(ctx.run_dir if ctx.run_dir is not None else out_dir) / "feature_cache"
@@ -182,4 +167,4 @@ def _feature_sources(cfg, target, rows_train: Rows, rows_val: Rows, accelerator,
                            cfg.feature_cache_mb, accelerator.autocast, ctx, build=accelerator.is_main_process,
                            barrier=accelerator.wait_for_everyone, stored=cfg.feature_cache_dtype)
     n = len(rows_train)
-    return (FeatureSource(rows_train, target, cached=cached[:n]), FeatureSource(rows_val, target, cached=cached[n:]))
+    return StateSource(rows_train, None, cached=cached[:n]), StateSource(rows_val, None, cached=cached[n:])

@@ -32,6 +32,7 @@ The target's input embeddings are shared and frozen, not part of the state dict.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -285,6 +286,29 @@ def build(target_model, draft_vocab: DraftVocabMap, aux_layers=None, num_layers:
     return head
 
 
+@contextlib.contextmanager
+def capturing_aux(target, aux_layers):
+    """Within the block, ``caught[k]`` ([B, L, H], a dict yielded) is the target's hidden state after k
+    decoder layers (the output of layer k-1, before the final norm) in its latest forward, for each k
+    of ``aux_layers`` (ids not validated here); the forward hooks are removed on leaving."""
+    from sd2.modeling import decoder_layers
+
+    _, _, layers = decoder_layers(target)
+    caught: dict[int, torch.Tensor] = {}
+
+    def hook(k):
+        def grab(_mod, _args, out):
+            caught[k] = out[0] if isinstance(out, tuple) else out
+        return grab
+
+    handles = [layers[k - 1].register_forward_hook(hook(k)) for k in aux_layers]
+    try:
+        yield caught
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def target_aux(target, input_ids: torch.Tensor, aux_layers, attention_mask: torch.Tensor | None = None):
     """One target forward: (aux [B, L, 3 H_target], logits [B, L, V]).
@@ -294,19 +318,7 @@ def target_aux(target, input_ids: torch.Tensor, aux_layers, attention_mask: torc
     target's next-token logits at every position (the teacher). Raises ValueError for bad ids."""
     from sd2.modeling import decoder_layers
 
-    _, _, layers = decoder_layers(target)
-    ids = resolve_aux_layers(aux_layers, len(layers))
-    caught: dict[int, torch.Tensor] = {}
-
-    def hook(k):
-        def grab(_mod, _args, out):
-            caught[k] = out[0] if isinstance(out, tuple) else out
-        return grab
-
-    handles = [layers[k - 1].register_forward_hook(hook(k)) for k in ids]
-    try:
+    ids = resolve_aux_layers(aux_layers, len(decoder_layers(target)[2]))
+    with capturing_aux(target, ids) as caught:
         logits = target(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
     return torch.cat([caught[k] for k in ids], dim=-1), logits

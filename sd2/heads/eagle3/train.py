@@ -22,7 +22,6 @@ accuracy and acceptance (a greedy chain's, teacher-forced) and the chain's MAL a
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from sd2.core.errors import Sd2Error
 from sd2.heads.eagle3.ttt import merge, summary, training_time_test
-from sd2.heads.features import pad_features
+from sd2.heads.features import StateSource, pad_features
 from sd2.train.batches import Rows
 from sd2.train.losses import IGNORE
 from sd2.train.mask import SparsityMask
@@ -43,41 +42,16 @@ def row_states(target, rows: list[list[int]], aux_layers, final: bool) -> list[t
     """[L_i, 3 H (+ H)] per row, each from its own unpadded forward of the target's base model: the
     aux hidden states (after k decoder layers, k in ``aux_layers``, in order), then, with ``final``,
     the final-norm hidden state. Call it inside the training's autocast context."""
-    from sd2.modeling import decoder_layers
+    from sd2.heads.eagle3.model import capturing_aux
 
     base = target.base_model if getattr(target, "base_model", None) is not None else target
-    _, _, layers = decoder_layers(target)
     device = next(target.parameters()).device
-    caught: dict[int, torch.Tensor] = {}
-
-    def hook(k):
-        def grab(_mod, _args, out):
-            caught[k] = out[0] if isinstance(out, tuple) else out
-        return grab
-
-    handles = [layers[k - 1].register_forward_hook(hook(k)) for k in aux_layers]
     out = []
-    try:
+    with capturing_aux(target, aux_layers) as caught:
         for r in rows:
             last = base(input_ids=torch.tensor([r], dtype=torch.long, device=device), use_cache=False).last_hidden_state
             out.append(torch.cat([caught[k][0] for k in aux_layers] + ([last[0]] if final else []), dim=-1))
-    finally:
-        for h in handles:
-            h.remove()
     return out
-
-
-class StateSource:
-    """The target's states of rows by index: read from the cache or computed with ``row_states``."""
-
-    def __init__(self, rows: Rows, compute, autocast=contextlib.nullcontext, cached=None):
-        self.rows, self.compute, self.autocast, self.cached = rows, compute, autocast, cached
-
-    def __call__(self, idx: list[int]) -> list[torch.Tensor]:
-        if self.cached is not None:
-            return [self.cached[i] for i in idx]
-        with self.autocast():
-            return self.compute([self.rows.input_ids[i] for i in idx])
 
 
 def loss_mask_of(labels: torch.Tensor) -> torch.Tensor:
