@@ -302,3 +302,31 @@ def test_evaluate_drafters_picks_the_branches_evaluated(tmp_path, tiny_target):
         p.write_text(yaml.safe_dump(data))
         with pytest.raises(RecipeError, match=r"evaluate\.drafters: .*" + re.escape(says)):
             load_recipe(p)
+
+
+def test_a_bad_drafter_name_shows_beside_other_evaluate_errors_and_prompt_lookup_takes_no_branch_name(
+        tmp_path, tiny_target):
+    """An error elsewhere in evaluate: (here a bad gamma) still lets evaluate.drafters be checked, so
+    both show at once; prompt lookup's name may not be a branch's (the report names each drafter once)."""
+    data = base(tiny_target)
+    data["evaluate"]["gamma"] = "lots"
+    data["evaluate"]["drafters"] = ["dens"]
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    where = [i.path for i in err.value.issues]
+    assert "evaluate.drafters[0]" in where and any(w.startswith("evaluate.gamma") for w in where), where
+    assert "names no drafter of this recipe (did you mean 'dense'?)" in str(err.value)
+
+    data["evaluate"]["gamma"] = 2
+    data["evaluate"]["drafters"] = ["dense"]
+    data["evaluate"]["prompt_lookup"] = {"name": "dense"}
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    assert sorted(i.path for i in err.value.issues) == ["evaluate.drafters[0]", "evaluate.prompt_lookup.name"]
+    assert "evaluate.prompt_lookup.name: 'dense' is also a branch's name" in " ".join(str(err.value).split())
+    data["evaluate"]["prompt_lookup"] = {"name": "pld"}
+    p.write_text(yaml.safe_dump(data))
+    assert load_recipe(p).evaluate.prompt_lookup.name == "pld"

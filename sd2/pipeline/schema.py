@@ -184,6 +184,21 @@ class ValidatedRecipe:
         return out
 
 
+def _raw_evaluated(raw) -> tuple[list[str] | None, Any]:
+    """(drafters, prompt lookup) of an ``evaluate:`` section that failed its own validation, read as
+    written where they are well-formed (a list of names; a prompt lookup whose name is a string), so
+    that a mistake elsewhere in the section does not hide a bad drafter name."""
+    from types import SimpleNamespace
+
+    if not isinstance(raw, dict):
+        return None, None
+    chosen = raw.get("drafters")
+    chosen = chosen if isinstance(chosen, list) and chosen and all(isinstance(n, str) for n in chosen) else None
+    pl = raw.get("prompt_lookup")      # off unless given; {} turns it on under its default name
+    name = pl.get("name", "prompt_lookup") if isinstance(pl, dict) else None
+    return chosen, (SimpleNamespace(name=name) if isinstance(name, str) else None)
+
+
 def _check_evaluated(chosen: list[str], known: list[str], lookup) -> list[Issue]:
     """``evaluate.drafters``: each entry a branch name or RAW, once."""
     out, seen = [], set()
@@ -285,8 +300,16 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         issues.extend(_check_cross(recipe, intact, branch_from))
         issues.extend(_check_builders(intact, branch_from))
         issues.extend(_check_eagle3(recipe, drafter_build, intact, branch_from))
-        if chosen := getattr(evaluate, "drafters", None):   # getattr: a registry may swap the evaluate stage
-            issues.extend(_check_evaluated(chosen, [RAW, *branches], getattr(evaluate, "prompt_lookup", None)))
+        lookup = getattr(evaluate, "prompt_lookup", None)     # getattr: a registry may swap the evaluate stage
+        if evaluate is None:    # evaluate has errors of its own: its drafters list is still checked, as written
+            chosen, lookup = _raw_evaluated(data.get("evaluate"))
+        else:
+            chosen = getattr(evaluate, "drafters", None)
+        if chosen:
+            issues.extend(_check_evaluated(chosen, [RAW, *branches], lookup))
+        if lookup is not None and lookup.name in branches:
+            issues.append(Issue("evaluate.prompt_lookup.name", f"'{lookup.name}' is also a branch's name, and the "
+                                                               "report names each drafter once; rename one of them"))
         if build_raw is None or drafter_build is not None:   # a broken drafter build: its kind is unknown
             issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
             issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
