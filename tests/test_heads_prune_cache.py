@@ -226,6 +226,10 @@ def test_cache_is_read_on_demand_and_bf16_storage_halves_it(tmp_path, target):
     assert len(full) == 10 and all(torch.equal(a, b) for a, b in zip(full, want))
     tail = full[4:]
     assert len(tail) == 6 and torch.equal(tail[0], want[4]) and torch.equal(tail[-1], want[9])
+    full[0].add_(1.0)                                                           # a copy, not the mapped shard
+    assert torch.equal(full[0], want[0])
+    with pytest.raises(IndexError, match=r"row 6 of 6 in feature cache"):
+        tail[6]
     half = fc.load_or_build(*args, 10, contextlib.nullcontext, ctx, stored="bf16")
     assert len(list((tmp_path / "cache").iterdir())) == 2                      # its own key
     for a, b in zip(half, want):

@@ -325,8 +325,13 @@ def test_a_bad_drafter_name_shows_beside_other_evaluate_errors_and_prompt_lookup
     p.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError) as err:
         load_recipe(p)
-    assert sorted(i.path for i in err.value.issues) == ["evaluate.drafters[0]", "evaluate.prompt_lookup.name"]
-    assert "evaluate.prompt_lookup.name: 'dense' is also a branch's name" in " ".join(str(err.value).split())
+    assert [i.path for i in err.value.issues] == ["evaluate.prompt_lookup.name"]      # not "remove dense here"
+    assert "evaluate.prompt_lookup.name: 'dense' is a branch's name" in " ".join(str(err.value).split())
+    for reserved in ("raw", "target"):      # raw is always evaluated; target is the baseline
+        data["evaluate"]["prompt_lookup"] = {"name": reserved}
+        p.write_text(yaml.safe_dump(data))
+        with pytest.raises(RecipeError, match=rf"evaluate.prompt_lookup.name: '{reserved}' is reserved"):
+            load_recipe(p)
     data["evaluate"]["prompt_lookup"] = {"name": "pld"}
     p.write_text(yaml.safe_dump(data))
     assert load_recipe(p).evaluate.prompt_lookup.name == "pld"

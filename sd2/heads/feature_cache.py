@@ -113,13 +113,22 @@ class CachedRows:
             view.__dict__.update(self.__dict__)
             view.which = self.which[i]
             return view
-        row = self.which[i]
+        try:
+            row = self.which[i]
+        except IndexError:
+            raise IndexError(f"row {i} of {len(self)} in feature cache {self.folder}") from None
         s = self._shard_of[row]
         if s not in self._open:
             from safetensors import safe_open
 
-            self._open[s] = safe_open(str(self.folder / f"shard-{s:05d}.safetensors"), framework="pt")
-        return self._open[s].get_tensor(str(row)).to(self.dtype)
+            path = self.folder / f"shard-{s:05d}.safetensors"
+            if not path.is_file():
+                from sd2.core.errors import Sd2Error
+
+                raise Sd2Error(f"feature cache {self.folder} lost {path.name}; delete the folder and run again")
+            self._open[s] = safe_open(str(path), framework="pt")
+        # a copy: a tensor of the memory-mapped shard would carry an in-place edit into every later read
+        return self._open[s].get_tensor(str(row)).to(self.dtype, copy=True)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

@@ -305,11 +305,14 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
             chosen, lookup = _raw_evaluated(data.get("evaluate"))
         else:
             chosen = getattr(evaluate, "drafters", None)
+        clash = lookup is not None and (lookup.name in branches or lookup.name in RESERVED_NAMES)
         if chosen:
-            issues.extend(_check_evaluated(chosen, [RAW, *branches], lookup))
-        if lookup is not None and lookup.name in branches:
-            issues.append(Issue("evaluate.prompt_lookup.name", f"'{lookup.name}' is also a branch's name, and the "
-                                                               "report names each drafter once; rename one of them"))
+            issues.extend(_check_evaluated(chosen, [RAW, *branches], None if clash else lookup))
+        if clash:
+            whose = "a branch's name" if lookup.name in branches else (
+                f"reserved ('{RAW}' is the un-branched drafter, '{TARGET}' the baseline)")
+            issues.append(Issue("evaluate.prompt_lookup.name", f"'{lookup.name}' is {whose}, and the report names "
+                                                               "each drafter once; give prompt lookup another name"))
         if build_raw is None or drafter_build is not None:   # a broken drafter build: its kind is unknown
             issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
             issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
