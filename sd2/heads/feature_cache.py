@@ -20,11 +20,13 @@ not loaded up front, so the training process holds one batch of features, not th
 operating system's page cache keeps what fits. Measured on the smollm2-eagle3 recipe's 14.1 GB
 cache of aux states (2-core AMD EPYC, 24 GB, 2026-12-03): loaded whole, it took the eagle3 training
 to a 22.1 GB peak resident set; read on demand, 200 random batches of 8 rows held 0.30 GB and took
-0.16 s a batch from disk (cold), 3.5 ms from the page cache, against 9-10 s a training step. A row stored in bf16 is returned in the dtype the forward gave (the
-values rounded to bf16): with bf16 autocast an EAGLE-3 head reads its aux states only through fc,
-whose autocast matmul rounds them to bf16 anyway, so it trains bit-identically without
-``feature_noise`` (tests/test_eagle3_pipeline.py); an EAGLE-1 / FSPAD head also regresses the
-features, which then differ from on-the-fly ones by that rounding.
+0.16 s a batch from disk (cold), 3.5 ms from the page cache, against 9-10 s a training step.
+
+A row stored in bf16 is returned in the dtype the forward gave (the values rounded to bf16): with
+bf16 autocast an EAGLE-3 head reads its aux states only through fc, whose autocast matmul rounds
+them to bf16 anyway, so it trains bit-identically without ``feature_noise``
+(tests/test_eagle3_pipeline.py); an EAGLE-1 / FSPAD head also regresses the features, which then
+differ from on-the-fly ones by that rounding.
 
 Writing: shards go to ``<key>.partial/``, each written to a temporary name and renamed; index.json
 last; then the folder is renamed to ``<key>``. A killed build leaves only ``<key>.partial``, which
