@@ -21,6 +21,7 @@ from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locate_gguf
 from sd2.core.precision import check_env
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
+from sd2.pipeline.evaluated import check_evaluated
 from sd2.pipeline.drafter import BUILDS, build_ref, check_kinds, drafter_kind, parse_build, step_kinds, step_path
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 from sd2.core.paths import expand
@@ -184,40 +185,6 @@ class ValidatedRecipe:
         return out
 
 
-def _raw_evaluated(raw) -> tuple[list[str] | None, Any]:
-    """(drafters, prompt lookup) of an ``evaluate:`` section that failed its own validation, read as
-    written where they are well-formed (a list of names; a prompt lookup whose name is a string), so
-    that a mistake elsewhere in the section does not hide a bad drafter name."""
-    from types import SimpleNamespace
-
-    if not isinstance(raw, dict):
-        return None, None
-    chosen = raw.get("drafters")
-    chosen = chosen if isinstance(chosen, list) and chosen and all(isinstance(n, str) for n in chosen) else None
-    pl = raw.get("prompt_lookup")      # off unless given; {} turns it on under its default name
-    name = pl.get("name", "prompt_lookup") if isinstance(pl, dict) else None
-    return chosen, (SimpleNamespace(name=name) if isinstance(name, str) else None)
-
-
-def _check_evaluated(chosen: list[str], known: list[str], lookup) -> list[Issue]:
-    """``evaluate.drafters``: each entry a branch name or RAW, once."""
-    out, seen = [], set()
-    for i, n in enumerate(chosen):
-        where = f"evaluate.drafters[{i}]"
-        if n in seen:
-            out.append(Issue(where, f"'{n}' is listed twice; was another branch meant?"))
-        elif n == TARGET:
-            out.append(Issue(where, f"'{TARGET}' is the baseline, always timed; list drafters only"))
-        elif lookup is not None and n == lookup.name:
-            out.append(Issue(where, f"'{n}' is prompt lookup, which evaluate.prompt_lookup turns on or off, not "
-                                    "evaluate.drafters; remove it here"))
-        elif n not in known:
-            out.append(Issue(where, f"names no drafter of this recipe{did_you_mean(str(n), known)}; give a branch "
-                                    f"name or '{RAW}' (the un-branched drafter): {', '.join(known)}"))
-        seen.add(n)
-    return out
-
-
 def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
     check_env()  # a malformed SD2_AUTO_DTYPE would change what every precision field means
     issues: list[Issue] = []
@@ -300,19 +267,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         issues.extend(_check_cross(recipe, intact, branch_from))
         issues.extend(_check_builders(intact, branch_from))
         issues.extend(_check_eagle3(recipe, drafter_build, intact, branch_from))
-        lookup = getattr(evaluate, "prompt_lookup", None)     # getattr: a registry may swap the evaluate stage
-        if evaluate is None:    # evaluate has errors of its own: its drafters list is still checked, as written
-            chosen, lookup = _raw_evaluated(data.get("evaluate"))
-        else:
-            chosen = getattr(evaluate, "drafters", None)
-        clash = lookup is not None and (lookup.name in branches or lookup.name in RESERVED_NAMES)
-        if chosen:
-            issues.extend(_check_evaluated(chosen, [RAW, *branches], None if clash else lookup))
-        if clash:
-            whose = "a branch's name" if lookup.name in branches else (
-                f"reserved ('{RAW}' is the un-branched drafter, '{TARGET}' the baseline)")
-            issues.append(Issue("evaluate.prompt_lookup.name", f"'{lookup.name}' is {whose}, and the report names "
-                                                               "each drafter once; give prompt lookup another name"))
+        issues.extend(check_evaluated(evaluate, data.get("evaluate"), list(branches)))
         if build_raw is None or drafter_build is not None:   # a broken drafter build: its kind is unknown
             issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
             issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
