@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -230,6 +231,8 @@ def test_cache_is_read_on_demand_and_bf16_storage_halves_it(tmp_path, target):
     assert torch.equal(full[0], want[0])
     with pytest.raises(IndexError, match=r"row 6 of 6 in feature cache"):
         tail[6]
+    again = pickle.loads(pickle.dumps(tail))                                    # after reads: shards open
+    assert tail._open and again._open == {} and len(again) == 6 and torch.equal(again[5], want[9])
     half = fc.load_or_build(*args, 10, contextlib.nullcontext, ctx, stored="bf16")
     assert len(list((tmp_path / "cache").iterdir())) == 2                      # its own key
     for a, b in zip(half, want):

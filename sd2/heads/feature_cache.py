@@ -135,6 +135,11 @@ class CachedRows:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def __getstate__(self) -> dict:
+        """Pickled without its open shards (safetensors handles cannot be pickled: a DataLoader worker,
+        a spawned process); the copy opens them again when it first reads."""
+        return {**self.__dict__, "_open": {}}
+
 
 def load_or_build(root: Path, target, target_id: str, rows: list[list[int]], precision: str, device: str,
                   max_mb: float, autocast, ctx, build: bool = True, barrier=lambda: None, compute=None,
