@@ -322,6 +322,17 @@ def test_publish_writes_the_speculators_layout(pair, tmp_path):
             assert "feature sampling, a block vLLM's EAGLE-3 model does not have" in card
 
 
+def _write_chats(tmp_path) -> dict:
+    """tmp_path/chats.json: 12 ShareGPT conversations with recorded answers; returns a 3-step finetune config."""
+    words = "the quick brown fox jumps over the lazy dog while a robot learns to paint".split()
+    chats = [{"id": str(i), "conversations": [{"from": "human", "value": " ".join(words[i % 5:i % 5 + 4])},
+                                              {"from": "gpt", "value": " ".join(words[i % 7:] + words[:i % 7])}]}
+             for i in range(12)]
+    (tmp_path / "chats.json").write_text(json.dumps(chats))
+    return {"max_steps": 3, "lr": 1e-3, "batch_size": 2, "val_rows": 2, "loss": "fkl", "ttt_depth": 2, "mal_gamma": 2,
+            "feature_cache_mb": 5}
+
+
 def test_sd2_run_builds_trains_prunes_and_saves_an_eagle3_branch(tmp_path, tiny_target):
     """`sd2 run` on a tiny recipe: distill (the source's recorded answers, nothing generated), an
     eagle3 branch (head -> finetune from the feature cache) and a pruned one from it; a second run
@@ -332,13 +343,7 @@ def test_sd2_run_builds_trains_prunes_and_saves_an_eagle3_branch(tmp_path, tiny_
     from sd2.heads import io
     from sd2.pipeline.cli import app
 
-    words = "the quick brown fox jumps over the lazy dog while a robot learns to paint".split()
-    chats = [{"id": str(i), "conversations": [{"from": "human", "value": " ".join(words[i % 5:i % 5 + 4])},
-                                              {"from": "gpt", "value": " ".join(words[i % 7:] + words[:i % 7])}]}
-             for i in range(12)]
-    (tmp_path / "chats.json").write_text(json.dumps(chats))
-    ft = {"max_steps": 3, "lr": 1e-3, "batch_size": 2, "val_rows": 2, "loss": "fkl", "ttt_depth": 2, "mal_gamma": 2,
-          "feature_cache_mb": 5}
+    ft = _write_chats(tmp_path)
     recipe = {"name": "e3", "seed": 0, "target": {"path": str(tiny_target)}, "drafter": {"derive": "target", "keep_layers": 2},
               "distill": {"prompts": {"source": str(tmp_path / "chats.json")}, "answers": "dataset", "max_new_tokens": 16},
               "branches": {"e3": [{"head": {"type": "eagle3", "draft_vocab_size": 32, "aux_layers": AUX}}, {"finetune": ft}],
@@ -362,3 +367,38 @@ def test_sd2_run_builds_trains_prunes_and_saves_an_eagle3_branch(tmp_path, tiny_
     assert any((run / "feature_cache").iterdir())
     again = CliRunner().invoke(app, argv)
     assert again.exit_code == 0 and again.output.count("skip") >= 6, again.output
+
+
+def test_sd2_run_without_a_drafter_when_every_branch_builds_its_head(tmp_path, tiny_target):
+    """A heads-only recipe without `drafter:` runs end to end: no drafter stage, evaluate times the
+    branch alone (no raw) and greedy stays lossless, recipe.yaml leaves the drafter out, and a second
+    run skips every stage."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from sd2.pipeline.cli import app
+    from sd2.pipeline.schema import validate_recipe
+
+    ft = _write_chats(tmp_path)
+    chats = str(tmp_path / "chats.json")
+    recipe = {"name": "e3", "seed": 0, "target": {"path": str(tiny_target)},
+              "distill": {"prompts": {"source": chats}, "answers": "dataset", "max_new_tokens": 16},
+              "branches": {"e3": [{"head": {"type": "eagle3", "draft_vocab_size": 32, "aux_layers": AUX}},
+                                  {"finetune": ft}]},
+              "evaluate": {"prompts": {"source": chats, "limit": 2}, "gamma": 2, "max_new_tokens": 8, "repeats": 1,
+                           "warmup": 0}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    argv = ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "art")]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "art" / "e3"
+    assert sorted(p.name for p in run.iterdir() if p.is_dir() and p.name[0].isdigit()) == [
+        "00_distill", "01_e3.head", "02_e3.finetune", "03_evaluate"]
+    assert set(json.loads((run / "00_distill" / "manifest.json").read_text())["inputs"]) == {"target"}
+    report = json.loads((run / "03_evaluate" / "report.json").read_text())
+    assert list(report["drafters"]) == ["e3"] and report["drafters"]["e3"]["kind"] == "head"
+    assert report["results"] and all(r["lossless"] is True for r in report["results"])
+    written = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert "drafter" not in written and validate_recipe(written).branches.keys() == {"e3"}
+    again = CliRunner().invoke(app, argv)
+    assert again.exit_code == 0 and again.output.count("skip") >= 4, again.output

@@ -196,3 +196,44 @@ def test_cli_prints_only_a_report_this_invocation_reached(tmp_path, tiny_target,
     assert "THE EARLIER REPORT" not in res.output
     res = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])  # reaches evaluate (done: skipped)
     assert res.exit_code == 0 and "THE EARLIER REPORT" in res.output
+
+
+def test_a_recipe_without_a_drafter_runs_without_one_and_keeps_the_heads_fingerprints(tmp_path, tiny_target,
+                                                                                      fake_stages, monkeypatch):
+    """Every branch builds its own head, so `drafter:` is left out: no drafter step or source, the
+    tokenizer check loads no drafter, the run folder's recipe.yaml leaves it out and validates again,
+    and every stage but evaluate (which no longer times raw) has the fingerprint it has beside a derived
+    drafter: dropping an unused `drafter:` reruns none of them."""
+    from sd2.pipeline.runner import Produced
+
+    # the stand-in distill reads the target only, as the real one does unless on-policy (distill.consumes)
+    monkeypatch.setitem(STAGES, "distill", StageSpec("distill", "recording_stages", "", ("target",), "dataset"))
+    data = {"name": "r", "seed": 0, "target": {"path": str(tiny_target)}, "distill": {"value": 1},
+            "branches": {"h": [{"head": {"type": "fspad"}}, {"finetune": {"value": 2}}],
+                         "hs": [{"from": "h"}, {"prune": {"value": 3}}]},
+            "evaluate": {"value": 5}}
+    bare = Runner(validate_recipe(data), tmp_path / "bare")
+    derived = Runner(validate_recipe(data | {"drafter": {"derive": "target", "keep_layers": 2}}), tmp_path / "derived")
+    assert [s.id for s in bare.steps] == ["distill", "h.head", "h.finetune", "hs.prune", "evaluate"]
+    assert [s.id for s in derived.steps] == ["drafter.derive"] + [s.id for s in bare.steps]
+    assert bare.steps[-1].sources["drafters"] == {"h": "h.finetune", "hs": "hs.prune"}
+    assert "raw" in derived.steps[-1].sources["drafters"]
+
+    def no_drafter(role, load):
+        assert role != "drafter", "a recipe without a drafter loaded one"
+        return real_source(role, load)
+
+    real_source = bare._source
+    monkeypatch.setattr(bare, "_source", no_drafter)
+    assert bare._check_tokenizers() is False
+    for r in (bare, derived):
+        r.produced = {s.id: Produced(tmp_path, f"out-{s.id}", []) for s in r.steps}
+    fps = [{s.id: r._fingerprint(s)[3] for s in r.steps if s.stage != "evaluate"} for r in (bare, derived)]
+    assert fps[0] == {k: v for k, v in fps[1].items() if k != "drafter.derive"}
+
+    results = Runner(validate_recipe(data), tmp_path, until="distill").run()
+    assert [x["id"] for x in results] == ["distill"] and fake_stages == ["distill"]
+    assert json.loads((tmp_path / "r" / "00_distill" / "record.json").read_text())["model"] is None
+    written = yaml.safe_load((tmp_path / "r" / "recipe.yaml").read_text())
+    assert "drafter" not in written
+    assert [s.id for s in Runner(validate_recipe(written), tmp_path).steps] == [s.id for s in bare.steps]

@@ -335,3 +335,93 @@ def test_a_bad_drafter_name_shows_beside_other_evaluate_errors_and_prompt_lookup
     data["evaluate"]["prompt_lookup"] = {"name": "pld"}
     p.write_text(yaml.safe_dump(data))
     assert load_recipe(p).evaluate.prompt_lookup.name == "pld"
+
+
+def heads_only(target: Path) -> dict:
+    """A recipe whose every branch builds its own head, directly or `from:` one that does: no `drafter:`."""
+    return {"name": "t", "target": {"path": str(target)},
+            "distill": {"prompts": {"source": "mtbench", "limit": 2}, "max_new_tokens": 8},
+            "branches": {"fs": [{"head": {"type": "fspad"}}, {"finetune": {"epochs": 1, "feature_noise": 0.1}}],
+                         "e3": [{"head": {"type": "eagle3", "draft_vocab_size": 64, "aux_layers": [1, 2, 3]}}],
+                         "fs_sparse": [{"from": "fs"}, {"prune": {"method": "magnitude", "sparsity": 0.5}}]},
+            "evaluate": {"prompts": {"source": "mtbench", "limit": 2}}}
+
+
+def test_a_recipe_whose_branches_build_their_own_heads_needs_no_drafter(tmp_path, tiny_target):
+    """No `drafter:` where nothing reads one: no drafter source or step is planned, evaluate times the
+    branches only (no raw), and the resolved recipe (the run folder's recipe.yaml) leaves it out and
+    validates to the same plan."""
+    from sd2.pipeline.runner import plan
+
+    for data in (heads_only(tiny_target), heads_only(tiny_target) | {"drafter": None}):
+        r = validate_recipe(data)
+        assert not r.has_drafter and r.recipe.drafter is None and r.drafter_build is None
+        steps = plan(r)
+        assert [s.id for s in steps] == ["distill", "fs.head", "fs.finetune", "e3.head", "fs_sparse.prune", "evaluate"]
+        assert not any(v == "drafter" or str(v).startswith("drafter.") for s in steps for v in s.sources.values())
+        assert steps[-1].sources["drafters"] == {"fs": "fs.finetune", "e3": "e3.head", "fs_sparse": "fs_sparse.prune"}
+        assert [s.kind for s in steps[1:5]] == ["head"] * 4
+        resolved = r.resolved()
+        assert "drafter" not in resolved
+        again = validate_recipe(yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False)))
+        assert [(s.id, s.config, s.sources) for s in plan(again)] == [(s.id, s.config, s.sources) for s in steps]
+    # evaluate.drafters names branches only: fine
+    chosen = heads_only(tiny_target)
+    chosen["evaluate"]["drafters"] = ["fs_sparse"]
+    assert plan(validate_recipe(chosen))[-1].sources["drafters"] == {"fs_sparse": "fs_sparse.prune"}
+    p = tmp_path / "h.yaml"
+    p.write_text(yaml.safe_dump(heads_only(tiny_target), sort_keys=False))
+    res = CliRunner().invoke(app, ["validate", str(p)])
+    assert res.exit_code == 0 and "ok (6 stages: distill, fs.head, fs.finetune, e3.head," in res.output, res.output
+
+
+GIVE = "Give the drafter's weights (hub, path or gguf) or how to build it (derive: target, or head: eagle | fspad)"
+
+
+@pytest.mark.parametrize("change, reader", [
+    (lambda d: d["branches"].update(sparse=[{"prune": {"method": "magnitude", "sparsity": 0.5}}]),
+     "branch 'sparse' starts from the recipe's drafter (its first step is prune)"),
+    (lambda d: d["branches"].update(plain=[]), "branch 'plain' starts from the recipe's drafter (it has no steps)"),
+    (lambda d: d["distill"].update(policy="drafter"), "distill.policy: drafter (the drafter writes the answers)"),
+    (lambda d: d["evaluate"].update(drafters=["fs", "raw"]), "evaluate.drafters names raw (the un-branched drafter)"),
+    (lambda d: d.update(branches={}), "evaluate has no branch and no prompt_lookup to time, so it would time raw"),
+], ids=["branch", "empty_branch", "distill_policy", "evaluate_drafters", "evaluate_nothing_else"])
+def test_a_recipe_without_a_drafter_that_reads_one_names_the_reader(tiny_target, change, reader):
+    data = heads_only(tiny_target)
+    change(data)
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(data)
+    assert [i.path for i in err.value.issues] == ["drafter"]
+    msg = " ".join(err.value.issues[0].message.split())
+    assert msg.startswith(f"not given, but the recipe reads it: {reader}") and msg.endswith(GIVE), msg
+    validate_recipe(data | {"drafter": {"derive": "target", "keep_layers": 2}})   # giving it is the fix
+
+
+def test_the_readers_of_a_missing_drafter_are_named_once_each_and_breed_no_other_error(tiny_target):
+    """Every reader in one issue; a `from:` branch of a reader is not named again, and its steps are
+    not checked against a kind the missing drafter does not have; a branch with a broken step is not
+    a reader (its sequence is unknown: its own error comes first); with prompt lookup on, evaluate
+    has something to time without any branch; a distill section with errors of its own is read as
+    written."""
+    data = heads_only(tiny_target)
+    data["distill"]["policy"] = "drafter"
+    data["branches"].update(lm=[{"finetune": {"epochs": 1}}],
+                            lm_more=[{"from": "lm"}, {"finetune": {"feature_noise": 0.1}}],
+                            broken=[{"head": {"type": "fspda"}}, {"finetune": {"epochs": 1}}])
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(data)
+    issues = {i.path: " ".join(i.message.split()) for i in err.value.issues}
+    assert set(issues) == {"drafter", "branches.broken[0].head.type"}, issues
+    assert issues["drafter"].startswith("not given, but the recipe reads it: branch 'lm' starts from the recipe's "
+                                        "drafter (its first step is finetune); distill.policy: drafter")
+    assert "lm_more" not in issues["drafter"] and "broken" not in issues["drafter"]
+
+    lookup_only = heads_only(tiny_target) | {"branches": {}}
+    lookup_only["evaluate"]["prompt_lookup"] = {}
+    validate_recipe(lookup_only)
+    bad_distill = heads_only(tiny_target)
+    bad_distill["distill"].update(policy="drafter", max_new_tokens=-1)
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(bad_distill)
+    assert {i.path for i in err.value.issues} == {"distill.max_new_tokens", "drafter"}
+    assert "distill.policy: drafter" in str(err.value)

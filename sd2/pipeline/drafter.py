@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from sd2.core.errors import Issue, short
 from sd2.core.paths import expand
-from sd2.pipeline.registry import STAGES
+from sd2.pipeline.registry import STAGES, consumed_inputs
 
 
 # A recipe's `drafter:` that a stage builds: {<key>: <value>, **that stage's config} (the key's value fills
@@ -84,6 +84,45 @@ def step_kinds(start: str, branches: dict, branch_from: dict) -> dict[str, list[
             out[bname].append(kind)
             kind = STAGES[sname].kind or kind
         ends[bname] = kind
+    return out
+
+
+def builds_anew(stage: str) -> bool:
+    """A stage that makes a new model without reading the branch's (``- head:``: a head over the
+    target): a branch that starts with it does not start from the recipe's drafter."""
+    spec = STAGES[stage]
+    return spec.produces == "model" and "model" not in spec.consumes
+
+
+def on_drafter(branches: dict, branch_from: dict) -> list[str]:
+    """The branches whose model starts as the recipe's drafter, in order: every branch but one whose
+    first step builds a new model (``builds_anew``) or that starts ``from:`` a branch that is not listed
+    (a ``from:`` branch named here starts from one that is)."""
+    out: list[str] = []
+    for bname, steps in branches.items():
+        if bname in branch_from:
+            if branch_from[bname] in out:
+                out.append(bname)
+        elif not (steps and builds_anew(steps[0][0])):
+            out.append(bname)
+    return out
+
+
+def needs(distill, distill_raw, branches: dict, branch_from: dict) -> list[str]:
+    """What reads the recipe's drafter, besides evaluate (sd2.pipeline.evaluated.needs_raw), each as
+    a recipe would say it: a branch that starts from it (``on_drafter``; a ``from:`` branch of one is
+    not named again) and an on-policy top-level distill (``distill``: the validated section, or None
+    when it failed its own validation: then ``distill_raw``, the section as written, is read)."""
+    out = []
+    for bname in on_drafter(branches, branch_from):
+        if bname not in branch_from:
+            steps = branches[bname]
+            first = f"its first step is {steps[0][0]}" if steps else "it has no steps"
+            out.append(f"branch '{bname}' starts from the recipe's drafter ({first})")
+    on_policy = ("model" in consumed_inputs(STAGES["distill"], distill) if distill is not None else
+                 isinstance(distill_raw, dict) and distill_raw.get("policy") == "drafter")
+    if on_policy:
+        out.append("distill.policy: drafter (the drafter writes the answers)")
     return out
 
 

@@ -1,5 +1,6 @@
 """Which drafters the evaluate stage times (``evaluate.drafters``), and prompt lookup's name: the
-recipe checks that read the evaluate section against the recipe's branches (sd2.pipeline.schema)."""
+recipe checks that read the evaluate section against the recipe's branches (sd2.pipeline.schema),
+and whether it times the un-branched drafter, which a recipe without `drafter:` does not have."""
 
 from __future__ import annotations
 
@@ -15,11 +16,7 @@ def check_evaluated(evaluate, raw: Any, branches: list[str]) -> list[Issue]:
     validation: then ``raw`` (the section as written) is read, so that its other errors do not hide
     these."""
     out: list[Issue] = []
-    lookup = getattr(evaluate, "prompt_lookup", None)     # getattr: a registry may swap the evaluate stage
-    if evaluate is None:    # evaluate has errors of its own: its drafters list is still checked, as written
-        chosen, lookup = _raw_evaluated(raw)
-    else:
-        chosen = getattr(evaluate, "drafters", None)
+    chosen, lookup = _evaluated(evaluate, raw)
     clash = lookup is not None and (lookup.name in branches or lookup.name in RESERVED_NAMES)
     if chosen:
         out.extend(_check_evaluated(chosen, [RAW, *branches], None if clash else lookup))
@@ -29,6 +26,29 @@ def check_evaluated(evaluate, raw: Any, branches: list[str]) -> list[Issue]:
         out.append(Issue("evaluate.prompt_lookup.name", f"'{lookup.name}' is {whose}, and the report names "
                                                         "each drafter once; give prompt lookup another name"))
     return out
+
+
+def needs_raw(evaluate, raw: Any, branches: list[str]) -> str | None:
+    """Why the evaluate section times the un-branched drafter (RAW), as a recipe would say it, or None
+    (a recipe without `drafter:` has none): ``evaluate.drafters`` names it, or, unset (every drafter),
+    there is no branch and no prompt lookup, so RAW is all it would time. ``evaluate`` and ``raw`` as
+    for ``check_evaluated``; no ``evaluate:`` section times nothing."""
+    chosen, lookup = _evaluated(evaluate, raw)
+    if chosen and RAW in chosen:
+        return f"evaluate.drafters names {RAW} (the un-branched drafter)"
+    if evaluate is not None and chosen is None and not branches and lookup is None:
+        return (f"evaluate has no branch and no prompt_lookup to time, so it would time {RAW} (the un-branched "
+                f"drafter) alone")
+    return None
+
+
+def _evaluated(evaluate, raw) -> tuple[list[str] | None, Any]:
+    """(evaluate.drafters, prompt lookup) of the validated section, or, when it has errors of its own
+    (``evaluate`` None), of the section as written (``_raw_evaluated``), so that they are still checked."""
+    if evaluate is None:
+        return _raw_evaluated(raw)
+    # getattr: a registry may swap the evaluate stage
+    return getattr(evaluate, "drafters", None), getattr(evaluate, "prompt_lookup", None)
 
 
 def _raw_evaluated(raw) -> tuple[list[str] | None, Any]:

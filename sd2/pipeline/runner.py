@@ -1,10 +1,11 @@
 """The runner: turns a validated recipe into an ordered plan of stages and executes it.
 
 Order: ``drafter.derive`` (when the drafter is derived), ``distill``, every branch's steps in
-order, then ``evaluate``. Each stage's fingerprint hashes its resolved config, the identities of
-the inputs it consumes, the seed and the sd2 version. A stage whose manifest holds the same
-fingerprint is skipped; a stage that reran hands downstream a new output id, so exactly the
-stages downstream of a change rerun and nothing else.
+order, then ``evaluate``. A recipe without a drafter (every branch builds its own: ``- head:``)
+plans no ``drafter`` source and evaluates no ``raw``. Each stage's fingerprint hashes its resolved
+config, the identities of the inputs it consumes, the seed and the sd2 version. A stage whose
+manifest holds the same fingerprint is skipped; a stage that reran hands downstream a new output
+id, so exactly the stages downstream of a change rerun and nothing else.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
     def add(sid, stage, config, branch=None, kind=None, **sources):
         steps.append(Step(len(steps), sid, stage, config, branch, sources, get_stage(stage).kind or kind))
 
-    drafter_src = "drafter"
+    drafter_src = "drafter" if recipe.has_drafter else None   # None: no branch step reads it (the schema's check)
     if recipe.drafter_build is not None:     # derive or head: its stage's config, checked by the schema
         stage, cfg = recipe.drafter_build
         add(f"drafter.{stage}", stage, cfg, target="target")
@@ -61,7 +62,7 @@ def plan(recipe: ValidatedRecipe) -> list[Step]:
     if recipe.distill is not None:
         add("distill", "distill", recipe.distill, target="target", model=drafter_src)
         dataset_src = "distill"
-    finals = {RAW: drafter_src}
+    finals = {RAW: drafter_src} if drafter_src is not None else {}
     data_finals: dict[str, str | None] = {}
     for bname, bsteps in recipe.branches.items():
         model_src, data_src = drafter_src, dataset_src
@@ -304,9 +305,10 @@ class Runner:
         return pick_device(self.recipe.recipe.device)
 
     def _check_tokenizers(self) -> bool:
-        """Compare the target's and the drafter's tokenizers once; a mismatch means cross-tokenizer mode."""
+        """Compare the target's and the drafter's tokenizers once; a mismatch means cross-tokenizer mode.
+        A built drafter, and every model of a recipe without one (heads), has the target's tokenizer."""
         if self._cross_tokenizer is None:
-            if self.recipe.drafter_build is not None:
+            if self.recipe.drafter_build is not None or not self.recipe.has_drafter:
                 self._cross_tokenizer = False
             else:
                 same = same_tokenizer(load_tokenizer(self._source("target", True)), load_tokenizer(self._source("drafter", True)))

@@ -21,8 +21,9 @@ from sd2.core.gguf_header import gguf_info, gguf_problem
 from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locate_gguf
 from sd2.core.precision import check_env
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
-from sd2.pipeline.evaluated import check_evaluated
-from sd2.pipeline.drafter import BUILDS, build_ref, check_kinds, drafter_kind, parse_build, step_kinds, step_path
+from sd2.pipeline.evaluated import check_evaluated, needs_raw
+from sd2.pipeline.drafter import (BUILDS, build_ref, builds_anew, check_kinds, drafter_kind, needs, on_drafter,
+                                  parse_build, step_kinds, step_path)
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
 from sd2.core.paths import expand
 
@@ -38,8 +39,10 @@ class Recipe(BaseModel):
     seed: int = Field(0, description="seeds every stage")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     target: ModelRef
-    drafter: ModelRef | None = Field(description="where the drafter's weights come from; a drafter a stage builds "
-                                                 "(derive: target, head: ...) is that stage's config (BUILDS)")
+    drafter: ModelRef | None = Field(None, description="where the drafter's weights come from; a drafter a stage "
+                                                       "builds (derive: target, head: ...) is that stage's config "
+                                                       "(BUILDS); unset: none, where nothing reads one "
+                                                       "(_check_no_drafter)")
     distill: dict[str, Any] | None = Field(None, description="config of the distill stage (shared by all branches)")
     branches: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description="named drafter branches: lists of {stage: config}")
     evaluate: dict[str, Any] | None = Field(None, description="config of the evaluate stage")
@@ -170,12 +173,19 @@ class ValidatedRecipe:
     def name(self) -> str:
         return self.recipe.name
 
+    @property
+    def has_drafter(self) -> bool:
+        """Whether the recipe has a drafter (given or built); without one, every branch builds its own model."""
+        return self.drafter_build is not None or self.recipe.drafter is not None
+
     def resolved(self) -> dict:
         """The recipe as it will run, with every default filled in (written to the run folder)."""
         out = self.recipe.model_dump(mode="json", exclude_none=True)
         out["target"] = self.recipe.target.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-        out["drafter"] = (build_ref(*self.drafter_build) if self.drafter_build is not None else
-                          self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True))
+        if self.drafter_build is not None:
+            out["drafter"] = build_ref(*self.drafter_build)
+        elif self.recipe.drafter is not None:   # none: left out, as the recipe left it out
+            out["drafter"] = self.recipe.drafter.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
         if self.distill is not None:
             out["distill"] = self.distill.model_dump(mode="json")
         out["branches"] = {b: ([{"from": self.branch_from[b]}] if b in self.branch_from else [])
@@ -202,9 +212,7 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
     distill, evaluate = (_validate_stage(s, data[s], s, issues) if isinstance(data.get(s), dict) else None
                          for s in ("distill", "evaluate"))
     drafter_build = parse_build(build_raw, distill, issues, _validate_stage) if build_raw is not None else None
-    if recipe is not None and recipe.drafter is None and build_raw is None:
-        issues.append(Issue("drafter", "give the drafter's weights (hub, path or gguf) or how to build it "
-                                       "(derive: target, or head: eagle | fspad)"))
+    no_drafter = recipe is not None and recipe.drafter is None and build_raw is None   # optional: read below
 
     branches: dict[str, list[tuple[str, BaseModel]]] = {}
     branch_from: dict[str, str] = {}
@@ -268,12 +276,32 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         issues.extend(_check_builders(intact, branch_from))
         issues.extend(_check_eagle3(recipe, drafter_build, intact, branch_from))
         issues.extend(check_evaluated(evaluate, data.get("evaluate"), list(branches)))
+        if no_drafter:
+            issues.extend(_check_no_drafter(distill, data.get("distill"), evaluate, data.get("evaluate"), intact,
+                                            branches, branch_from))
         if build_raw is None or drafter_build is not None:   # a broken drafter build: its kind is unknown
             issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
-            issues.extend(check_kinds(drafter_kind(recipe, drafter_build), intact, branch_from))
+            # a missing drafter's kind is unknown too: the branches that start from it are left out
+            orphans = set(on_drafter(intact, branch_from)) if no_drafter else set()
+            issues.extend(check_kinds(drafter_kind(recipe, drafter_build),
+                                      {b: s for b, s in intact.items() if b not in orphans}, branch_from))
     if issues:
         raise RecipeError(issues, source)
     return ValidatedRecipe(recipe, distill, branches, evaluate, data, branch_from, drafter_build)
+
+
+def _check_no_drafter(distill, distill_raw, evaluate, evaluate_raw, intact: dict, branches: dict,
+                      branch_from: dict) -> list[Issue]:
+    """A recipe without `drafter:` is one where nothing reads it: every branch starts with a step that
+    builds a new model (``- head:``) or from: such a branch, distill is not on-policy, and evaluate does
+    not time the un-branched drafter. Else one issue names each reader and how to give the drafter."""
+    readers = needs(distill, distill_raw, intact, branch_from)
+    raw = needs_raw(evaluate, evaluate_raw, list(branches))
+    readers += [raw] if raw else []
+    if not readers:
+        return []
+    return [Issue("drafter", f"not given, but the recipe reads it: {'; '.join(readers)}. Give the drafter's weights "
+                             f"(hub, path or gguf) or how to build it (derive: target, or head: eagle | fspad)")]
 
 
 def _check_prompt_files(sections: list[tuple[str, Any]]) -> list[Issue]:
@@ -361,13 +389,13 @@ def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict) -> l
 
 
 def _check_builders(branches: dict, branch_from: dict) -> list[Issue]:
-    """A step that builds a new model from the target (``- head:``; its stage consumes no model) goes
-    first in a branch that starts from the recipe's drafter: anywhere else it would silently discard
+    """A step that builds a new model from the target (``- head:``; its stage consumes no model:
+    ``builds_anew``) goes first in a branch without ``from:``: anywhere else it would silently discard
     the steps before it (or the branch it starts ``from:``)."""
     issues = []
     for bname, steps in branches.items():
         for i, (sname, cfg) in enumerate(steps):
-            if "model" in STAGES[sname].consumes or (i == 0 and bname not in branch_from):
+            if not builds_anew(sname) or (i == 0 and bname not in branch_from):
                 continue
             discarded = f"branch '{branch_from[bname]}'" if i == 0 else "the steps before it"
             issues.append(Issue(f"{step_path(bname, i, branch_from)}.{sname}",

@@ -97,7 +97,8 @@ class Config(BaseModel):
     dtype: DType = dtype_field("dtype of both models", exact=True)
     drafters: list[str] | None = added(None, since="2026-12-03", description="in a recipe: the drafters to "
                                        "evaluate, by branch name (and 'raw', the un-branched drafter), in the run's order; "
-                                       "unset: every branch's final model and 'raw'. sd2 eval takes --drafter instead")
+                                       "unset: every branch's final model and 'raw' (where the recipe has a "
+                                       "`drafter:`). sd2 eval takes --drafter instead")
     engine: Literal["sd2", "vllm"] = added("sd2", since="2026-12-02", description="sd2: sd2's engine; vllm: vLLM serves "
                                            "the target and each drafter (draft_model, eagle, ngram; docs/vllm.md)")
 
