@@ -26,7 +26,32 @@ def base(target: Path) -> dict:
 def test_every_shipped_recipe_validates(path):
     text = path.read_text()
     assert text.startswith("#") and "sd2 run" in text.splitlines()[0], "a recipe opens with the command that runs it"
+    upstream = (yaml.safe_load(text).get("drafter") or {}).get("path")
+    if upstream and not Path(upstream).is_dir():
+        # a recipe that continues another recipe's output (smollm2-eagle3-fresh) validates in full once that
+        # recipe has run; before, its one problem is the missing folder, named with the fix
+        with pytest.raises(RecipeError) as e:
+            load_recipe(path)
+        assert [i.path for i in e.value.issues] == ["drafter.path"], str(e.value)
+        assert f"folder not found: {upstream}" in str(e.value) and "run that recipe first" in str(e.value)
+        return
     load_recipe(path)
+
+
+def test_a_missing_drafter_folder_is_one_error_with_the_fix_not_kind_errors(tmp_path, tiny_target, monkeypatch):
+    """A drafter.path that is not there (another recipe's output, not yet run) is one error naming the
+    folder, where a relative path is read from, and the fix; its kind is unknown, so a branch's head-only
+    options draw no "needs a feature-level head" errors."""
+    data = base(tiny_target)
+    data["drafter"] = {"path": "artifacts/upstream/16_head.finetune"}
+    data["branches"] = {"more": [{"finetune": {"epochs": 1, "ttt_depth": 3, "feature_cache_mb": 100}}]}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(data)
+    assert [i.path for i in e.value.issues] == ["drafter.path"], str(e.value)
+    msg = e.value.issues[0].message
+    assert msg.startswith("folder not found: artifacts/upstream/16_head.finetune (a relative path is read from the "
+                          f"current folder, {tmp_path})") and msg.endswith("run that recipe first")
 
 
 def test_recipes_folder_is_not_empty():

@@ -264,7 +264,8 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
         build_cfg = drafter_build[1] if drafter_build is not None else None
         issues.extend(_check_prompt_files([("drafter", build_cfg), ("distill", distill), ("evaluate", evaluate)]
                                           + step_sections))
-        issues.extend(_check_paths(recipe))
+        path_issues = _check_paths(recipe)
+        issues.extend(path_issues)
         # Checks across steps read each branch as a sequence; a branch with a broken step (or one that starts
         # from such a branch: `from:` names an earlier one) is left out, since its sequence is unknown: its own
         # errors come first.
@@ -281,8 +282,10 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
                                             branches, branch_from))
         if build_raw is None or drafter_build is not None:   # a broken drafter build: its kind is unknown
             issues.extend(_check_layers(recipe, drafter_build, intact, branch_from))
-            # a missing drafter's kind is unknown too: the branches that start from it are left out
-            orphans = set(on_drafter(intact, branch_from)) if no_drafter else set()
+            # a missing drafter's kind is unknown too (no drafter:, or a drafter.path that is not there): the
+            # branches that start from it are left out
+            unknown = no_drafter or any(i.path == "drafter.path" for i in path_issues)
+            orphans = set(on_drafter(intact, branch_from)) if unknown else set()
             issues.extend(check_kinds(drafter_kind(recipe, drafter_build),
                                       {b: s for b, s in intact.items() if b not in orphans}, branch_from))
     if issues:
@@ -338,7 +341,9 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
         if ref.path is not None:
             p = expand(ref.path)
             if not p.is_dir():
-                issues.append(Issue(f"{role}.path", f"folder not found: {p}"))
+                where = "" if p.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+                issues.append(Issue(f"{role}.path", f"folder not found: {p}{where}; if another recipe's run writes it, "
+                                                    "run that recipe first"))
             elif not (p / "config.json").is_file():
                 issues.append(Issue(f"{role}.path", f"{p} has no config.json; expected a save_pretrained folder"))
         if ref.gguf is not None:
