@@ -450,3 +450,35 @@ def test_the_readers_of_a_missing_drafter_are_named_once_each_and_breed_no_other
         validate_recipe(bad_distill)
     assert {i.path for i in err.value.issues} == {"distill.max_new_tokens", "drafter"}
     assert "distill.policy: drafter" in str(err.value)
+
+
+def test_ways_to_give_a_drafter_are_named_and_a_bad_one_is_one_error_at_its_field(tmp_path, tiny_target, monkeypatch):
+    """``drafter: {}`` or a misspelt key names all five ways (and that it may be left out); a bare string
+    with two slashes is a folder (a Hub id has at most one), so a missing one is the folder error, not a
+    Hub id read as a causal LM; a file given as a folder says so; a missing GGUF behind trim_vocab's
+    vocabulary check is one error among the others, not a bare exception that hides them."""
+    monkeypatch.chdir(tmp_path)
+
+    def problems(**change):
+        data = base(tiny_target)
+        data.update(change)
+        with pytest.raises(RecipeError) as e:
+            validate_recipe(data)
+        return {i.path: i.message for i in e.value.issues}
+
+    for drafter, got in (({}, "got none)"), ({"paht": "x", "revision": "main"}, "got none; unknown key(s): paht)")):
+        p = problems(drafter=drafter)
+        assert list(p) == ["drafter"] and p["drafter"] == (
+            f"give exactly one of hub, path, gguf, derive, head ({got}; or leave drafter: out where nothing reads it "
+            "(every branch starts with - head:)")
+    head_options = {"more": [{"finetune": {"epochs": 1, "ttt_depth": 3, "feature_cache_mb": 10}}]}
+    p = problems(drafter="runs/up/16_head.finetune", branches=head_options)
+    assert list(p) == ["drafter.path"] and p["drafter.path"].startswith("folder not found: runs/up/16_head.finetune")
+    (tmp_path / "model.gguf").write_text("x")
+    p = problems(drafter={"path": str(tmp_path / "model.gguf")})
+    assert p == {"drafter.path": f"{tmp_path / 'model.gguf'} is a file; path is a save_pretrained folder (config.json "
+                                 f"and safetensors); a .gguf file is gguf: {tmp_path / 'model.gguf'}"}
+    p = problems(drafter={"gguf": str(tmp_path / "missing.gguf")},
+                 branches={"t": [{"trim_vocab": {"k": 10}}, {"finetune": {"epochs": 1}}],
+                           "u": [{"finetune": {"epochs": 1, "lr": -1.0}}]})
+    assert set(p) == {"drafter.gguf", "branches.u[0].finetune.lr"} and "gguf file not found" in p["drafter.gguf"]

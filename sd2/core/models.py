@@ -38,8 +38,8 @@ class ModelRef(BaseModel):
     """Where a model's weights come from. Exactly one of ``hub``, ``path`` or ``gguf``. (A drafter
     that a stage builds, derived from the target or a head, is that stage's config: sd2.pipeline.schema.BUILDS.)
 
-    A bare string is shorthand: an existing path or one starting with '.', '/' or '~' is a local
-    folder, anything else a Hub id.
+    A bare string is shorthand: an existing path, one starting with '.', '/' or '~', or one with more
+    than one '/' (a Hub id is ``name`` or ``owner/name``) is a local folder, anything else a Hub id.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -57,7 +57,7 @@ class ModelRef(BaseModel):
     def _shorthand(cls, value: Any) -> Any:
         if isinstance(value, str):
             p = expand(value)
-            if value.startswith((".", "/", "~")) or p.exists():
+            if value.startswith((".", "/", "~")) or p.exists() or value.count("/") > 1:
                 return {"path": value}
             return {"hub": value}
         return value
@@ -127,7 +127,7 @@ def known_vocab_size(ref: ModelRef) -> int | None:
     elif ref.gguf is not None:
         try:
             folder = Path(resolve(ref, convert=False).ref)
-        except (OSError, ValueError):
+        except (OSError, ValueError, Sd2Error):   # a missing gguf: the recipe's path checks name it
             return None
     else:
         return None

@@ -42,7 +42,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("head", "sd2.heads.drafter", "a feature-level head", causal_lm=False, feature_level=True),
 ]}
 DEFAULT = "lm"
-CAPABILITIES = {"causal_lm": "a standalone causal LM", "feature_level": "a feature-level head (drafter: {head: fspad})"}
+CAPABILITIES = {"causal_lm": "a standalone causal LM", "feature_level": "a feature-level head (a branch step - head: {type: eagle3 | eagle | fspad}, "
+                                                          "or drafter: {head: eagle | fspad})"}
 
 
 class Drafter(Protocol):

@@ -23,7 +23,12 @@ def parse_build(raw: dict, distill, issues: list[Issue], validate) -> tuple[str,
     distill prompts unless given its own."""
     keys = [k for k in (*BUILDS, "hub", "path", "gguf") if k in raw]
     if len(keys) != 1:
-        issues.append(Issue("drafter", f"give exactly one of hub, path, gguf, derive, head (got {keys})"))
+        from sd2.core.models import ModelRef
+
+        unknown = [k for k in raw if k not in keys and k not in ModelRef.model_fields]
+        got = (", ".join(keys) if keys else "none") + (f"; unknown key(s): {', '.join(map(str, unknown))}" if unknown else "")
+        none = "" if keys else "; or leave drafter: out where nothing reads it (every branch starts with - head:)"
+        issues.append(Issue("drafter", f"give exactly one of hub, path, gguf, derive, head (got {got}){none}"))
         return None
     (key,) = keys
     stage, field = BUILDS[key]

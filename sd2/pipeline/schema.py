@@ -201,7 +201,10 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
     if not isinstance(data, dict):
         raise RecipeError([Issue("", f"a recipe must be a YAML mapping, got {type(data).__name__}")], source)
     build_raw = data.get("drafter")
-    build_raw = build_raw if isinstance(build_raw, dict) and BUILDS.keys() & build_raw.keys() else None
+    # a build (derive, head), or a mapping that is no model reference either ({}, a misspelt key): parse_build
+    # names all five ways to give a drafter
+    build_raw = build_raw if isinstance(build_raw, dict) and (BUILDS.keys() & build_raw.keys()
+                                                              or not {"hub", "path", "gguf"} & build_raw.keys()) else None
     try:
         recipe = Recipe.model_validate({**data, "drafter": None} if build_raw is not None else data)
     except ValidationError as err:
@@ -340,7 +343,11 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
             continue
         if ref.path is not None:
             p = expand(ref.path)
-            if not p.is_dir():
+            if p.exists() and not p.is_dir():
+                gguf = f"; a .gguf file is gguf: {p}" if p.suffix == ".gguf" else ""
+                issues.append(Issue(f"{role}.path", f"{p} is a file; path is a save_pretrained folder (config.json and "
+                                                    f"safetensors){gguf}"))
+            elif not p.is_dir():
                 where = "" if p.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
                 issues.append(Issue(f"{role}.path", f"folder not found: {p}{where}; if another recipe's run writes it, "
                                                     "run that recipe first"))
