@@ -418,3 +418,44 @@ def test_sd2_eval_gives_heads_width_and_gamma_auto_like_drafters(tmp_path, tiny_
     sh = rep["drafters"]["h"]["shape"]
     assert len(sh["table"]) == 8 * 2
     assert [(r["gamma"], r["width"]) for r in rep["results"]] == [(sh["gamma"], sh["width"])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_query_attention_with_a_cache_and_a_tree_mask_equals_the_reference(dtype):
+    """The head's grouped-query attention (SmolLM2: 9 query heads over 3 key/value heads) over a cache and a
+    tree mask equals a reference written out here, outputs and gradients, in fp32 and bf16; the cache holds
+    the key/value heads only. (SDPA's enable_gqa instead of repeating the keys was tried on 2026-12-03 and
+    measured slower per draft step on the 2-core EPYC: 0.85-1.16 ms against 0.75-0.85 ms.)"""
+    import torch.nn.functional as F
+
+    from sd2.heads.model import Attention, HeadConfig, _rotate, rope
+
+    c = HeadConfig("eagle", hidden_size=96, num_layers=1, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                   intermediate_size=128, vocab_size=50)
+    torch.manual_seed(0)
+    att = Attention(c).to(dtype)
+    past = torch.randn(1, 7, 96, dtype=dtype)
+    x = torch.randn(1, 3, 96, dtype=dtype, requires_grad=True)
+    cos, sin = rope(torch.arange(10)[None], 16, c.rope_theta, dtype)
+    tree = torch.tensor([[True, False, False], [True, True, False], [True, False, True]])   # two leaves off node 0
+    mask = torch.cat([torch.ones(3, 7, dtype=torch.bool), tree], dim=1)[None, None]
+
+    cache = [None, None]
+    att(past, cos[:, :7], sin[:, :7], torch.ones(7, 7, dtype=torch.bool).tril()[None, None], cache)
+    got = att(x, cos[:, 7:], sin[:, 7:], mask, cache)
+    assert cache[0].shape == (1, 2, 10, 16)                     # the cache holds the 2 key/value heads only
+
+    def reference(x):
+        q = att.q_proj(x).view(1, 3, 6, 16).transpose(1, 2)
+        kv = [p(torch.cat([past, x], dim=1)).view(1, 10, 2, 16).transpose(1, 2) for p in (att.k_proj, att.v_proj)]
+        q, k = _rotate(q, cos[:, None, 7:], sin[:, None, 7:]), _rotate(kv[0], cos[:, None], sin[:, None])
+        k, v = k.repeat_interleave(3, dim=1), kv[1].repeat_interleave(3, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return att.o_proj(out.transpose(1, 2).reshape(1, 3, -1))
+
+    want = reference(x)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    g_got = torch.autograd.grad(got.float().square().sum(), x)[0]
+    g_want = torch.autograd.grad(want.float().square().sum(), x)[0]
+    torch.testing.assert_close(g_got, g_want, **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else tol))
