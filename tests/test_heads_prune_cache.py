@@ -253,8 +253,9 @@ def test_feature_cache_dtype_needs_the_cache():
 
     from sd2.stages.finetune import Config
 
-    with pytest.raises(ValidationError, match="feature_cache_dtype = bf16 .* needs feature_cache_mb"):
+    with pytest.raises(ValidationError, match="feature_cache_dtype = bf16 .* needs feature_cache_mb") as e:
         Config(feature_cache_dtype="bf16")
+    assert [err["loc"] for err in e.value.errors()] == [("feature_cache_dtype",)]      # at the field, not the section
     assert Config(feature_cache_dtype="bf16", feature_cache_mb=10).feature_cache_dtype == "bf16"
 
 

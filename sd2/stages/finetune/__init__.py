@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from sd2.core.fields import Autocast, added, precision_field
 
@@ -92,11 +92,17 @@ class Config(BaseModel):
                     "without feature_noise trains bit-identically from a bf16 cache (its fc rounds them to bf16 "
                     "anyway); other heads regress the features, which are then rounded")
 
+    @field_validator("feature_cache_dtype")
+    @classmethod
+    def _dtype_needs_the_cache(cls, value, info: ValidationInfo):
+        """Reported at feature_cache_dtype (feature_cache_mb is declared before it, so it is in info.data)."""
+        if value is not None and not info.data.get("feature_cache_mb"):
+            raise ValueError(f"feature_cache_dtype = {value} sets how the feature cache stores the target's features; "
+                             "it needs feature_cache_mb (the cache's size cap in MB) set too")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        if self.feature_cache_dtype is not None and not self.feature_cache_mb:
-            raise ValueError(f"feature_cache_dtype = {self.feature_cache_dtype} sets how the feature cache stores the "
-                             "target's features; it needs feature_cache_mb (the cache's size cap in MB) set too")
         if self.loss == "ce" and self.ce_weight not in (0.0, 1.0):
             raise ValueError(f"ce_weight mixes CE into a divergence; with loss: ce it must stay unset, got {self.ce_weight}")
         if self.loss != "ce" and self.ce_weight == 1.0:
