@@ -478,6 +478,9 @@ def test_ways_to_give_a_drafter_are_named_and_a_bad_one_is_one_error_at_its_fiel
     p = problems(drafter={"path": str(tmp_path / "model.gguf")})
     assert p == {"drafter.path": f"{tmp_path / 'model.gguf'} is a file; path is a save_pretrained folder (config.json "
                                  f"and safetensors); a .gguf file is gguf: {tmp_path / 'model.gguf'}"}
+    for empty in ("", {"path": ""}, {"hub": " "}):       # Path("") would be the current folder
+        p = problems(drafter=empty)
+        assert list(p) == ["drafter"] and "empty" in p["drafter"], p
     p = problems(drafter={"gguf": str(tmp_path / "missing.gguf")},
                  branches={"t": [{"trim_vocab": {"k": 10}}, {"finetune": {"epochs": 1}}],
                            "u": [{"finetune": {"epochs": 1, "lr": -1.0}}]})

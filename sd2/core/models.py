@@ -56,6 +56,8 @@ class ModelRef(BaseModel):
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
         if isinstance(value, str):
+            if not value.strip():   # Path("") is ".", the current folder: it must not be read as one
+                raise ValueError("an empty model reference; give a Hub id, a folder, or {gguf: FILE}")
             p = expand(value)
             if value.startswith((".", "/", "~")) or p.exists() or value.count("/") > 1:
                 return {"path": value}
@@ -64,6 +66,9 @@ class ModelRef(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "ModelRef":
+        empty = [k for k in ("hub", "path", "gguf") if getattr(self, k) is not None and not getattr(self, k).strip()]
+        if empty:
+            raise ValueError(f"{empty[0]} is empty; give a Hub id (hub), a folder (path) or a .gguf file (gguf)")
         kinds = [k for k in ("hub", "path", "gguf") if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError(f"give exactly one of hub, path, gguf (got {kinds or 'none'})")
