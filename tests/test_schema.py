@@ -466,7 +466,8 @@ def test_ways_to_give_a_drafter_are_named_and_a_bad_one_is_one_error_at_its_fiel
             validate_recipe(data)
         return {i.path: i.message for i in e.value.issues}
 
-    for drafter, got in (({}, "got none)"), ({"paht": "x", "revision": "main"}, "got none; unknown key(s): paht)")):
+    for drafter, got in (({}, "got none)"), ({"paht": "x", "revision": "main"}, "got none; unknown key(s): paht (did you mean 'path'?))"),
+                         ({"zzz": "x"}, "got none; unknown key(s): zzz)")):
         p = problems(drafter=drafter)
         assert list(p) == ["drafter"] and p["drafter"] == (
             f"give exactly one of hub, path, gguf, derive, head ({got}; or leave drafter: out where nothing reads it "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from sd2.core.errors import Issue, short
+from sd2.core.errors import Issue, did_you_mean, short
 from sd2.core.paths import expand
 from sd2.pipeline.registry import STAGES, consumed_inputs
 
@@ -26,7 +26,9 @@ def parse_build(raw: dict, distill, issues: list[Issue], validate) -> tuple[str,
         from sd2.core.models import ModelRef
 
         unknown = [k for k in raw if k not in keys and k not in ModelRef.model_fields]
-        got = (", ".join(keys) if keys else "none") + (f"; unknown key(s): {', '.join(map(str, unknown))}" if unknown else "")
+        ways = (*BUILDS, "hub", "path", "gguf")
+        named = [f"{k}{did_you_mean(k, ways)}" for k in map(str, unknown)]
+        got = (", ".join(keys) if keys else "none") + (f"; unknown key(s): {', '.join(named)}" if unknown else "")
         none = "" if keys else "; or leave drafter: out where nothing reads it (every branch starts with - head:)"
         issues.append(Issue("drafter", f"give exactly one of hub, path, gguf, derive, head (got {got}){none}"))
         return None
