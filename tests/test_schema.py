@@ -105,6 +105,21 @@ def test_missing_paths_are_reported(tmp_path):
         validate_recipe(data)
     msg = str(err.value)
     assert "target.path: folder not found" in msg and "drafter.gguf: gguf file not found" in msg
+    assert "relative path" not in msg                                  # absolute paths: nothing to explain
+
+
+def test_a_missing_gguf_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    issues = {}
+    for ref in ({"gguf": "models/m.gguf"}, {"gguf": "m.gguf", "package": "json"}):
+        with pytest.raises(RecipeError) as err:
+            validate_recipe({"name": "t", "target": ref, "evaluate": {}})
+        issues[ref["gguf"]] = {i.path: i.message for i in err.value.issues}["target.gguf"]
+    assert issues["models/m.gguf"] == (f"gguf file not found: models/m.gguf (a relative path is read from the current "
+                                       f"folder, {tmp_path}); give its path, or package: with the installed Python "
+                                       f"package that holds it")
+    assert issues["m.gguf"].startswith("gguf file not found: ") and issues["m.gguf"].endswith(
+        "/json/m.gguf (in package 'json')")
 
 
 def test_model_ref_kinds_and_shorthand(tmp_path):

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from sd2.core.errors import Sd2Error, reading, reason
 from sd2.core.gguf_header import gguf_info, gguf_problem
-from sd2.core.paths import expand
+from sd2.core.paths import expand, read_from
 
 log = logging.getLogger("sd2")
 
@@ -96,7 +96,9 @@ def locate_gguf(ref: ModelRef) -> Path:
     else:
         path = expand(ref.gguf)
     if not path.is_file():
-        raise FileNotFoundError(f"gguf file not found: {path}")
+        where = f" (in package '{ref.package}')" if ref.package else read_from(path)
+        fix = "" if ref.package else "; give its path, or package: with the installed Python package that holds it"
+        raise FileNotFoundError(f"gguf file not found: {path}{where}{fix}")
     return path
 
 

@@ -13,3 +13,9 @@ def expand(text: str | Path) -> Path:
         return path.expanduser()
     except RuntimeError:
         return path
+
+
+def read_from(path: Path) -> str:
+    """Where a missing ``path`` was looked for, for its error: '' when absolute, else
+    ' (a relative path is read from the current folder, CWD)'."""
+    return "" if Path(path).is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"

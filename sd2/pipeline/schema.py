@@ -25,7 +25,7 @@ from sd2.pipeline.evaluated import check_evaluated, needs_raw
 from sd2.pipeline.drafter import (BUILDS, build_ref, builds_anew, check_kinds, drafter_kind, needs, on_drafter,
                                   parse_build, step_kinds, step_path)
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
-from sd2.core.paths import expand
+from sd2.core.paths import expand, read_from
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # branch names: '.' separates branch and stage in step ids
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -348,8 +348,7 @@ def _check_paths(recipe: Recipe) -> list[Issue]:
                 issues.append(Issue(f"{role}.path", f"{p} is a file; path is a save_pretrained folder (config.json and "
                                                     f"safetensors){gguf}"))
             elif not p.is_dir():
-                where = "" if p.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
-                issues.append(Issue(f"{role}.path", f"folder not found: {p}{where}; if another recipe's run writes it, "
+                issues.append(Issue(f"{role}.path", f"folder not found: {p}{read_from(p)}; if another recipe's run writes it, "
                                                     "run that recipe first"))
             elif not (p / "config.json").is_file():
                 issues.append(Issue(f"{role}.path", f"{p} has no config.json; expected a save_pretrained folder"))
