@@ -3,8 +3,9 @@
 Measured (``benchmarks/precision_probe.py``; a 64x576 by 576x1536 matmul, 2 threads):
 - Intel Xeon with AMX: bf16 about 2x faster than fp32.
 - AMD EPYC (Zen 5) with AVX512-BF16: bf16 248.7 against fp32 63.9 GMAC/s, 3.9x faster.
-- AMD EPYC with AVX2 only: bf16 9.6 against fp32 62.1 GMAC/s, **6.5x slower**: without bf16
-  instructions, oneDNN converts every operand to fp32 and back.
+- AMD EPYC with AVX2 only: bf16 9.6 against fp32 62.1 GMAC/s, **6.5x slower** (reported), and 0.67
+  against 72.4 on the one measured here (2026-12-03, torch 2.13.0), **about 100x slower**: without
+  bf16 instructions there is no fast bf16 kernel.
 
 So the rule is decided by the CPU's instruction set, which torch reports
 (``torch.cpu.get_capabilities()``: ``amx_bf16``, ``avx512_bf16``), never by a timing probe: a timed
@@ -36,8 +37,8 @@ FORCE_ENV = "SD2_AUTO_DTYPE"
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # What running bf16 without native support costs, as measured on an AVX2-only AMD EPYC (see above).
-_SLOW_BF16 = ("runs bf16 matmuls in software, about 6.5x slower than float32 (measured 9.6 against 62 GMAC/s "
-              "on an AVX2-only AMD EPYC)")
+_SLOW_BF16 = ("runs bf16 matmuls in software, 6.5x to 100x slower than float32 (9.6 against 62 GMAC/s reported "
+              "on an AVX2-only AMD EPYC, 0.67 against 72 measured on another)")
 
 
 @dataclass(frozen=True)

