@@ -107,11 +107,58 @@ def test_a_vllm_child_killed_mid_run_is_an_error_naming_its_exit_code(tmp_path, 
         assert [len(g.ids) for g in first] == [4, 4]          # max_new_tokens, no stop token in 4 steps here
         os.kill(gen._proc.pid, 9)
         with pytest.raises(Sd2Error, match=r"^distill.backend: vllm: the vLLM process exited \(code -9\) while "
-                                           r"generating 1 answer\(s\)"):
+                                           r"generating 1 answer\(s\).*VLLM_CPU_KVCACHE_SPACE, or distill.flush_every"):
             gen.generate([[1, 2, 3]])
     finally:
         gen.close()
     assert multiprocessing.active_children() == []
+
+
+def test_a_vllm_engine_in_processes_of_its_own_ends_with_the_child(tmp_path, tokenizer, monkeypatch):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=1 (a user's setting; vLLM's default on a GPU): the engine runs in
+    processes under the child. Unless the child shuts it down, multiprocessing joins them at the child's
+    exit without a timeout: close() waited out its grace and the engine (2.8 GB) outlived everything."""
+    from sd2.stages.distill.generate import Sampling
+    from sd2.stages.distill.vllm_backend import VllmGenerator
+    from vllm_tiny import llama32
+
+    _vllm_env(monkeypatch)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    target = llama32(tmp_path / "t", tokenizer)
+    gen = VllmGenerator(str(target), Sampling(0.0, max_new_tokens=4), 1, "float32", 0)
+    try:
+        assert len(gen.generate([[1, 2, 3]])[0].ids) == 4
+        engine = _descendants(gen._proc.pid)
+        assert engine, "the engine should run in processes of the child's own here"
+        t0 = time.monotonic()
+        gen.close()
+        took = time.monotonic() - t0
+    finally:
+        gen.close()
+    assert took < 45, f"close() took {took:.0f} s: the child did not end by itself"
+    deadline = time.monotonic() + 30
+    while any(map(_alive, engine)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(map(_alive, engine)), "vLLM's engine processes outlived the child"
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid``, from /proc."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().split(")")[-1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
 
 
 def test_a_killed_distill_leaves_no_vllm_process_behind(tmp_path, tokenizer):

@@ -117,20 +117,25 @@ class VllmGenerator:
             self._finalizer()           # runs _close once, and no more at exit
         self._proc = self._conn = self._finalizer = None
 
+    def _exited(self, doing: str):
+        from sd2.core.errors import Sd2Error
+
+        self._proc.join(10)
+        return Sd2Error(f"{self.WHAT}: the vLLM process exited (code {self._proc.exitcode}) while {doing}; its log "
+                        f"is above (a code of -9 is usually the out-of-memory killer: lower VLLM_CPU_KVCACHE_SPACE, "
+                        f"or distill.flush_every, the prompts sent to vLLM at once)")
+
     def _receive(self, doing: str):
         """The child's next reply; an Sd2Error when it reports one or exits first."""
         from sd2.core.errors import Sd2Error
 
         while not self._conn.poll(1.0):
-            if not self._proc.is_alive():
-                break
+            if not self._proc.is_alive() and not self._conn.poll(0):
+                raise self._exited(doing)
         try:
             kind, value = self._conn.recv()
         except (EOFError, OSError):
-            self._proc.join(10)
-            raise Sd2Error(f"{self.WHAT}: the vLLM process exited (code {self._proc.exitcode}) while {doing}; "
-                           f"its log is above (a code of -9 is usually the out-of-memory killer: lower "
-                           f"VLLM_CPU_KVCACHE_SPACE or distill.batch_size)") from None
+            raise self._exited(doing) from None
         if kind == "error":
             raise Sd2Error(value)
         return value
@@ -138,37 +143,58 @@ class VllmGenerator:
 
 def _child(conn, start: dict, sampling: Sampling) -> None:
     """The child process's loop: start vLLM, then answer ("generate", prompts, seed) until ("close",)
-    or until the parent's end of the pipe closes."""
+    or until the parent's end of the pipe closes; then shut vLLM's engine down. A Ctrl-C reaches the
+    whole process group: the child then ends quietly, and the parent reports the interruption."""
     from sd2.core.errors import Sd2Error
     from sd2.serve import env
 
     what = VllmGenerator.WHAT
+    llm = None
     try:
-        vllm = env.import_vllm(what + " (or set distill.backend: hf)")
-        llm = env.start(start.pop("model_ref"), what, **start)
-    except Sd2Error as e:
-        return _send(conn, ("error", str(e)))
-    except Exception as e:  # reported to the parent, which raises it
-        return _send(conn, ("error", f"{what}: {type(e).__name__}: {e}"))
-    if not _send(conn, ("ready", vllm.__version__)):
+        try:
+            vllm = env.import_vllm(what + " (or set distill.backend: hf)")
+            llm = env.start(start.pop("model_ref"), what, **start)
+        except Sd2Error as e:
+            return _send(conn, ("error", str(e)))
+        except Exception as e:  # reported to the parent, which raises it
+            return _send(conn, ("error", f"{what}: {type(e).__name__}: {e}"))
+        if not _send(conn, ("ready", vllm.__version__)):
+            return
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):      # the parent is gone (killed, or ended without close())
+                return
+            if message[0] != "generate":
+                return
+            _, prompts, seed = message
+            try:
+                params = vllm.SamplingParams(**sampling_kwargs(sampling, seed))
+                outs = llm.generate(requests(prompts), params, use_tqdm=False)
+                reply = ("ok", [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, o.outputs[0].stop_reason)
+                                for o in outs])
+            except Exception as e:  # reported to the parent
+                reply = ("error", f"{what}: vLLM failed generating {len(prompts)} answer(s): {type(e).__name__}: {e}")
+            if not _send(conn, reply):
+                return
+    except KeyboardInterrupt:
         return
-    while True:
+    finally:
+        _shutdown(llm)
+
+
+def _shutdown(llm) -> None:
+    """Stop vLLM's engine before the child exits. With VLLM_ENABLE_V1_MULTIPROCESSING=1 (a value the
+    user set, or vLLM's default on a GPU) the engine runs in processes of the child's own, which
+    multiprocessing joins at the child's exit without a timeout: seen with vllm-cpu 0.32.0, the child
+    then hung and its EngineCore and worker (2.8 GB) outlived it. vLLM 0.32's ``LLM`` has no public
+    shutdown; its engine client's ``shutdown`` ends those processes."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
         try:
-            message = conn.recv()
-        except (EOFError, OSError):      # the parent is gone (killed, or ended without close())
-            return
-        if message[0] != "generate":
-            return
-        _, prompts, seed = message
-        try:
-            params = vllm.SamplingParams(**sampling_kwargs(sampling, seed))
-            outs = llm.generate(requests(prompts), params, use_tqdm=False)
-            reply = ("ok", [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, o.outputs[0].stop_reason)
-                            for o in outs])
-        except Exception as e:  # reported to the parent
-            reply = ("error", f"{what}: vLLM failed generating {len(prompts)} answer(s): {type(e).__name__}: {e}")
-        if not _send(conn, reply):
-            return
+            core.shutdown()
+        except Exception:   # the child is exiting anyway; a failed shutdown must not hide why
+            pass
 
 
 def _close(proc, conn, grace_s: float = 60.0) -> None:
