@@ -16,16 +16,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sd2.core.errors import Issue, RecipeError, Sd2Error, did_you_mean, short
-from sd2.core.gguf_header import gguf_info, gguf_problem
-from sd2.core.models import ModelRef, known_layer_count, known_vocab_size, locate_gguf
+from sd2.core.errors import Issue, RecipeError, did_you_mean, short
+from sd2.core.models import ModelRef, known_layer_count, known_vocab_size
 from sd2.core.precision import check_env
 from sd2.core.report import RAW, RESERVED_NAMES, TARGET
 from sd2.pipeline.evaluated import check_evaluated, needs_raw
+from sd2.pipeline.files import check_model_paths, check_prompt_files
 from sd2.pipeline.drafter import (BUILDS, build_ref, builds_anew, check_kinds, drafter_kind, needs, on_drafter,
                                   parse_build, step_kinds, step_path)
 from sd2.pipeline.registry import BRANCH_STAGES, STAGES, consumed_inputs
-from sd2.core.paths import expand, read_from
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # branch names: '.' separates branch and stage in step ids
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -265,9 +264,9 @@ def validate_recipe(data: Any, source: str | None = None) -> ValidatedRecipe:
 
     if recipe is not None:
         build_cfg = drafter_build[1] if drafter_build is not None else None
-        issues.extend(_check_prompt_files([("drafter", build_cfg), ("distill", distill), ("evaluate", evaluate)]
+        issues.extend(check_prompt_files([("drafter", build_cfg), ("distill", distill), ("evaluate", evaluate)]
                                           + step_sections))
-        path_issues = _check_paths(recipe)
+        path_issues = check_model_paths(recipe)
         issues.extend(path_issues)
         # Checks across steps read each branch as a sequence; a branch with a broken step (or one that starts
         # from such a branch: `from:` names an earlier one) is left out, since its sequence is unknown: its own
@@ -308,58 +307,6 @@ def _check_no_drafter(distill, distill_raw, evaluate, evaluate_raw, intact: dict
         return []
     return [Issue("drafter", f"not given, but the recipe reads it: {'; '.join(readers)}. Give the drafter's weights "
                              f"(hub, path or gguf) or how to build it (derive: target, or head: eagle | fspad)")]
-
-
-def _check_prompt_files(sections: list[tuple[str, Any]]) -> list[Issue]:
-    """Every local prompt file a section names (any PromptsConfig field, in a mix too), read through
-    once (sd2.data.prompts.check_file), so a broken file is a recipe error naming its field."""
-    from sd2.data.prompts import PromptsConfig, check_file
-
-    def walk(obj, path):
-        if isinstance(obj, PromptsConfig):
-            yield path, obj
-        elif isinstance(obj, list):
-            for i, x in enumerate(obj):
-                yield from walk(x, f"{path}[{i}]")
-        elif isinstance(obj, BaseModel):
-            for name in type(obj).model_fields:
-                yield from walk(getattr(obj, name), f"{path}.{name}")
-
-    issues = []
-    for section, cfg in sections:
-        for path, pc in walk(cfg, section):
-            try:
-                check_file(pc)
-            except Sd2Error as e:
-                issues.append(Issue(f"{path}.source", str(e)))
-    return issues
-
-
-def _check_paths(recipe: Recipe) -> list[Issue]:
-    issues = []
-    for role in ("target", "drafter"):
-        ref: ModelRef | None = getattr(recipe, role)
-        if ref is None:
-            continue
-        if ref.path is not None:
-            p = expand(ref.path)
-            if p.exists() and not p.is_dir():
-                gguf = f"; a .gguf file is gguf: {p}" if p.suffix == ".gguf" else ""
-                issues.append(Issue(f"{role}.path", f"{p} is a file; path is a save_pretrained folder (config.json and "
-                                                    f"safetensors){gguf}"))
-            elif not p.is_dir():
-                issues.append(Issue(f"{role}.path", f"folder not found: {p}{read_from(p)}; if another recipe's run writes it, "
-                                                    "run that recipe first"))
-            elif not (p / "config.json").is_file():
-                issues.append(Issue(f"{role}.path", f"{p} has no config.json; expected a save_pretrained folder"))
-        if ref.gguf is not None:
-            try:
-                problem = gguf_problem(gguf_info(locate_gguf(ref)))  # the header only: no model loads
-            except (FileNotFoundError, Sd2Error) as e:
-                problem = str(e)
-            if problem:
-                issues.append(Issue(f"{role}.gguf", problem))
-    return issues
 
 
 def _check_layers(recipe: Recipe, build, branches: dict, branch_from: dict) -> list[Issue]:
